@@ -1,0 +1,185 @@
+//! Turns metric samples into verdicts: pass, fail or inconclusive against a metric's bounds.
+//!
+//! Threshold judging only, for now; comparative (primary versus canary) and statistical
+//! judges come later and will use the per-arm evidence a sample may carry. This module does
+//! no I/O: providers in `metrics` produce [`Outcome`]s, and the rollout state machine asks
+//! [`judge`] what they mean.
+
+use chrono::{DateTime, Utc};
+
+use crate::api::{MetricSpec, Verdict};
+
+/// What a metric provider returned for one metric.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// A number, with the sample size behind it when known (for example canary requests in
+    /// the window).
+    Value {
+        /// The value the bounds apply to.
+        value: f64,
+        /// How many samples it summarises, when known.
+        sample_size: Option<u64>,
+    },
+    /// The query ran but returned nothing usable. The reason says what to check.
+    NoData {
+        /// One line a user can act on.
+        reason: String,
+    },
+    /// The provider failed (unreachable, timeout, bad query, permissions...).
+    Error {
+        /// A short constant category, used as a metric label.
+        category: &'static str,
+        /// One line a user can act on.
+        message: String,
+    },
+}
+
+/// A metric's outcome and when it was measured (the end of its query window).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricObservation {
+    /// `spec.analysis.metrics[].name`.
+    pub name: String,
+    /// What the provider returned.
+    pub outcome: Outcome,
+    /// Evaluation time of the query.
+    pub at: DateTime<Utc>,
+}
+
+/// The verdict on one outcome, with a one-line explanation.
+pub fn judge(metric: &MetricSpec, outcome: &Outcome) -> (Verdict, String) {
+    match outcome {
+        Outcome::NoData { reason } => (Verdict::Inconclusive, format!("no data: {reason}")),
+        Outcome::Error { message, .. } => (Verdict::Inconclusive, format!("provider error: {message}")),
+        Outcome::Value { value, sample_size } => {
+            if !value.is_finite() {
+                return (
+                    Verdict::Inconclusive,
+                    format!("value is {value}, not a number a bound can judge (is the denominator zero?)"),
+                );
+            }
+            if let (Some(min), Some(n)) = (metric.min_sample_size, sample_size)
+                && *n < min
+            {
+                return (
+                    Verdict::Inconclusive,
+                    format!("{value} from {n} samples, fewer than minSampleSize {min}"),
+                );
+            }
+            if let Some(max) = metric.max
+                && *value > max
+            {
+                return (Verdict::Fail, format!("{value} is above max {max}"));
+            }
+            if let Some(min) = metric.min
+                && *value < min
+            {
+                return (Verdict::Fail, format!("{value} is below min {min}"));
+            }
+            (Verdict::Pass, format!("{value} is within bounds{}", bounds_text(metric)))
+        }
+    }
+}
+
+fn bounds_text(metric: &MetricSpec) -> String {
+    match (metric.min, metric.max) {
+        (Some(lo), Some(hi)) => format!(" [{lo}, {hi}]"),
+        (None, Some(hi)) => format!(" (max {hi})"),
+        (Some(lo), None) => format!(" (min {lo})"),
+        (None, None) => String::new(),
+    }
+}
+
+/// The verdict of a whole check: any failure fails it; it passes only when every metric
+/// passed; anything else is inconclusive.
+pub fn combine(verdicts: impl IntoIterator<Item = Verdict>) -> Verdict {
+    let mut all_pass = true;
+    let mut any = false;
+    for v in verdicts {
+        any = true;
+        match v {
+            Verdict::Fail => return Verdict::Fail,
+            Verdict::Inconclusive => all_pass = false,
+            Verdict::Pass => {}
+        }
+    }
+    if any && all_pass {
+        Verdict::Pass
+    } else {
+        Verdict::Inconclusive
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{PrometheusProvider, ProviderSpec};
+
+    fn metric(min: Option<f64>, max: Option<f64>, min_samples: Option<u64>) -> MetricSpec {
+        MetricSpec {
+            name: "m".into(),
+            provider: ProviderSpec {
+                prometheus: Some(PrometheusProvider {
+                    address: "http://p:9090".into(),
+                    timeout: None,
+                    secret_ref: None,
+                    headers: vec![],
+                }),
+                cloud_watch: None,
+            },
+            preset: None,
+            query: Some("x".into()),
+            metric_data_queries: None,
+            min,
+            max,
+            min_sample_size: min_samples,
+            window: None,
+        }
+    }
+
+    fn value(v: f64, n: Option<u64>) -> Outcome {
+        Outcome::Value { value: v, sample_size: n }
+    }
+
+    /// Values are judged against max and min; the bound itself passes.
+    #[test]
+    fn bounds() {
+        let m = metric(Some(1.0), Some(5.0), None);
+        assert_eq!(judge(&m, &value(5.0, None)).0, Verdict::Pass);
+        assert_eq!(judge(&m, &value(1.0, None)).0, Verdict::Pass);
+        assert_eq!(judge(&m, &value(5.01, None)).0, Verdict::Fail);
+        assert_eq!(judge(&m, &value(0.99, None)).0, Verdict::Fail);
+    }
+
+    /// NaN, infinity, no data and errors are never a pass (nor a fail).
+    #[test]
+    fn unusable_values_are_inconclusive() {
+        let m = metric(None, Some(1.0), None);
+        for o in [
+            value(f64::NAN, None),
+            value(f64::INFINITY, None),
+            Outcome::NoData { reason: "empty".into() },
+            Outcome::Error { category: "timeout", message: "slow".into() },
+        ] {
+            assert_eq!(judge(&m, &o).0, Verdict::Inconclusive, "{o:?}");
+        }
+    }
+
+    /// Below minSampleSize even a clear breach is inconclusive; at it, the bound applies.
+    #[test]
+    fn min_sample_size() {
+        let m = metric(None, Some(1.0), Some(100));
+        assert_eq!(judge(&m, &value(50.0, Some(99))).0, Verdict::Inconclusive);
+        assert_eq!(judge(&m, &value(50.0, Some(100))).0, Verdict::Fail);
+        assert_eq!(judge(&m, &value(0.5, None)).0, Verdict::Pass);
+    }
+
+    /// One failure fails a check; one inconclusive keeps it from passing; none is not a pass.
+    #[test]
+    fn combining() {
+        use Verdict::*;
+        assert_eq!(combine([Pass, Pass]), Pass);
+        assert_eq!(combine([Pass, Inconclusive]), Inconclusive);
+        assert_eq!(combine([Inconclusive, Fail]), Fail);
+        assert_eq!(combine([]), Inconclusive);
+    }
+}

@@ -1,0 +1,210 @@
+//! `Canary.status`: everything Serin knows about a rollout. All rollout state lives here, so
+//! the operator can be killed at any instant and resume from it.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::condition::Condition;
+
+/// Observed state of a Canary.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    /// Where the Canary is in its lifecycle.
+    #[serde(default)]
+    pub phase: Phase,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The revision under analysis, or the last one analysed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// The revision that receives traffic as the stable (primary) version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    /// Index into `spec.steps` of the current step.
+    #[serde(default)]
+    pub step: u32,
+    /// Percent of traffic on the canary, as last written to the router.
+    #[serde(default)]
+    pub canary_weight: u8,
+    /// Successful checks at the current step.
+    #[serde(default)]
+    pub passed_checks: u32,
+    /// Failed checks in this rollout.
+    #[serde(default)]
+    pub failed_checks: u32,
+    /// Consecutive inconclusive checks.
+    #[serde(default)]
+    pub inconclusive_checks: u32,
+    /// When the current rollout started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_started_at: Option<DateTime<Utc>>,
+    /// When the current step's weight was set; checks at this step use data from after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<DateTime<Utc>>,
+    /// The last counted check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckRecord>,
+    /// Id of the last operator command handled (see the `serin.dev/command` annotation), so
+    /// a command is carried out once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_command: Option<String>,
+    /// Standard conditions: `Ready`, `Promoted`, `Invalid`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Finished rollouts, newest first, bounded by `spec.historyLimit`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// Lifecycle phase.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// First sight: the stable version is being set up.
+    #[default]
+    Initializing,
+    /// Stable; waiting for a new revision.
+    Waiting,
+    /// Shifting traffic step by step and checking SLOs.
+    Progressing,
+    /// Paused by `spec.paused` in the middle of a rollout.
+    Paused,
+    /// All checks passed; the new version is becoming the stable one.
+    Promoting,
+    /// The last rollout was promoted.
+    Succeeded,
+    /// The last rollout was rolled back or aborted.
+    Failed,
+}
+
+impl Phase {
+    /// Every phase, for metrics that export one series per phase.
+    pub const ALL: [Phase; 7] = [
+        Phase::Initializing,
+        Phase::Waiting,
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::Promoting,
+        Phase::Succeeded,
+        Phase::Failed,
+    ];
+
+    /// The name as written in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Initializing => "Initializing",
+            Phase::Waiting => "Waiting",
+            Phase::Progressing => "Progressing",
+            Phase::Paused => "Paused",
+            Phase::Promoting => "Promoting",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+
+    /// True while a rollout is under way (traffic may be on the canary).
+    pub fn in_rollout(self) -> bool {
+        matches!(
+            self,
+            Phase::Progressing | Phase::Paused | Phase::Promoting
+        )
+    }
+}
+
+/// A counted check: when, and each metric's result.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckRecord {
+    /// When the check was counted.
+    pub time: DateTime<Utc>,
+    /// The verdict of the check as a whole.
+    pub verdict: Verdict,
+    /// One result per metric.
+    #[serde(default)]
+    pub results: Vec<MetricResult>,
+}
+
+/// One metric's result in a check.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricResult {
+    /// `spec.analysis.metrics[].name`.
+    pub metric: String,
+    /// The value, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// Pass, Fail or Inconclusive.
+    pub verdict: Verdict,
+    /// Why, in one line (bounds, or what was missing).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// A verdict on a metric or a check.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Within bounds.
+    Pass,
+    /// Out of bounds.
+    Fail,
+    /// No usable value: no data, NaN, stale, too few samples, or a provider error.
+    Inconclusive,
+}
+
+impl Verdict {
+    /// The name as written in status and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "Pass",
+            Verdict::Fail => "Fail",
+            Verdict::Inconclusive => "Inconclusive",
+        }
+    }
+}
+
+/// A finished rollout.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// The canary revision.
+    pub revision: String,
+    /// When the rollout started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: DateTime<Utc>,
+    /// How it ended.
+    pub result: RolloutResult,
+    /// The highest canary weight it reached.
+    pub reached_weight: u8,
+    /// Why it ended, in one line.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// How a rollout ended.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutResult {
+    /// The canary became the stable version.
+    Promoted,
+    /// A failed SLO rolled it back.
+    RolledBack,
+    /// A user aborted it.
+    Aborted,
+    /// A newer revision replaced it mid-rollout.
+    Superseded,
+}
+
+impl RolloutResult {
+    /// The name as written in status and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutResult::Promoted => "Promoted",
+            RolloutResult::RolledBack => "RolledBack",
+            RolloutResult::Aborted => "Aborted",
+            RolloutResult::Superseded => "Superseded",
+        }
+    }
+}
