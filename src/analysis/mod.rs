@@ -49,12 +49,16 @@ pub struct MetricObservation {
 pub fn judge(metric: &MetricSpec, outcome: &Outcome) -> (Verdict, String) {
     match outcome {
         Outcome::NoData { reason } => (Verdict::Inconclusive, format!("no data: {reason}")),
-        Outcome::Error { message, .. } => (Verdict::Inconclusive, format!("provider error: {message}")),
+        Outcome::Error { message, .. } => {
+            (Verdict::Inconclusive, format!("provider error: {message}"))
+        }
         Outcome::Value { value, sample_size } => {
             if !value.is_finite() {
                 return (
                     Verdict::Inconclusive,
-                    format!("value is {value}, not a number a bound can judge (is the denominator zero?)"),
+                    format!(
+                        "value is {value}, not a number a bound can judge (is the denominator zero?)"
+                    ),
                 );
             }
             if let (Some(min), Some(n)) = (metric.min_sample_size, sample_size)
@@ -75,7 +79,10 @@ pub fn judge(metric: &MetricSpec, outcome: &Outcome) -> (Verdict, String) {
             {
                 return (Verdict::Fail, format!("{value} is below min {min}"));
             }
-            (Verdict::Pass, format!("{value} is within bounds{}", bounds_text(metric)))
+            (
+                Verdict::Pass,
+                format!("{value} is within bounds{}", bounds_text(metric)),
+            )
         }
     }
 }
@@ -137,7 +144,10 @@ mod tests {
     }
 
     fn value(v: f64, n: Option<u64>) -> Outcome {
-        Outcome::Value { value: v, sample_size: n }
+        Outcome::Value {
+            value: v,
+            sample_size: n,
+        }
     }
 
     /// Values are judged against max and min; the bound itself passes.
@@ -157,8 +167,13 @@ mod tests {
         for o in [
             value(f64::NAN, None),
             value(f64::INFINITY, None),
-            Outcome::NoData { reason: "empty".into() },
-            Outcome::Error { category: "timeout", message: "slow".into() },
+            Outcome::NoData {
+                reason: "empty".into(),
+            },
+            Outcome::Error {
+                category: "timeout",
+                message: "slow".into(),
+            },
         ] {
             assert_eq!(judge(&m, &o).0, Verdict::Inconclusive, "{o:?}");
         }

@@ -99,11 +99,43 @@ mod tests {
     #[test]
     fn keeps_transition_time_when_status_unchanged() {
         let mut c = Vec::new();
-        assert!(set_condition(&mut c, READY, ConditionStatus::True, "A", "m", None, t(0)));
-        assert!(!set_condition(&mut c, READY, ConditionStatus::True, "A", "m", None, t(5)));
-        assert!(set_condition(&mut c, READY, ConditionStatus::True, "B", "m2", None, t(6)));
+        assert!(set_condition(
+            &mut c,
+            READY,
+            ConditionStatus::True,
+            "A",
+            "m",
+            None,
+            t(0)
+        ));
+        assert!(!set_condition(
+            &mut c,
+            READY,
+            ConditionStatus::True,
+            "A",
+            "m",
+            None,
+            t(5)
+        ));
+        assert!(set_condition(
+            &mut c,
+            READY,
+            ConditionStatus::True,
+            "B",
+            "m2",
+            None,
+            t(6)
+        ));
         assert_eq!(c[0].last_transition_time, t(0));
-        assert!(set_condition(&mut c, READY, ConditionStatus::False, "C", "m", None, t(9)));
+        assert!(set_condition(
+            &mut c,
+            READY,
+            ConditionStatus::False,
+            "C",
+            "m",
+            None,
+            t(9)
+        ));
         assert_eq!(c[0].last_transition_time, t(9));
         assert_eq!(c.len(), 1);
     }

@@ -55,7 +55,11 @@ pub fn check_manifests(text: &str) -> ManifestReport {
                 report.problems.push(ManifestProblem {
                     document,
                     object: None,
-                    problem: Problem::new("(yaml)", format!("cannot be parsed: {e}"), "fix the YAML syntax at that line"),
+                    problem: Problem::new(
+                        "(yaml)",
+                        format!("cannot be parsed: {e}"),
+                        "fix the YAML syntax at that line",
+                    ),
                 });
                 // A syntax error ends the stream: later documents cannot be located.
                 break;
@@ -82,7 +86,10 @@ pub fn check_manifests(text: &str) -> ManifestReport {
 
 fn check_document(document: usize, value: &Value, schema: &Value, report: &mut ManifestReport) {
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
-    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let group = api_version.split_once('/').map(|(g, _)| g).unwrap_or("");
     if kind != "Canary" && group != GROUP {
         // Another kind (a Deployment next to the Canary, say): not ours to check.
@@ -119,7 +126,11 @@ fn check_document(document: usize, value: &Value, schema: &Value, report: &mut M
         return;
     }
     if name.is_none_or(str::is_empty) {
-        push(Problem::new("metadata.name", "is missing", "give the Canary a name"));
+        push(Problem::new(
+            "metadata.name",
+            "is missing",
+            "give the Canary a name",
+        ));
     }
     let mut unknown = Vec::new();
     if let Some(spec) = value.get("spec") {
@@ -127,7 +138,11 @@ fn check_document(document: usize, value: &Value, schema: &Value, report: &mut M
             unknown_fields("spec", spec, spec_schema, &mut unknown);
         }
     } else {
-        push(Problem::new("spec", "is missing", "add a spec; see examples/ for a complete Canary"));
+        push(Problem::new(
+            "spec",
+            "is missing",
+            "add a spec; see examples/ for a complete Canary",
+        ));
         return;
     }
     let had_unknown = !unknown.is_empty();
@@ -210,10 +225,19 @@ fn unknown_fields(path: &str, value: &Value, schema: &Value, out: &mut Vec<Probl
                         None => {
                             let known: Vec<&str> = props.keys().map(String::as_str).collect();
                             let fix = match closest(k, &known) {
-                                Some(s) => format!("did you mean {s}? (known fields: {})", known.join(", ")),
-                                None => format!("remove it; known fields here: {}", known.join(", ")),
+                                Some(s) => format!(
+                                    "did you mean {s}? (known fields: {})",
+                                    known.join(", ")
+                                ),
+                                None => {
+                                    format!("remove it; known fields here: {}", known.join(", "))
+                                }
                             };
-                            out.push(Problem::new(format!("{path}.{k}"), "is not a known field", fix));
+                            out.push(Problem::new(
+                                format!("{path}.{k}"),
+                                "is not a known field",
+                                fix,
+                            ));
                         }
                     }
                 }
@@ -267,7 +291,10 @@ mod tests {
     #[test]
     fn suggests_close_field_names() {
         assert_eq!(closest("stpes", &["steps", "service"]), Some("steps"));
-        assert_eq!(closest("failurethreshold", &["failureThreshold"]), Some("failureThreshold"));
+        assert_eq!(
+            closest("failurethreshold", &["failureThreshold"]),
+            Some("failureThreshold")
+        );
         assert_eq!(closest("banana", &["steps", "service"]), None);
     }
 }

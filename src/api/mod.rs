@@ -13,7 +13,9 @@ mod spec;
 mod status;
 mod validate;
 
-pub use condition::{Condition, ConditionStatus, INVALID, PROMOTED, READY, find as find_condition, set_condition};
+pub use condition::{
+    Condition, ConditionStatus, INVALID, PROMOTED, READY, find as find_condition, set_condition,
+};
 pub use manifest::{ManifestProblem, ManifestReport, canary_schema, check_manifests};
 pub use spec::*;
 pub use status::*;

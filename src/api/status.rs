@@ -106,10 +106,7 @@ impl Phase {
 
     /// True while a rollout is under way (traffic may be on the canary).
     pub fn in_rollout(self) -> bool {
-        matches!(
-            self,
-            Phase::Progressing | Phase::Paused | Phase::Promoting
-        )
+        matches!(self, Phase::Progressing | Phase::Paused | Phase::Promoting)
     }
 }
 

@@ -25,7 +25,11 @@ pub struct Problem {
 
 impl Problem {
     /// A problem at `field`.
-    pub fn new(field: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn new(
+        field: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         Problem {
             field: field.into(),
             message: message.into(),
@@ -42,7 +46,13 @@ impl fmt::Display for Problem {
 
 /// Template variables every query may use, besides `variables.NAME`.
 pub const TEMPLATE_VARIABLES: [&str; 7] = [
-    "namespace", "name", "target", "primary", "canary", "service", "interval",
+    "namespace",
+    "name",
+    "target",
+    "primary",
+    "canary",
+    "service",
+    "interval",
 ];
 
 /// Checks a Canary spec. An empty result means valid.
@@ -116,7 +126,8 @@ fn check_name(field: &str, name: &str, p: &mut Vec<Problem>) {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -163,7 +174,11 @@ fn check_router(spec: &CanarySpec, p: &mut Vec<Problem>) {
     }
     if let Some(m) = &r.app_mesh {
         if m.mesh.is_empty() {
-            p.push(Problem::new("spec.router.appMesh.mesh", "is empty", "name the App Mesh mesh"));
+            p.push(Problem::new(
+                "spec.router.appMesh.mesh",
+                "is empty",
+                "name the App Mesh mesh",
+            ));
         }
         if spec.is_traffic_mode() && spec.target_ref.is_none() && m.virtual_router.is_none() {
             p.push(Problem::new(
@@ -188,7 +203,11 @@ fn check_router(spec: &CanarySpec, p: &mut Vec<Problem>) {
                 ));
             }
         }
-        check_endpoint("spec.router.appMeshApi.endpoint", m.aws.endpoint.as_deref(), p);
+        check_endpoint(
+            "spec.router.appMeshApi.endpoint",
+            m.aws.endpoint.as_deref(),
+            p,
+        );
     }
     if let Some(g) = &r.gloo {
         let set = [
@@ -217,7 +236,11 @@ fn check_router(spec: &CanarySpec, p: &mut Vec<Problem>) {
         }
     }
     if let Some(g) = &r.gateway_api {
-        check_name("spec.router.gatewayApi.httpRoute.name", &g.http_route.name, p);
+        check_name(
+            "spec.router.gatewayApi.httpRoute.name",
+            &g.http_route.name,
+            p,
+        );
     }
 }
 
@@ -266,7 +289,10 @@ fn check_steps(steps: &[i32], p: &mut Vec<Problem>) {
         } else if i > 0 && s <= steps[i - 1] {
             p.push(Problem::new(
                 format!("spec.steps[{i}]"),
-                format!("{s} does not increase on the step before it ({})", steps[i - 1]),
+                format!(
+                    "{s} does not increase on the step before it ({})",
+                    steps[i - 1]
+                ),
                 "list steps in strictly increasing order, for example [20, 50, 100]",
             ));
         }
@@ -318,7 +344,11 @@ fn check_analysis(a: &AnalysisSpec, p: &mut Vec<Problem>) {
     for (i, m) in a.metrics.iter().enumerate() {
         let f = format!("spec.analysis.metrics[{i}]");
         if m.name.is_empty() {
-            p.push(Problem::new(format!("{f}.name"), "is empty", "give the metric a short name, for example error-rate"));
+            p.push(Problem::new(
+                format!("{f}.name"),
+                "is empty",
+                "give the metric a short name, for example error-rate",
+            ));
         } else if !names.insert(m.name.as_str()) {
             p.push(Problem::new(
                 format!("{f}.name"),
@@ -377,16 +407,24 @@ fn check_metric(f: &str, m: &MetricSpec, a: &AnalysisSpec, p: &mut Vec<Problem>)
                 "set the AWS region of the metrics, for example us-west-2",
             ));
         }
-        check_endpoint(&format!("{f}.provider.cloudWatch.endpoint"), c.endpoint.as_deref(), p);
+        check_endpoint(
+            &format!("{f}.provider.cloudWatch.endpoint"),
+            c.endpoint.as_deref(),
+            p,
+        );
     }
     if let Some(w) = &m.window {
         check_duration(&format!("{f}.window"), w, p);
     }
 
-    let sources = [m.preset.is_some(), m.query.is_some(), m.metric_data_queries.is_some()]
-        .iter()
-        .filter(|x| **x)
-        .count();
+    let sources = [
+        m.preset.is_some(),
+        m.query.is_some(),
+        m.metric_data_queries.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if sources == 0 {
         p.push(Problem::new(
             f.to_string(),
@@ -407,7 +445,10 @@ fn check_metric(f: &str, m: &MetricSpec, a: &AnalysisSpec, p: &mut Vec<Problem>)
         if preset.is_cloudwatch() && prom.is_some() {
             p.push(Problem::new(
                 format!("{f}.preset"),
-                format!("{} reads CloudWatch, but the provider is prometheus", preset.as_str()),
+                format!(
+                    "{} reads CloudWatch, but the provider is prometheus",
+                    preset.as_str()
+                ),
                 "use provider.cloudWatch, or a Prometheus preset such as appmesh-error-rate",
             ));
         }
@@ -428,7 +469,11 @@ fn check_metric(f: &str, m: &MetricSpec, a: &AnalysisSpec, p: &mut Vec<Problem>)
             ));
         }
         if q.trim().is_empty() {
-            p.push(Problem::new(format!("{f}.query"), "is empty", "write a PromQL query that returns one number"));
+            p.push(Problem::new(
+                format!("{f}.query"),
+                "is empty",
+                "write a PromQL query that returns one number",
+            ));
         }
         check_template(&format!("{f}.query"), q, a, p);
     }
@@ -459,14 +504,27 @@ fn check_metric(f: &str, m: &MetricSpec, a: &AnalysisSpec, p: &mut Vec<Problem>)
         if let Some(v) = v
             && !v.is_finite()
         {
-            p.push(Problem::new(format!("{f}.{name}"), "is not a finite number", "write a plain number"));
+            p.push(Problem::new(
+                format!("{f}.{name}"),
+                "is not a finite number",
+                "write a plain number",
+            ));
         }
     }
 }
 
-fn check_metric_data_queries(f: &str, qs: &[MetricDataQuery], a: &AnalysisSpec, p: &mut Vec<Problem>) {
+fn check_metric_data_queries(
+    f: &str,
+    qs: &[MetricDataQuery],
+    a: &AnalysisSpec,
+    p: &mut Vec<Problem>,
+) {
     if qs.is_empty() {
-        p.push(Problem::new(f, "is empty", "add the GetMetricData queries; mark the result with returnData: true"));
+        p.push(Problem::new(
+            f,
+            "is empty",
+            "add the GetMetricData queries; mark the result with returnData: true",
+        ));
         return;
     }
     // GetMetricData treats a missing ReturnData as true.
@@ -496,7 +554,11 @@ fn check_metric_data_queries(f: &str, qs: &[MetricDataQuery], a: &AnalysisSpec, 
                 "start with a lower-case letter; use only letters, digits and '_'",
             ));
         } else if !ids.insert(q.id.as_str()) {
-            p.push(Problem::new(format!("{qf}.id"), format!("{:?} is used twice", q.id), "give each query its own id"));
+            p.push(Problem::new(
+                format!("{qf}.id"),
+                format!("{:?} is used twice", q.id),
+                "give each query its own id",
+            ));
         }
         match (&q.metric_stat, &q.expression) {
             (None, None) | (Some(_), Some(_)) => p.push(Problem::new(
@@ -513,7 +575,12 @@ fn check_metric_data_queries(f: &str, qs: &[MetricDataQuery], a: &AnalysisSpec, 
                     ));
                 }
                 for (j, d) in ms.metric.dimensions.iter().enumerate() {
-                    check_template(&format!("{qf}.metricStat.metric.dimensions[{j}].value"), &d.value, a, p);
+                    check_template(
+                        &format!("{qf}.metricStat.metric.dimensions[{j}].value"),
+                        &d.value,
+                        a,
+                        p,
+                    );
                 }
             }
             (None, Some(e)) => check_template(&format!("{qf}.expression"), e, a, p),
@@ -552,13 +619,18 @@ fn check_template(field: &str, template: &str, a: &AnalysisSpec, p: &mut Vec<Pro
     let vars = match template_variables(template) {
         Ok(v) => v,
         Err(e) => {
-            p.push(Problem::new(field, e, "close every {{ with }}, for example {{ namespace }}"));
+            p.push(Problem::new(
+                field,
+                e,
+                "close every {{ with }}, for example {{ namespace }}",
+            ));
             return;
         }
     };
     for v in vars {
         let known = TEMPLATE_VARIABLES.contains(&v.as_str())
-            || v.strip_prefix("variables.").is_some_and(|k| a.variables.contains_key(k));
+            || v.strip_prefix("variables.")
+                .is_some_and(|k| a.variables.contains_key(k));
         if !known {
             let fix = if let Some(k) = v.strip_prefix("variables.") {
                 format!("define {k} under spec.analysis.variables, or remove {{{{ {v} }}}}")
@@ -568,7 +640,11 @@ fn check_template(field: &str, template: &str, a: &AnalysisSpec, p: &mut Vec<Pro
                     TEMPLATE_VARIABLES.join(", ")
                 )
             };
-            p.push(Problem::new(field, format!("uses unknown variable {{{{ {v} }}}}"), fix));
+            p.push(Problem::new(
+                field,
+                format!("uses unknown variable {{{{ {v} }}}}"),
+                fix,
+            ));
         }
     }
 }

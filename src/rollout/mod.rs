@@ -93,9 +93,11 @@ pub fn decide(input: Input<'_>) -> Decision {
     m.finish()
 }
 
-/// When the next check of the current step is due, if a step is under analysis.
+/// When the next check of the current step is due, if a step is under analysis (while
+/// paused: when it will be due on resuming). The controller fetches metrics once this time
+/// has passed, so that [`decide`] sees fresh results.
 pub fn next_check_at(spec: &CanarySpec, status: &CanaryStatus) -> Option<DateTime<Utc>> {
-    if status.phase != Phase::Progressing {
+    if !matches!(status.phase, Phase::Progressing | Phase::Paused) {
         return None;
     }
     let started = status.step_started_at?;
@@ -134,7 +136,13 @@ impl Machine<'_> {
         }));
     }
 
-    fn condition(&mut self, type_: &str, status: ConditionStatus, reason: &str, message: &str) -> bool {
+    fn condition(
+        &mut self,
+        type_: &str,
+        status: ConditionStatus,
+        reason: &str,
+        message: &str,
+    ) -> bool {
         api::set_condition(
             &mut self.status.conditions,
             type_,
@@ -199,25 +207,45 @@ impl Machine<'_> {
         let active = matches!(phase, Phase::Progressing | Phase::Paused);
         match cmd.kind {
             CommandKind::Abort if active => {
-                self.event(EventType::Normal, reasons::COMMAND, "abort requested".into());
+                self.event(
+                    EventType::Normal,
+                    reasons::COMMAND,
+                    "abort requested".into(),
+                );
                 self.rollback(RolloutResult::Aborted, "aborted by user".into());
             }
             CommandKind::Promote if active => {
-                self.event(EventType::Normal, reasons::COMMAND, "promotion requested: skipping the remaining checks".into());
+                self.event(
+                    EventType::Normal,
+                    reasons::COMMAND,
+                    "promotion requested: skipping the remaining checks".into(),
+                );
                 self.promote("promoted by user".into());
             }
             CommandKind::Retry if phase == Phase::Failed => {
                 if let Some(rev) = self.obs.canary.revision.clone() {
-                    self.event(EventType::Normal, reasons::COMMAND, format!("retry requested for revision {rev}"));
+                    self.event(
+                        EventType::Normal,
+                        reasons::COMMAND,
+                        format!("retry requested for revision {rev}"),
+                    );
                     self.start(rev);
                 } else {
-                    self.event(EventType::Warning, reasons::COMMAND_IGNORED, "retry ignored: the canary revision is unknown".into());
+                    self.event(
+                        EventType::Warning,
+                        reasons::COMMAND_IGNORED,
+                        "retry ignored: the canary revision is unknown".into(),
+                    );
                 }
             }
             kind => self.event(
                 EventType::Warning,
                 reasons::COMMAND_IGNORED,
-                format!("{} ignored: it does not apply in phase {}", kind.as_str(), phase.as_str()),
+                format!(
+                    "{} ignored: it does not apply in phase {}",
+                    kind.as_str(),
+                    phase.as_str()
+                ),
             ),
         }
     }
@@ -240,7 +268,11 @@ impl Machine<'_> {
             self.status.stable_revision = Some(b.primary.clone());
             self.set_weights(0);
             self.status.phase = Phase::Waiting;
-            self.event(EventType::Normal, reasons::INITIALIZED, format!("all traffic on {}", b.primary));
+            self.event(
+                EventType::Normal,
+                reasons::INITIALIZED,
+                format!("all traffic on {}", b.primary),
+            );
             return;
         }
         let Some(rev) = self.obs.canary.revision.clone() else {
@@ -265,18 +297,26 @@ impl Machine<'_> {
         self.set_weights(0);
         self.actions.push(Action::ScaleCanaryDown);
         self.status.phase = Phase::Waiting;
-        self.event(EventType::Normal, reasons::INITIALIZED, format!("primary ready at revision {rev}; all traffic on the primary"));
+        self.event(
+            EventType::Normal,
+            reasons::INITIALIZED,
+            format!("primary ready at revision {rev}; all traffic on the primary"),
+        );
     }
 
     fn idle(&mut self) {
         if self.spec.paused {
             return;
         }
-        let Some(rev) = self.obs.canary.revision.clone() else { return };
+        let Some(rev) = self.obs.canary.revision.clone() else {
+            return;
+        };
         if self.status.stable_revision.as_deref() == Some(rev.as_str()) {
             return;
         }
-        if self.status.phase == Phase::Failed && self.status.revision.as_deref() == Some(rev.as_str()) {
+        if self.status.phase == Phase::Failed
+            && self.status.revision.as_deref() == Some(rev.as_str())
+        {
             return;
         }
         self.start(rev);
@@ -299,8 +339,17 @@ impl Machine<'_> {
         if !self.spec.is_traffic_mode() {
             self.actions.push(Action::ScaleCanaryUp);
         }
-        self.condition(api::PROMOTED, ConditionStatus::Unknown, "Progressing", &format!("revision {rev} is under analysis"));
-        self.event(EventType::Normal, reasons::ROLLOUT_STARTED, format!("new revision {rev}: starting analysis"));
+        self.condition(
+            api::PROMOTED,
+            ConditionStatus::Unknown,
+            "Progressing",
+            &format!("revision {rev} is under analysis"),
+        );
+        self.event(
+            EventType::Normal,
+            reasons::ROLLOUT_STARTED,
+            format!("new revision {rev}: starting analysis"),
+        );
     }
 
     fn progressing(&mut self) {
@@ -314,13 +363,21 @@ impl Machine<'_> {
         if self.spec.paused {
             if self.status.phase != Phase::Paused {
                 self.status.phase = Phase::Paused;
-                self.event(EventType::Normal, reasons::PAUSED, format!("paused at canary weight {}%", self.status.canary_weight));
+                self.event(
+                    EventType::Normal,
+                    reasons::PAUSED,
+                    format!("paused at canary weight {}%", self.status.canary_weight),
+                );
             }
             return;
         }
         if self.status.phase == Phase::Paused {
             self.status.phase = Phase::Progressing;
-            self.event(EventType::Normal, reasons::RESUMED, format!("resumed at canary weight {}%", self.status.canary_weight));
+            self.event(
+                EventType::Normal,
+                reasons::RESUMED,
+                format!("resumed at canary weight {}%", self.status.canary_weight),
+            );
         }
         if self.status.step_started_at.is_none() {
             // The first step waits for the canary workload.
@@ -331,7 +388,9 @@ impl Machine<'_> {
             self.enter_step(0);
             return;
         }
-        let Some(due) = next_check_at(self.spec, &self.status) else { return };
+        let Some(due) = next_check_at(self.spec, &self.status) else {
+            return;
+        };
         if self.now < due {
             self.wait((due - self.now).to_std().unwrap_or(READINESS_POLL));
             return;
@@ -348,7 +407,11 @@ impl Machine<'_> {
         self.event(
             EventType::Normal,
             reasons::STEP_ADVANCED,
-            format!("canary weight {weight}% (step {} of {})", step + 1, self.steps().len()),
+            format!(
+                "canary weight {weight}% (step {} of {})",
+                step + 1,
+                self.steps().len()
+            ),
         );
         self.wait(self.spec.analysis.interval.into());
     }
@@ -358,15 +421,26 @@ impl Machine<'_> {
         for metric in &self.spec.analysis.metrics {
             let obs = self.obs.metrics.iter().find(|o| o.name == metric.name);
             let (verdict, message, value) = match obs {
-                None => (Verdict::Inconclusive, "no result for this metric".to_string(), None),
+                None => (
+                    Verdict::Inconclusive,
+                    "no result for this metric".to_string(),
+                    None,
+                ),
                 Some(o) if o.at < due => (
                     Verdict::Inconclusive,
-                    format!("stale: measured at {}, before the check was due at {}", o.at.to_rfc3339(), due.to_rfc3339()),
+                    format!(
+                        "stale: measured at {}, before the check was due at {}",
+                        o.at.to_rfc3339(),
+                        due.to_rfc3339()
+                    ),
                     None,
                 ),
                 Some(o) if o.at > self.now => (
                     Verdict::Inconclusive,
-                    format!("measured at {}, after the decision time: clock skew?", o.at.to_rfc3339()),
+                    format!(
+                        "measured at {}, after the decision time: clock skew?",
+                        o.at.to_rfc3339()
+                    ),
                     None,
                 ),
                 Some(o) => {
@@ -422,27 +496,44 @@ impl Machine<'_> {
                 self.event(
                     EventType::Warning,
                     reasons::CHECK_FAILED,
-                    format!("check failed ({} of {}): {summary}", self.status.failed_checks, a.failure_threshold),
+                    format!(
+                        "check failed ({} of {}): {summary}",
+                        self.status.failed_checks, a.failure_threshold
+                    ),
                 );
-                self.after_failure(format!("{} failed checks: {summary}", self.status.failed_checks));
+                self.after_failure(format!(
+                    "{} failed checks: {summary}",
+                    self.status.failed_checks
+                ));
             }
             Verdict::Inconclusive => {
                 self.status.inconclusive_checks += 1;
                 self.event(
                     EventType::Warning,
                     reasons::CHECK_INCONCLUSIVE,
-                    format!("check inconclusive ({} in a row): {summary}", self.status.inconclusive_checks),
+                    format!(
+                        "check inconclusive ({} in a row): {summary}",
+                        self.status.inconclusive_checks
+                    ),
                 );
                 if a.inconclusive_policy == InconclusivePolicy::Fail {
                     self.status.failed_checks += 1;
                 }
-                if a.max_inconclusive_checks > 0 && self.status.inconclusive_checks >= a.max_inconclusive_checks {
+                if a.max_inconclusive_checks > 0
+                    && self.status.inconclusive_checks >= a.max_inconclusive_checks
+                {
                     self.rollback(
                         RolloutResult::RolledBack,
-                        format!("{} inconclusive checks in a row: {summary}", self.status.inconclusive_checks),
+                        format!(
+                            "{} inconclusive checks in a row: {summary}",
+                            self.status.inconclusive_checks
+                        ),
                     );
                 } else {
-                    self.after_failure(format!("{} failed checks, the last inconclusive: {summary}", self.status.failed_checks));
+                    self.after_failure(format!(
+                        "{} failed checks, the last inconclusive: {summary}",
+                        self.status.failed_checks
+                    ));
                 }
             }
         }
@@ -479,8 +570,14 @@ impl Machine<'_> {
             return;
         }
         self.status.phase = Phase::Promoting;
-        self.actions.push(Action::PromoteWorkload { revision: rev.clone() });
-        self.event(EventType::Normal, reasons::PROMOTING, format!("{reason}: promoting revision {rev} to the primary"));
+        self.actions.push(Action::PromoteWorkload {
+            revision: rev.clone(),
+        });
+        self.event(
+            EventType::Normal,
+            reasons::PROMOTING,
+            format!("{reason}: promoting revision {rev} to the primary"),
+        );
         self.wait(READINESS_POLL);
     }
 
@@ -502,8 +599,17 @@ impl Machine<'_> {
         self.record(RolloutResult::Promoted, 100, reason);
         self.status.stable_revision = Some(rev.clone());
         self.status.phase = Phase::Succeeded;
-        self.condition(api::PROMOTED, ConditionStatus::True, "Promoted", &format!("revision {rev} is the stable version"));
-        self.event(EventType::Normal, reasons::PROMOTED, format!("revision {rev} promoted"));
+        self.condition(
+            api::PROMOTED,
+            ConditionStatus::True,
+            "Promoted",
+            &format!("revision {rev} is the stable version"),
+        );
+        self.event(
+            EventType::Normal,
+            reasons::PROMOTED,
+            format!("revision {rev} promoted"),
+        );
     }
 
     fn rollback(&mut self, result: RolloutResult, reason: String) {
@@ -516,8 +622,17 @@ impl Machine<'_> {
         self.record(result, reached, reason.clone());
         self.status.phase = Phase::Failed;
         let rev = self.status.revision.clone().unwrap_or_default();
-        self.condition(api::PROMOTED, ConditionStatus::False, result.as_str(), &format!("revision {rev}: {reason}"));
-        self.event(EventType::Warning, reasons::ROLLED_BACK, format!("revision {rev} rolled back: {reason}"));
+        self.condition(
+            api::PROMOTED,
+            ConditionStatus::False,
+            result.as_str(),
+            &format!("revision {rev}: {reason}"),
+        );
+        self.event(
+            EventType::Warning,
+            reasons::ROLLED_BACK,
+            format!("revision {rev} rolled back: {reason}"),
+        );
     }
 
     fn supersede(&mut self, rev: String) {
@@ -526,8 +641,16 @@ impl Machine<'_> {
         if self.status.canary_weight != 0 {
             self.set_weights(0);
         }
-        self.record(RolloutResult::Superseded, reached, format!("replaced by revision {rev}"));
-        self.event(EventType::Normal, reasons::SUPERSEDED, format!("revision {old} replaced by {rev}: restarting analysis"));
+        self.record(
+            RolloutResult::Superseded,
+            reached,
+            format!("replaced by revision {rev}"),
+        );
+        self.event(
+            EventType::Normal,
+            reasons::SUPERSEDED,
+            format!("revision {old} replaced by {rev}: restarting analysis"),
+        );
         if self.status.stable_revision.as_deref() == Some(rev.as_str()) {
             // Reverted to the stable version: nothing left to roll out.
             if !self.spec.is_traffic_mode() {
@@ -565,8 +688,16 @@ impl Machine<'_> {
     fn ready_condition(&mut self) {
         let phase = self.status.phase;
         let (status, reason, message) = match phase {
-            Phase::Initializing => (ConditionStatus::False, "Initializing", "waiting for the primary to be ready".to_string()),
-            _ => (ConditionStatus::True, phase.as_str(), ready_message(&self.status)),
+            Phase::Initializing => (
+                ConditionStatus::False,
+                "Initializing",
+                "waiting for the primary to be ready".to_string(),
+            ),
+            _ => (
+                ConditionStatus::True,
+                phase.as_str(),
+                ready_message(&self.status),
+            ),
         };
         self.condition(api::READY, status, reason, &message);
     }
@@ -579,7 +710,10 @@ fn ready_message(s: &CanaryStatus) -> String {
             s.revision.as_deref().unwrap_or("?"),
             s.canary_weight
         ),
-        _ => format!("stable revision {}", s.stable_revision.as_deref().unwrap_or("?")),
+        _ => format!(
+            "stable revision {}",
+            s.stable_revision.as_deref().unwrap_or("?")
+        ),
     }
 }
 
