@@ -1,0 +1,225 @@
+//! Kubernetes `Status` errors, shaped like the real API server's (`k8s.io/apimachinery/pkg/api/errors`).
+
+use serde_json::{Value, json};
+
+/// One field-level cause of an `Invalid` error (`details.causes[]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cause {
+    /// `FieldValueInvalid`, `FieldValueRequired`, `FieldValueNotSupported`, ...
+    pub reason: &'static str,
+    /// Field path in the API server's notation, e.g. `spec.routes[0].priority`.
+    pub field: String,
+    /// Message without the field prefix, e.g. `Invalid value: 101: ... must be ...`.
+    pub message: String,
+}
+
+impl Cause {
+    /// Renders `field: message`, as the server prints one cause.
+    pub fn render(&self) -> String {
+        if self.field.is_empty() {
+            self.message.clone()
+        } else {
+            format!("{}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// An error answered to a client as a `kind: Status` object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub code: u16,
+    /// `StatusReason` (`NotFound`, `Conflict`, ...).
+    pub reason: &'static str,
+    /// Human-readable message.
+    pub message: String,
+    /// `details` object (name, group, kind, causes), or `Value::Null`.
+    pub details: Value,
+}
+
+/// Group and resource (or kind) used in error messages: `canaries.serin.dev`.
+pub fn qualified(resource: &str, group: &str) -> String {
+    if group.is_empty() {
+        resource.to_string()
+    } else {
+        format!("{resource}.{group}")
+    }
+}
+
+impl ApiError {
+    fn new(code: u16, reason: &'static str, message: String, details: Value) -> Self {
+        Self {
+            code,
+            reason,
+            message,
+            details,
+        }
+    }
+
+    /// 404 `<plural>.<group> "name" not found`.
+    pub fn not_found(group: &str, plural: &str, name: &str) -> Self {
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", qualified(plural, group)),
+            json!({"name": name, "group": group, "kind": plural}),
+        )
+    }
+
+    /// 404 for a path that names no served resource.
+    pub fn no_route(path: &str) -> Self {
+        Self::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource".to_string(),
+            json!({"causes": [{"reason": "UnexpectedServerResponse", "message": format!("404 page not found: {path}")}]}),
+        )
+    }
+
+    /// 409 `<plural>.<group> "name" already exists`.
+    pub fn already_exists(group: &str, plural: &str, name: &str) -> Self {
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{} \"{name}\" already exists", qualified(plural, group)),
+            json!({"name": name, "group": group, "kind": plural}),
+        )
+    }
+
+    /// 409 optimistic-concurrency conflict.
+    pub fn conflict(group: &str, plural: &str, name: &str) -> Self {
+        Self::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                qualified(plural, group)
+            ),
+            json!({"name": name, "group": group, "kind": plural}),
+        )
+    }
+
+    /// 409 with a custom message (server-side apply conflicts).
+    pub fn conflict_message(
+        group: &str,
+        plural: &str,
+        name: &str,
+        message: String,
+        causes: Vec<Cause>,
+    ) -> Self {
+        Self::new(
+            409,
+            "Conflict",
+            message,
+            json!({"name": name, "group": group, "kind": plural, "causes": causes_json(&causes)}),
+        )
+    }
+
+    /// 422 `Kind.group "name" is invalid: field: message`.
+    pub fn invalid(group: &str, kind: &str, name: &str, causes: Vec<Cause>) -> Self {
+        let rendered: Vec<String> = causes.iter().map(Cause::render).collect();
+        let summary = if rendered.len() == 1 {
+            rendered[0].clone()
+        } else {
+            format!("[{}]", rendered.join(", "))
+        };
+        Self::new(
+            422,
+            "Invalid",
+            format!(
+                "{} \"{name}\" is invalid: {summary}",
+                qualified(kind, group)
+            ),
+            json!({"name": name, "group": group, "kind": kind, "causes": causes_json(&causes)}),
+        )
+    }
+
+    /// 422 with a free-form message (e.g. a failed JSON-patch `test`).
+    pub fn unprocessable(message: String) -> Self {
+        Self::new(422, "Invalid", message, Value::Null)
+    }
+
+    /// 400 BadRequest.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message.into(), Value::Null)
+    }
+
+    /// 405 MethodNotAllowed.
+    pub fn method_not_allowed(method: &str, plural: &str, group: &str) -> Self {
+        Self::new(
+            405,
+            "MethodNotAllowed",
+            format!(
+                "the server does not allow this method on the requested resource ({method} {})",
+                qualified(plural, group)
+            ),
+            Value::Null,
+        )
+    }
+
+    /// 415 UnsupportedMediaType.
+    pub fn unsupported_media_type(content_type: &str) -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type:?})"
+            ),
+            Value::Null,
+        )
+    }
+
+    /// 410 Gone: the requested resourceVersion is older than the kept history.
+    pub fn gone(rv: u64, oldest: u64) -> Self {
+        Self::new(
+            410,
+            "Expired",
+            format!("too old resource version: {rv} ({oldest})"),
+            Value::Null,
+        )
+    }
+
+    /// 500 InternalError.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            500,
+            "InternalError",
+            format!("Internal error occurred: {}", message.into()),
+            Value::Null,
+        )
+    }
+
+    /// The `kind: Status` body.
+    pub fn to_status(&self) -> Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if !self.details.is_null() {
+            status["details"] = self.details.clone();
+        }
+        status
+    }
+}
+
+fn causes_json(causes: &[Cause]) -> Value {
+    Value::Array(
+        causes
+            .iter()
+            .map(|c| json!({"reason": c.reason, "message": c.render(), "field": c.field}))
+            .collect(),
+    )
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.code, self.reason, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}

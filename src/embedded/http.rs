@@ -1,0 +1,960 @@
+//! HTTP front end: URL routing, discovery, verbs, watch streaming and Table output.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::Response;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+use super::error::ApiError;
+use super::openapi;
+use super::patch;
+use super::selector::{FieldSelector, LabelSelector};
+use super::store::{
+    EventType, FieldValidation, Propagation, Proposal, Store, WatchEvent, WriteOpts, present,
+};
+use super::table;
+use super::types::{self, ResourceType};
+
+/// Shared state of the HTTP layer.
+pub struct App {
+    /// The object store.
+    pub store: Arc<Store>,
+    /// Interval of BOOKMARK events for watches that allow them.
+    pub bookmark_interval: Duration,
+    /// Flips to `true` on shutdown; open watches end.
+    pub shutdown: watch::Receiver<bool>,
+    /// `host:port` the server listens on.
+    pub address: String,
+}
+
+type Query = HashMap<String, String>;
+
+fn json_response(code: u16, body: &Value, warnings: &[String]) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Body::from(bytes));
+    *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for w in warnings {
+        let value = format!("299 - {}", serde_json::Value::String(w.clone()));
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().append("Warning", v);
+        }
+    }
+    resp
+}
+
+fn error_response(e: &ApiError) -> Response {
+    json_response(e.code, &e.to_status(), &[])
+}
+
+/// Entry point for every request.
+pub async fn handle(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query: Query = uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let path = uri.path().trim_end_matches('/').to_string();
+    tracing::debug!(%method, %uri, "request");
+    match route(&app, &method, &path, &query, &headers, &body).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(%method, %uri, code = e.code, message = %e.message, "request failed");
+            error_response(&e)
+        }
+    }
+}
+
+/// A parsed resource URL.
+struct Target {
+    rt: Arc<ResourceType>,
+    version: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+async fn route(
+    app: &App,
+    method: &Method,
+    path: &str,
+    query: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let store = &app.store;
+    let types = store.types();
+    let type_refs: Vec<&ResourceType> = types.iter().map(|t| t.as_ref()).collect();
+    let get_only = |v: Value| -> Result<Response, ApiError> {
+        if method == Method::GET {
+            Ok(json_response(200, &v, &[]))
+        } else {
+            Err(ApiError::method_not_allowed(method.as_str(), "", ""))
+        }
+    };
+    match segs.as_slice() {
+        [] => {
+            return get_only(
+                json!({"paths": ["/api", "/api/v1", "/apis", "/version", "/healthz"]}),
+            );
+        }
+        ["healthz" | "readyz" | "livez", ..] => {
+            let mut r = Response::new(Body::from("ok"));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            return Ok(r);
+        }
+        ["version"] => {
+            return get_only(json!({
+                "major": "1", "minor": "32", "gitVersion": "v1.32.0-serin-embedded", "gitCommit": "", "gitTreeState": "clean",
+                "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64",
+            }));
+        }
+        ["api"] => {
+            return get_only(json!({"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": app.address}]}));
+        }
+        ["api", "v1"] => {
+            let core: Vec<&ResourceType> = type_refs
+                .iter()
+                .copied()
+                .filter(|t| t.group.is_empty())
+                .collect();
+            return get_only(types::resource_list(&core, "", "v1"));
+        }
+        ["apis"] => return get_only(types::group_list(&type_refs)),
+        ["openapi", "v3"] => return get_only(openapi::root(&type_refs, store.revision())),
+        ["openapi", "v3", "api", version] => {
+            return openapi::group_version(&type_refs, "", version)
+                .map_or_else(|| Err(ApiError::no_route(path)), get_only);
+        }
+        ["openapi", "v3", "apis", group, version] => {
+            return openapi::group_version(&type_refs, group, version)
+                .map_or_else(|| Err(ApiError::no_route(path)), get_only);
+        }
+        ["apis", group] => {
+            let list = types::group_list(&type_refs);
+            let found = list["groups"]
+                .as_array()
+                .and_then(|g| g.iter().find(|g| g["name"] == *group))
+                .cloned();
+            return match found {
+                Some(mut g) => {
+                    g["kind"] = json!("APIGroup");
+                    g["apiVersion"] = json!("v1");
+                    get_only(g)
+                }
+                None => Err(ApiError::no_route(path)),
+            };
+        }
+        ["apis", group, version] => {
+            let in_group: Vec<&ResourceType> = type_refs
+                .iter()
+                .copied()
+                .filter(|t| t.group == *group && t.version(version).is_some())
+                .collect();
+            if in_group.is_empty() {
+                return Err(ApiError::no_route(path));
+            }
+            return get_only(types::resource_list(&in_group, group, version));
+        }
+        _ => {}
+    }
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Err(ApiError::no_route(path)),
+    };
+    let (namespace, rest): (Option<String>, &[&str]) = match rest {
+        ["namespaces", ns, tail @ ..] if !namespace_subresource(group, tail) => {
+            (Some(ns.to_string()), tail)
+        }
+        other => (None, other),
+    };
+    let (plural, name, sub) = match rest {
+        [p] => (*p, None, None),
+        [p, n] => (*p, Some(n.to_string()), None),
+        [p, n, s] => (*p, Some(n.to_string()), Some(s.to_string())),
+        _ => return Err(ApiError::no_route(path)),
+    };
+    let rt = store
+        .find_type(group, version, plural)
+        .ok_or_else(|| ApiError::no_route(path))?;
+    if !rt.namespaced && namespace.is_some() {
+        return Err(ApiError::no_route(path));
+    }
+    if rt.namespaced && namespace.is_none() && (name.is_some() || *method != Method::GET) {
+        return Err(ApiError::no_route(path));
+    }
+    if let Some(s) = &sub {
+        let v = rt.version(version);
+        let ok = match s.as_str() {
+            "status" => v.is_some_and(|v| v.status),
+            "scale" => v.is_some_and(|v| v.scale.is_some()),
+            "finalize" => rt.plural == "namespaces",
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::no_route(path));
+        }
+    }
+    let target = Target {
+        rt,
+        version: version.to_string(),
+        namespace,
+        name,
+        sub,
+    };
+    dispatch(app, method, &target, query, headers, body).await
+}
+
+/// `/api/v1/namespaces/NAME/status` and `/finalize` address a namespace, not a namespaced kind.
+fn namespace_subresource(group: &str, tail: &[&str]) -> bool {
+    tail.is_empty()
+        || (group.is_empty() && tail.len() == 1 && matches!(tail[0], "status" | "finalize"))
+}
+
+fn accept_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| {
+            a.split(',')
+                .next()
+                .is_some_and(|first| first.contains("as=Table"))
+        })
+}
+
+fn write_opts(query: &Query, headers: &HeaderMap, status: bool) -> Result<WriteOpts, ApiError> {
+    let field_validation = match query.get("fieldValidation").map(String::as_str) {
+        None | Some("") | Some("Warn") => FieldValidation::Warn,
+        Some("Strict") => FieldValidation::Strict,
+        Some("Ignore") => FieldValidation::Ignore,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "fieldValidation must be one of Ignore, Warn or Strict, got {other:?}"
+            )));
+        }
+    };
+    let field_manager = match query.get("fieldManager") {
+        Some(m) => m.clone(),
+        None => headers
+            .get(header::USER_AGENT)
+            .and_then(|u| u.to_str().ok())
+            .and_then(|u| u.split('/').next())
+            .unwrap_or("unknown")
+            .to_string(),
+    };
+    Ok(WriteOpts {
+        dry_run: query.get("dryRun").is_some_and(|d| d == "All"),
+        field_manager,
+        field_validation,
+        status,
+    })
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    if body.starts_with(b"k8s\x00") {
+        return Err(ApiError::unsupported_media_type(
+            "application/vnd.kubernetes.protobuf",
+        ));
+    }
+    if body.is_empty() {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    serde_json::from_slice(body)
+        .or_else(|_| serde_norway::from_slice::<Value>(body))
+        .map_err(|e| {
+            ApiError::bad_request(format!("the body of the request could not be decoded: {e}"))
+        })
+}
+
+fn written_response(
+    rt: &ResourceType,
+    version: &str,
+    obj: &Value,
+    code: u16,
+    warnings: &[String],
+) -> Response {
+    json_response(code, &present(obj, rt, version), warnings)
+}
+
+async fn dispatch(
+    app: &App,
+    method: &Method,
+    t: &Target,
+    query: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let store = &app.store;
+    let rt = &t.rt;
+    let ns = t.namespace.clone().unwrap_or_default();
+    let v = t.version.as_str();
+    match (&t.name, t.sub.as_deref()) {
+        (None, _) => match *method {
+            Method::GET if is_watch(query) => watch(app, t, query, headers),
+            Method::GET => list(store, t, query, headers),
+            Method::POST => {
+                let opts = write_opts(query, headers, false)?;
+                let w = store.create(&rt.group, &rt.plural, v, &ns, parse_body(body)?, &opts)?;
+                Ok(written_response(rt, v, &w.object, 201, &w.warnings))
+            }
+            Method::DELETE => {
+                let (items, _) = select(store, t, query)?;
+                let mut deleted = Vec::new();
+                for item in items {
+                    let name = item
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    let d = store.delete(
+                        &rt.group,
+                        &rt.plural,
+                        &ns,
+                        name,
+                        Propagation::Background,
+                        None,
+                        is_dry_run(query),
+                    )?;
+                    deleted.push(present(&d.object, rt, v));
+                }
+                Ok(json_response(
+                    200,
+                    &list_object(rt, v, deleted, store.revision(), None, None),
+                    &[],
+                ))
+            }
+            _ => Err(ApiError::method_not_allowed(
+                method.as_str(),
+                &rt.plural,
+                &rt.group,
+            )),
+        },
+        (Some(name), None | Some("status")) => {
+            let status = t.sub.is_some();
+            match *method {
+                Method::GET => {
+                    let obj = present(&store.get(&rt.group, &rt.plural, &ns, name)?, rt, v);
+                    if accept_table(headers) {
+                        let include = query
+                            .get("includeObject")
+                            .map(String::as_str)
+                            .unwrap_or("Metadata");
+                        return Ok(json_response(
+                            200,
+                            &table::table(rt, v, &[obj], json!({}), include),
+                            &[],
+                        ));
+                    }
+                    Ok(json_response(200, &obj, &[]))
+                }
+                Method::PUT => {
+                    let opts = write_opts(query, headers, status)?;
+                    let body = parse_body(body)?;
+                    let w = store.write(&rt.group, &rt.plural, v, &ns, name, &opts, |_, _| {
+                        Ok(Proposal::Object(body))
+                    })?;
+                    Ok(written_response(rt, v, &w.object, 200, &w.warnings))
+                }
+                Method::PATCH => {
+                    let opts = write_opts(query, headers, status)?;
+                    let content_type = content_type(headers);
+                    let patch_body = body.clone();
+                    let force = query.get("force").is_some_and(|f| f == "true");
+                    if content_type.starts_with("application/apply-patch")
+                        && query.get("fieldManager").is_none()
+                    {
+                        return Err(ApiError::bad_request(
+                            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                        ));
+                    }
+                    let w = store.write(
+                        &rt.group,
+                        &rt.plural,
+                        v,
+                        &ns,
+                        name,
+                        &opts,
+                        |current, rt| compute_patch(rt, current, &content_type, &patch_body, force),
+                    )?;
+                    Ok(written_response(
+                        rt,
+                        v,
+                        &w.object,
+                        if w.created { 201 } else { 200 },
+                        &w.warnings,
+                    ))
+                }
+                Method::DELETE if !status => delete(store, t, name, query, body),
+                _ => Err(ApiError::method_not_allowed(
+                    method.as_str(),
+                    &rt.plural,
+                    &rt.group,
+                )),
+            }
+        }
+        (Some(name), Some("scale")) => scale(store, t, method, name, query, headers, body),
+        (Some(name), Some("finalize")) => {
+            let opts = write_opts(query, headers, false)?;
+            let body = parse_body(body)?;
+            let w = store.write(&rt.group, &rt.plural, v, &ns, name, &opts, |_, _| {
+                Ok(Proposal::Object(body))
+            })?;
+            Ok(written_response(rt, v, &w.object, 200, &w.warnings))
+        }
+        _ => Err(ApiError::method_not_allowed(
+            method.as_str(),
+            &rt.plural,
+            &rt.group,
+        )),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+fn is_watch(query: &Query) -> bool {
+    query.get("watch").is_some_and(|w| w == "true" || w == "1")
+}
+
+fn is_dry_run(query: &Query) -> bool {
+    query.get("dryRun").is_some_and(|d| d == "All")
+}
+
+fn compute_patch(
+    rt: &ResourceType,
+    current: Option<&Value>,
+    content_type: &str,
+    body: &Bytes,
+    force: bool,
+) -> Result<Proposal, ApiError> {
+    if content_type.starts_with("application/apply-patch") {
+        let config = parse_body(body)?;
+        if !config.is_object() {
+            return Err(ApiError::bad_request(
+                "the apply configuration must be an object",
+            ));
+        }
+        return Ok(Proposal::Apply { config, force });
+    }
+    let Some(current) = current else {
+        // Placeholder: `write` answers NotFound for a missing object.
+        return Ok(Proposal::Object(Value::Null));
+    };
+    let mut obj = current.clone();
+    match content_type {
+        "application/merge-patch+json" => {
+            let p = parse_body(body)?;
+            json_patch::merge(&mut obj, &p);
+        }
+        "application/json-patch+json" => {
+            let ops: json_patch::Patch = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+            json_patch::patch(&mut obj, &ops)
+                .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+        }
+        "application/strategic-merge-patch+json" => {
+            if rt.custom {
+                return Err(ApiError::unsupported_media_type(content_type));
+            }
+            let p = parse_body(body)?;
+            patch::strategic_merge(&mut obj, &p);
+        }
+        other => return Err(ApiError::unsupported_media_type(other)),
+    }
+    Ok(Proposal::Object(obj))
+}
+
+fn delete(
+    store: &Store,
+    t: &Target,
+    name: &str,
+    query: &Query,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let rt = &t.rt;
+    let opts: Value = if body.is_empty() {
+        json!({})
+    } else {
+        parse_body(body)?
+    };
+    let policy = query
+        .get("propagationPolicy")
+        .cloned()
+        .or_else(|| {
+            opts.get("propagationPolicy")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .or_else(|| {
+            (opts.get("orphanDependents") == Some(&json!(true))).then(|| "Orphan".to_string())
+        });
+    let propagation = match policy.as_deref() {
+        Some("Orphan") => Propagation::Orphan,
+        Some("Foreground") => Propagation::Foreground,
+        _ => Propagation::Background,
+    };
+    let precondition = opts
+        .pointer("/preconditions/resourceVersion")
+        .and_then(Value::as_str);
+    let dry_run = is_dry_run(query)
+        || opts
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|d| d.contains(&json!("All")));
+    let ns = t.namespace.clone().unwrap_or_default();
+    let d = store.delete(
+        &rt.group,
+        &rt.plural,
+        &ns,
+        name,
+        propagation,
+        precondition,
+        dry_run,
+    )?;
+    let obj = present(&d.object, rt, &t.version);
+    if !d.removed {
+        return Ok(json_response(202, &obj, &[]));
+    }
+    if rt.custom {
+        return Ok(json_response(200, &obj, &[]));
+    }
+    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+        "details": {"name": name, "group": rt.group, "kind": rt.plural, "uid": obj.pointer("/metadata/uid")}});
+    Ok(json_response(200, &status, &[]))
+}
+
+fn selectors(query: &Query) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    let labels =
+        LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+    let fields =
+        FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+    Ok((labels, fields))
+}
+
+fn select(store: &Store, t: &Target, query: &Query) -> Result<(Vec<Value>, u64), ApiError> {
+    let (labels, fields) = selectors(query)?;
+    let (items, rev) = store.list(&t.rt.group, &t.rt.plural, t.namespace.as_deref())?;
+    Ok((
+        items
+            .into_iter()
+            .filter(|o| labels.matches(o) && fields.matches(o))
+            .collect(),
+        rev,
+    ))
+}
+
+fn list_object(
+    rt: &ResourceType,
+    version: &str,
+    items: Vec<Value>,
+    rev: u64,
+    cont: Option<String>,
+    remaining: Option<usize>,
+) -> Value {
+    let mut meta = json!({"resourceVersion": rev.to_string()});
+    if let Some(c) = cont {
+        meta["continue"] = json!(c);
+        meta["remainingItemCount"] = json!(remaining.unwrap_or(0));
+    }
+    json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(version), "metadata": meta, "items": items})
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+fn list(
+    store: &Store,
+    t: &Target,
+    query: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let (items, rev) = select(store, t, query)?;
+    let key = |o: &Value| {
+        format!(
+            "{}\u{0}{}",
+            o.pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+            o.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        )
+    };
+    let mut items: Vec<Value> = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(c) => {
+            let after = unhex(c).ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
+            items.into_iter().filter(|o| key(o) > after).collect()
+        }
+        None => items,
+    };
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let (cont, remaining) = if items.len() > limit {
+        let remaining = items.len() - limit;
+        items.truncate(limit);
+        (items.last().map(|o| hex(&key(o))), Some(remaining))
+    } else {
+        (None, None)
+    };
+    let items: Vec<Value> = items
+        .iter()
+        .map(|o| present(o, &t.rt, &t.version))
+        .collect();
+    if accept_table(headers) {
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if let Some(c) = &cont {
+            meta["continue"] = json!(c);
+        }
+        let include = query
+            .get("includeObject")
+            .map(String::as_str)
+            .unwrap_or("Metadata");
+        return Ok(json_response(
+            200,
+            &table::table(&t.rt, &t.version, &items, meta, include),
+            &[],
+        ));
+    }
+    Ok(json_response(
+        200,
+        &list_object(&t.rt, &t.version, items, rev, cont, remaining),
+        &[],
+    ))
+}
+
+fn replicas_path(p: &str) -> String {
+    p.replace('.', "/")
+}
+
+fn scale(
+    store: &Store,
+    t: &Target,
+    method: &Method,
+    name: &str,
+    query: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let rt = &t.rt;
+    let ns = t.namespace.clone().unwrap_or_default();
+    let paths = rt
+        .version(&t.version)
+        .and_then(|v| v.scale.clone())
+        .ok_or_else(|| ApiError::no_route(&rt.plural))?;
+    let to_scale = |obj: &Value| -> Value {
+        let spec = obj
+            .pointer(&replicas_path(&paths.spec_replicas))
+            .cloned()
+            .unwrap_or(json!(0));
+        let status = obj
+            .pointer(&replicas_path(&paths.status_replicas))
+            .cloned()
+            .unwrap_or(json!(0));
+        let selector = match &paths.label_selector {
+            Some(p) => obj
+                .pointer(&replicas_path(p))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            None => obj
+                .pointer("/spec/selector/matchLabels")
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+        };
+        let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
+        json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                "resourceVersion": meta["resourceVersion"], "creationTimestamp": meta["creationTimestamp"]},
+            "spec": {"replicas": spec}, "status": {"replicas": status, "selector": selector}})
+    };
+    match *method {
+        Method::GET => Ok(json_response(
+            200,
+            &to_scale(&store.get(&rt.group, &rt.plural, &ns, name)?),
+            &[],
+        )),
+        Method::PUT | Method::PATCH => {
+            let opts = write_opts(query, headers, false)?;
+            let ct = content_type(headers);
+            let is_put = *method == Method::PUT;
+            let w = store.write(
+                &rt.group,
+                &rt.plural,
+                &t.version,
+                &ns,
+                name,
+                &opts,
+                |current, rt| {
+                    let current =
+                        current.ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))?;
+                    let old_scale = to_scale(current);
+                    let new_scale = if is_put {
+                        parse_body(body)?
+                    } else {
+                        match compute_patch(rt, Some(&old_scale), &ct, body, false)? {
+                            Proposal::Object(s) => s,
+                            Proposal::Apply { config, .. } => {
+                                let mut s = old_scale.clone();
+                                patch::apply_merge(&mut s, &config);
+                                s
+                            }
+                        }
+                    };
+                    let rv = new_scale
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    let mut obj = current.clone();
+                    if !rv.is_empty()
+                        && Some(rv)
+                            != current
+                                .pointer("/metadata/resourceVersion")
+                                .and_then(Value::as_str)
+                    {
+                        return Err(ApiError::conflict(&rt.group, &rt.plural, name));
+                    }
+                    let replicas = new_scale
+                        .pointer("/spec/replicas")
+                        .cloned()
+                        .unwrap_or(json!(0));
+                    if let Some(slot) = obj.pointer_mut(&replicas_path(&paths.spec_replicas)) {
+                        *slot = replicas;
+                    } else {
+                        let segs: Vec<String> = paths
+                            .spec_replicas
+                            .split('.')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect();
+                        let mut cfg = replicas;
+                        for s in segs.iter().rev() {
+                            cfg = json!({ s.clone(): cfg });
+                        }
+                        patch::apply_merge(&mut obj, &cfg);
+                    }
+                    Ok(Proposal::Object(obj))
+                },
+            )?;
+            Ok(json_response(200, &to_scale(&w.object), &w.warnings))
+        }
+        _ => Err(ApiError::method_not_allowed(
+            method.as_str(),
+            &rt.plural,
+            &rt.group,
+        )),
+    }
+}
+
+fn encode_event(kind: &str, object: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+struct WatchFilter {
+    rt: Arc<ResourceType>,
+    version: String,
+    namespace: Option<String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+    table: bool,
+    include_object: String,
+}
+
+impl WatchFilter {
+    fn matches(&self, o: &Value) -> bool {
+        self.labels.matches(o) && self.fields.matches(o)
+    }
+
+    /// The event as this watcher sees it (selector transitions become ADDED/DELETED).
+    fn render(&self, e: &WatchEvent) -> Option<Bytes> {
+        if e.type_key.0 != self.rt.group || e.type_key.1 != self.rt.plural {
+            return None;
+        }
+        if self.namespace.as_ref().is_some_and(|ns| *ns != e.namespace) {
+            return None;
+        }
+        let now = self.matches(&e.object);
+        let kind = match (e.kind, &e.old) {
+            (EventType::Modified, Some(old)) => match (self.matches(old), now) {
+                (true, true) => EventType::Modified,
+                (true, false) => EventType::Deleted,
+                (false, true) => EventType::Added,
+                (false, false) => return None,
+            },
+            (k, _) if now => k,
+            _ => return None,
+        };
+        let obj = present(&e.object, &self.rt, &self.version);
+        let obj = if self.table {
+            table::table(
+                &self.rt,
+                &self.version,
+                &[obj],
+                json!({}),
+                &self.include_object,
+            )
+        } else {
+            obj
+        };
+        Some(encode_event(kind.as_str(), &obj))
+    }
+
+    fn bookmark(&self, rev: u64, initial_end: bool) -> Bytes {
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if initial_end {
+            meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        let obj = json!({"kind": self.rt.kind, "apiVersion": self.rt.api_version(&self.version), "metadata": meta});
+        encode_event("BOOKMARK", &obj)
+    }
+}
+
+fn watch(app: &App, t: &Target, query: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(query)?;
+    let mut fields = fields;
+    if let Some(name) = &t.name {
+        fields = FieldSelector::parse(&format!("metadata.name={name}"))?;
+    }
+    let filter = WatchFilter {
+        rt: t.rt.clone(),
+        version: t.version.clone(),
+        namespace: t.namespace.clone(),
+        labels,
+        fields,
+        table: accept_table(headers),
+        include_object: query
+            .get("includeObject")
+            .cloned()
+            .unwrap_or_else(|| "Metadata".to_string()),
+    };
+    let send_initial = query.get("sendInitialEvents").is_some_and(|s| s == "true");
+    let rv = query
+        .get("resourceVersion")
+        .map(String::as_str)
+        .unwrap_or("");
+    let since = if send_initial || rv.is_empty() || rv == "0" {
+        None
+    } else {
+        Some(
+            rv.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))?,
+        )
+    };
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let mut shutdown = app.shutdown.clone();
+    let bookmark_interval = app.bookmark_interval;
+    let watched = app.store.watch(&t.rt.group, &t.rt.plural, since);
+    let stream = async_stream::stream! {
+        let (backlog, mut rx, current) = match watched {
+            Ok(w) => w,
+            Err(e) => {
+                yield Ok::<Bytes, Infallible>(encode_event("ERROR", &e.to_status()));
+                return;
+            }
+        };
+        for e in &backlog {
+            if let Some(line) = filter.render(e) {
+                yield Ok(line);
+            }
+        }
+        if send_initial {
+            yield Ok(filter.bookmark(current, true));
+        }
+        let mut progress = current;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + bookmark_interval, bookmark_interval);
+        loop {
+            tokio::select! {
+                received = rx.recv() => match received {
+                    Ok(e) => {
+                        if e.rev <= progress {
+                            continue;
+                        }
+                        progress = e.rev;
+                        if let Some(line) = filter.render(&e) {
+                            yield Ok(line);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let gone = ApiError::gone(progress, progress + 1);
+                        yield Ok(encode_event("ERROR", &gone.to_status()));
+                        break;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = ticker.tick(), if bookmarks => {
+                    yield Ok(filter.bookmark(progress, false));
+                }
+                _ = &mut deadline => break,
+                _ = shutdown.changed() => break,
+            }
+        }
+    };
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
+    Ok(resp)
+}

@@ -1,0 +1,1510 @@
+//! The in-memory object store: one lock over all objects, a global revision counter and a
+//! bounded event history. Every write assigns its revision and publishes its watch event while
+//! holding the lock, so watchers see each revision exactly once and in order.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::{SecondsFormat, Utc};
+use serde_json::{Map, Value, json};
+use tokio::sync::broadcast;
+
+use super::error::{ApiError, Cause};
+use super::patch::{self, FieldPath};
+use super::schema;
+use super::types::{self, ResourceType};
+
+/// `(group, plural)`.
+pub type TypeKey = (String, String);
+/// `(namespace, name)`; namespace is `""` for cluster-scoped objects.
+pub type ObjKey = (String, String);
+
+/// Kind of a watch event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// Object created (or started matching a selector).
+    Added,
+    /// Object changed.
+    Modified,
+    /// Object removed.
+    Deleted,
+}
+
+impl EventType {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "ADDED",
+            Self::Modified => "MODIFIED",
+            Self::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One committed change.
+#[derive(Debug)]
+pub struct WatchEvent {
+    /// Revision of this change.
+    pub rev: u64,
+    /// `(group, plural)` of the object.
+    pub type_key: TypeKey,
+    /// Namespace of the object.
+    pub namespace: String,
+    /// Event type.
+    pub kind: EventType,
+    /// The object after the change (for deletions: its last state).
+    pub object: Arc<Value>,
+    /// The object before the change, for modifications.
+    pub old: Option<Arc<Value>>,
+}
+
+/// How unknown fields are treated (`fieldValidation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FieldValidation {
+    /// Drop silently.
+    Ignore,
+    /// Drop and return a `Warning` header (server default).
+    #[default]
+    Warn,
+    /// Reject with 400.
+    Strict,
+}
+
+/// Options common to writes.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOpts {
+    /// `dryRun=All`: validate and answer, store nothing.
+    pub dry_run: bool,
+    /// `fieldManager` (or a name derived from the user agent).
+    pub field_manager: String,
+    /// `fieldValidation`.
+    pub field_validation: FieldValidation,
+    /// The write targets the status subresource.
+    pub status: bool,
+}
+
+/// Result of a write.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// Stored object (storage version).
+    pub object: Value,
+    /// Created rather than updated.
+    pub created: bool,
+    /// Messages for `Warning` headers.
+    pub warnings: Vec<String>,
+}
+
+/// A proposed object for [`Store::write`], computed from the current one.
+pub enum Proposal {
+    /// A full object in the request's version; `apply` holds the server-side-apply config.
+    Object(Value),
+    /// Server-side apply of a configuration with `force`.
+    Apply {
+        /// The applied configuration.
+        config: Value,
+        /// `force=true`.
+        force: bool,
+    },
+}
+
+/// Propagation policy for deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Propagation {
+    /// Delete dependents after the owner (default for most kinds).
+    #[default]
+    Background,
+    /// Treated like background: dependents are removed before the call returns.
+    Foreground,
+    /// Leave dependents, removing the owner reference.
+    Orphan,
+}
+
+/// Result of a delete.
+#[derive(Debug, Clone)]
+pub struct Deleted {
+    /// Last state of the object.
+    pub object: Value,
+    /// Removed now (`false`: finalizers pending, only `deletionTimestamp` set).
+    pub removed: bool,
+}
+
+struct Inner {
+    rev: u64,
+    types: BTreeMap<TypeKey, Arc<ResourceType>>,
+    objects: BTreeMap<TypeKey, BTreeMap<ObjKey, Value>>,
+    history: VecDeque<Arc<WatchEvent>>,
+    history_limit: usize,
+    /// Every event with a revision above this one is still in `history`.
+    compacted: u64,
+    uid_seed: u64,
+    next_ip: u32,
+}
+
+/// The shared store.
+pub struct Store {
+    inner: Mutex<Inner>,
+    tx: broadcast::Sender<Arc<WatchEvent>>,
+}
+
+fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> &'a str {
+    obj.get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
+    if !obj.get("metadata").is_some_and(Value::is_object) {
+        obj["metadata"] = json!({});
+    }
+    match obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        Some(m) => m,
+        None => unreachable_meta(),
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_meta() -> ! {
+    // `metadata` was made an object on the line before; this cannot happen.
+    panic!("metadata is an object")
+}
+
+/// Is `s` an RFC 1123 subdomain (the rule for most object names)?
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Presents a stored object in the requested version (relabels `apiVersion`).
+pub fn present(obj: &Value, rt: &ResourceType, version: &str) -> Value {
+    let mut out = obj.clone();
+    if let Some(m) = out.as_object_mut() {
+        m.insert(
+            "apiVersion".to_string(),
+            Value::String(rt.api_version(version)),
+        );
+        m.insert("kind".to_string(), Value::String(rt.kind.clone()));
+    }
+    out
+}
+
+fn without_volatile(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("managedFields");
+        m.remove("resourceVersion");
+    }
+    o
+}
+
+fn spec_part(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+        m.remove("apiVersion");
+        m.remove("kind");
+    }
+    o
+}
+
+impl Store {
+    /// A store with the built-in types and the usual namespaces.
+    pub fn new(history_limit: usize) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(history_limit.max(1024));
+        let mut types = BTreeMap::new();
+        for t in types::builtins() {
+            types.insert((t.group.clone(), t.plural.clone()), Arc::new(t));
+        }
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(Utc::now().timestamp_nanos_opt().unwrap_or(0) as u128);
+            h.finish()
+        };
+        let store = Arc::new(Self {
+            inner: Mutex::new(Inner {
+                rev: 0,
+                types,
+                objects: BTreeMap::new(),
+                history: VecDeque::new(),
+                history_limit,
+                compacted: 0,
+                uid_seed: seed,
+                next_ip: 1,
+            }),
+            tx,
+        });
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+            // Start-up: the built-in namespace type exists and the names are valid.
+            let _ = store.create("", "namespaces", "v1", "", body, &WriteOpts::default());
+        }
+        store
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, ApiError> {
+        self.inner
+            .lock()
+            .map_err(|_| ApiError::internal("store lock poisoned"))
+    }
+
+    /// Current global revision.
+    pub fn revision(&self) -> u64 {
+        self.inner.lock().map(|i| i.rev).unwrap_or(0)
+    }
+
+    /// All served types.
+    pub fn types(&self) -> Vec<Arc<ResourceType>> {
+        self.inner
+            .lock()
+            .map(|i| i.types.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Finds a served type by group, version and plural (or singular/short name when `loose`).
+    pub fn find_type(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
+        let inner = self.inner.lock().ok()?;
+        inner
+            .types
+            .get(&(group.to_string(), plural.to_string()))
+            .filter(|t| t.version(version).is_some())
+            .cloned()
+    }
+
+    /// Reads one object.
+    pub fn get(&self, group: &str, plural: &str, ns: &str, name: &str) -> Result<Value, ApiError> {
+        let inner = self.lock()?;
+        inner
+            .objects
+            .get(&(group.to_string(), plural.to_string()))
+            .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(group, plural, name))
+    }
+
+    /// Lists objects (all namespaces when `ns` is `None`) and the revision of the snapshot.
+    pub fn list(
+        &self,
+        group: &str,
+        plural: &str,
+        ns: Option<&str>,
+    ) -> Result<(Vec<Value>, u64), ApiError> {
+        let inner = self.lock()?;
+        let items = inner
+            .objects
+            .get(&(group.to_string(), plural.to_string()))
+            .map(|m| {
+                m.iter()
+                    .filter(|((n, _), _)| ns.is_none_or(|ns| ns == n))
+                    .map(|(_, v)| v.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((items, inner.rev))
+    }
+
+    /// Starts a watch: the events after `since` (or synthetic ADDED events for the current
+    /// state when `since` is `None`) plus a receiver for everything later, taken atomically.
+    #[allow(clippy::type_complexity)]
+    pub fn watch(
+        &self,
+        group: &str,
+        plural: &str,
+        since: Option<u64>,
+    ) -> Result<
+        (
+            Vec<Arc<WatchEvent>>,
+            broadcast::Receiver<Arc<WatchEvent>>,
+            u64,
+        ),
+        ApiError,
+    > {
+        let inner = self.lock()?;
+        let key = (group.to_string(), plural.to_string());
+        let rx = self.tx.subscribe();
+        let backlog = match since {
+            None => inner
+                .objects
+                .get(&key)
+                .map(|m| {
+                    m.iter()
+                        .map(|((ns, _), v)| {
+                            Arc::new(WatchEvent {
+                                rev: meta_str(v, "resourceVersion").parse().unwrap_or(0),
+                                type_key: key.clone(),
+                                namespace: ns.clone(),
+                                kind: EventType::Added,
+                                object: Arc::new(v.clone()),
+                                old: None,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Some(rv) => {
+                if rv < inner.compacted {
+                    return Err(ApiError::gone(rv, inner.compacted + 1));
+                }
+                inner
+                    .history
+                    .iter()
+                    .filter(|e| e.rev > rv && e.type_key == key)
+                    .cloned()
+                    .collect()
+            }
+        };
+        Ok((backlog, rx, inner.rev))
+    }
+
+    /// Creates an object from a request body in `version`.
+    pub fn create(
+        &self,
+        group: &str,
+        plural: &str,
+        version: &str,
+        ns: &str,
+        body: Value,
+        opts: &WriteOpts,
+    ) -> Result<Written, ApiError> {
+        let mut inner = self.lock()?;
+        let rt = inner.type_of(group, plural)?;
+        let (obj, warnings) = self.prepare_create(&mut inner, &rt, version, ns, body, opts)?;
+        let name = meta_str(&obj, "name").to_string();
+        if inner.find(&rt, ns, &name).is_some() {
+            return Err(ApiError::already_exists(group, plural, &name));
+        }
+        let object = if opts.dry_run {
+            obj
+        } else {
+            self.commit(&mut inner, &rt, obj, EventType::Added, None)
+        };
+        Ok(Written {
+            object,
+            created: true,
+            warnings,
+        })
+    }
+
+    /// Updates (or, for server-side apply, possibly creates) an object from a proposal
+    /// computed from the current state under the store lock.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write(
+        &self,
+        group: &str,
+        plural: &str,
+        version: &str,
+        ns: &str,
+        name: &str,
+        opts: &WriteOpts,
+        propose: impl FnOnce(Option<&Value>, &ResourceType) -> Result<Proposal, ApiError>,
+    ) -> Result<Written, ApiError> {
+        let mut inner = self.lock()?;
+        let rt = inner.type_of(group, plural)?;
+        let current = inner.find(&rt, ns, name).cloned();
+        let presented = current.as_ref().map(|c| present(c, &rt, version));
+        let proposal = propose(presented.as_ref(), &rt)?;
+        let Some(old) = current else {
+            return match proposal {
+                Proposal::Apply { config, .. } if !opts.status => {
+                    let mut body = config.clone();
+                    let meta = meta_mut(&mut body);
+                    meta.insert("name".into(), Value::String(name.to_string()));
+                    let (mut obj, warnings) =
+                        self.prepare_create(&mut inner, &rt, version, ns, body, opts)?;
+                    let fields = patch::leaf_paths(&config);
+                    set_managed(
+                        &mut obj,
+                        &opts.field_manager,
+                        "Apply",
+                        &rt.api_version(version),
+                        false,
+                        &fields,
+                    );
+                    let object = if opts.dry_run {
+                        obj
+                    } else {
+                        self.commit(&mut inner, &rt, obj, EventType::Added, None)
+                    };
+                    Ok(Written {
+                        object,
+                        created: true,
+                        warnings,
+                    })
+                }
+                _ => Err(ApiError::not_found(group, plural, name)),
+            };
+        };
+        let (new, apply_fields) = match proposal {
+            Proposal::Object(v) => (v, None),
+            Proposal::Apply { config, force } => {
+                let (merged, fields) = apply_config(
+                    &rt,
+                    presented.as_ref().unwrap_or(&old),
+                    &config,
+                    force,
+                    opts,
+                )?;
+                (merged, Some(fields))
+            }
+        };
+        let (obj, warnings) = prepare_update(&rt, version, &old, new, opts, apply_fields)?;
+        let Some(obj) = obj else {
+            return Ok(Written {
+                object: old,
+                created: false,
+                warnings,
+            });
+        };
+        if opts.dry_run {
+            return Ok(Written {
+                object: obj,
+                created: false,
+                warnings,
+            });
+        }
+        let finalized = obj.pointer("/metadata/deletionTimestamp").is_some()
+            && obj
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty);
+        if finalized {
+            let object = self.remove(
+                &mut inner,
+                &rt,
+                ns,
+                name,
+                Some(obj),
+                Propagation::Background,
+            );
+            return Ok(Written {
+                object,
+                created: false,
+                warnings,
+            });
+        }
+        let object = self.commit(&mut inner, &rt, obj, EventType::Modified, Some(old));
+        Ok(Written {
+            object,
+            created: false,
+            warnings,
+        })
+    }
+
+    /// Deletes an object: marks it when finalizers remain, otherwise removes it and cascades.
+    #[allow(clippy::too_many_arguments)]
+    pub fn delete(
+        &self,
+        group: &str,
+        plural: &str,
+        ns: &str,
+        name: &str,
+        propagation: Propagation,
+        precondition_rv: Option<&str>,
+        dry_run: bool,
+    ) -> Result<Deleted, ApiError> {
+        let mut inner = self.lock()?;
+        let rt = inner.type_of(group, plural)?;
+        let current = inner
+            .find(&rt, ns, name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(group, plural, name))?;
+        if let Some(rv) = precondition_rv
+            && rv != meta_str(&current, "resourceVersion")
+        {
+            return Err(ApiError::conflict_message(
+                group,
+                plural,
+                name,
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({}). The object might have been modified",
+                    super::error::qualified(plural, group),
+                    meta_str(&current, "resourceVersion")
+                ),
+                Vec::new(),
+            ));
+        }
+        let has_finalizers = current
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        if has_finalizers {
+            if current.pointer("/metadata/deletionTimestamp").is_some() || dry_run {
+                return Ok(Deleted {
+                    object: current,
+                    removed: false,
+                });
+            }
+            let mut marked = current.clone();
+            let meta = meta_mut(&mut marked);
+            meta.insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
+            meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+            let object = self.commit(&mut inner, &rt, marked, EventType::Modified, Some(current));
+            return Ok(Deleted {
+                object,
+                removed: false,
+            });
+        }
+        if dry_run {
+            return Ok(Deleted {
+                object: current,
+                removed: true,
+            });
+        }
+        let object = self.remove(&mut inner, &rt, ns, name, None, propagation);
+        Ok(Deleted {
+            object,
+            removed: true,
+        })
+    }
+
+    fn prepare_create(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        version: &str,
+        ns: &str,
+        mut obj: Value,
+        opts: &WriteOpts,
+    ) -> Result<(Value, Vec<String>), ApiError> {
+        if !obj.is_object() {
+            return Err(ApiError::bad_request(
+                "the body of the request was not a JSON object",
+            ));
+        }
+        check_type_meta(rt, version, &obj)?;
+        let body_ns = meta_str(&obj, "namespace").to_string();
+        if rt.namespaced {
+            if !body_ns.is_empty() && body_ns != ns {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            if inner.find_key("", "namespaces", "", ns).is_none() {
+                return Err(ApiError::not_found("", "namespaces", ns));
+            }
+            if inner
+                .find_key("", "namespaces", "", ns)
+                .is_some_and(|n| n.pointer("/metadata/deletionTimestamp").is_some())
+            {
+                return Err(ApiError {
+                    code: 403,
+                    reason: "Forbidden",
+                    message: format!(
+                        "{} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                        rt.plural
+                    ),
+                    details: Value::Null,
+                });
+            }
+        }
+        let mut name = meta_str(&obj, "name").to_string();
+        if name.is_empty() {
+            let prefix = meta_str(&obj, "generateName").to_string();
+            if prefix.is_empty() {
+                return Err(ApiError::invalid(
+                    &rt.group,
+                    &rt.kind,
+                    "",
+                    vec![Cause {
+                        reason: "FieldValueRequired",
+                        field: "metadata.name".into(),
+                        message: "Required value: name or generateName is required".into(),
+                    }],
+                ));
+            }
+            name = format!("{prefix}{}", inner.random_suffix());
+        }
+        let v = rt
+            .version(version)
+            .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, &name))?;
+        {
+            let meta = meta_mut(&mut obj);
+            meta.insert("name".into(), Value::String(name.clone()));
+            if rt.namespaced {
+                meta.insert("namespace".into(), Value::String(ns.to_string()));
+            } else {
+                meta.remove("namespace");
+            }
+            for f in [
+                "uid",
+                "resourceVersion",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "selfLink",
+                "managedFields",
+            ] {
+                meta.remove(f);
+            }
+            meta.insert("uid".into(), Value::String(inner.new_uid()));
+            meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
+            if rt.tracks_generation {
+                meta.insert("generation".into(), json!(1));
+            } else {
+                meta.remove("generation");
+            }
+        }
+        if v.status
+            && !opts.status
+            && rt.plural != "namespaces"
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
+        }
+        let warnings = validate_custom(rt, version, &mut obj, opts)?;
+        validate_meta(rt, &obj)?;
+        obj["apiVersion"] = Value::String(rt.api_version(&rt.storage_version));
+        obj["kind"] = Value::String(rt.kind.clone());
+        match (rt.group.as_str(), rt.plural.as_str()) {
+            ("", "namespaces") => {
+                let meta = meta_mut(&mut obj);
+                let labels = meta.entry("labels").or_insert_with(|| json!({}));
+                labels["kubernetes.io/metadata.name"] = Value::String(name.clone());
+                obj["spec"] = json!({"finalizers": ["kubernetes"]});
+                obj["status"] = json!({"phase": "Active"});
+            }
+            ("", "services") => {
+                let no_ip = obj
+                    .pointer("/spec/clusterIP")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty);
+                let external =
+                    obj.pointer("/spec/type").and_then(Value::as_str) == Some("ExternalName");
+                if no_ip && !external {
+                    let n = inner.next_ip;
+                    inner.next_ip += 1;
+                    let ip = format!("10.96.{}.{}", (n >> 8) & 0xff, n & 0xff);
+                    obj["spec"]["clusterIP"] = Value::String(ip.clone());
+                    obj["spec"]["clusterIPs"] = json!([ip]);
+                }
+                if obj.pointer("/spec/type").is_none()
+                    && obj.get("spec").is_some_and(Value::is_object)
+                {
+                    obj["spec"]["type"] = json!("ClusterIP");
+                }
+            }
+            ("apiextensions.k8s.io", "customresourcedefinitions") => {
+                let served = types::from_crd(&obj)?;
+                let key = (served.group.clone(), served.plural.clone());
+                if inner.types.get(&key).is_some_and(|t| !t.custom) {
+                    return Err(ApiError::invalid(
+                        &rt.group,
+                        &rt.kind,
+                        &name,
+                        vec![Cause {
+                            reason: "FieldValueInvalid",
+                            field: "spec.names.plural".into(),
+                            message: "Invalid value: the name conflicts with a built-in resource"
+                                .into(),
+                        }],
+                    ));
+                }
+                obj["status"] = crd_status(&obj, &served);
+            }
+            _ => {}
+        }
+        if !opts.field_manager.is_empty() {
+            let fields = patch::leaf_paths(&obj);
+            set_managed(
+                &mut obj,
+                &opts.field_manager,
+                "Update",
+                &rt.api_version(version),
+                opts.status,
+                &fields,
+            );
+        }
+        Ok((obj, warnings))
+    }
+
+    /// Assigns the next revision, stores or replaces the object and publishes the event.
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        mut obj: Value,
+        kind: EventType,
+        old: Option<Value>,
+    ) -> Value {
+        inner.rev += 1;
+        let rev = inner.rev;
+        meta_mut(&mut obj).insert("resourceVersion".into(), Value::String(rev.to_string()));
+        let ns = meta_str(&obj, "namespace").to_string();
+        let name = meta_str(&obj, "name").to_string();
+        let key = (rt.group.clone(), rt.plural.clone());
+        let bucket = inner.objects.entry(key.clone()).or_default();
+        if kind == EventType::Deleted {
+            bucket.remove(&(ns.clone(), name));
+        } else {
+            bucket.insert((ns.clone(), name), obj.clone());
+        }
+        if rt.group == "apiextensions.k8s.io"
+            && rt.plural == "customresourcedefinitions"
+            && kind != EventType::Deleted
+            && let Ok(served) = types::from_crd(&obj)
+        {
+            inner.types.insert(
+                (served.group.clone(), served.plural.clone()),
+                Arc::new(served),
+            );
+        }
+        let event = Arc::new(WatchEvent {
+            rev,
+            type_key: key,
+            namespace: ns,
+            kind,
+            object: Arc::new(obj.clone()),
+            old: old.map(Arc::new),
+        });
+        inner.history.push_back(event.clone());
+        while inner.history.len() > inner.history_limit {
+            if let Some(e) = inner.history.pop_front() {
+                inner.compacted = e.rev;
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.tx.send(event);
+        obj
+    }
+
+    /// Removes an object now, then what it owned and what lived inside it.
+    fn remove(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        last: Option<Value>,
+        propagation: Propagation,
+    ) -> Value {
+        let Some(current) = last.or_else(|| inner.find(rt, ns, name).cloned()) else {
+            return Value::Null;
+        };
+        let uid = meta_str(&current, "uid").to_string();
+        let removed = self.commit(inner, rt, current, EventType::Deleted, None);
+        if rt.group.is_empty() && rt.plural == "namespaces" {
+            let keys: Vec<TypeKey> = inner.objects.keys().cloned().collect();
+            for key in keys {
+                let Some(t) = inner.types.get(&key).cloned() else {
+                    continue;
+                };
+                if !t.namespaced {
+                    continue;
+                }
+                let names: Vec<String> = inner
+                    .objects
+                    .get(&key)
+                    .map(|m| {
+                        m.keys()
+                            .filter(|(n, _)| n == name)
+                            .map(|(_, n)| n.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for n in names {
+                    self.remove(inner, &t, name, &n, None, Propagation::Background);
+                }
+            }
+        }
+        if rt.group == "apiextensions.k8s.io"
+            && rt.plural == "customresourcedefinitions"
+            && let Ok(served) = types::from_crd(&removed)
+        {
+            let key = (served.group.clone(), served.plural.clone());
+            if let Some(t) = inner.types.get(&key).cloned().filter(|t| t.custom) {
+                let keys: Vec<ObjKey> = inner
+                    .objects
+                    .get(&key)
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
+                for (ons, oname) in keys {
+                    self.remove(inner, &t, &ons, &oname, None, Propagation::Background);
+                }
+                inner.types.remove(&key);
+            }
+        }
+        self.collect_dependents(inner, &uid, propagation);
+        removed
+    }
+
+    /// Garbage-collects (or orphans) objects whose owner with `uid` is gone.
+    fn collect_dependents(&self, inner: &mut Inner, uid: &str, propagation: Propagation) {
+        let mut dependents = Vec::new();
+        for (key, objs) in &inner.objects {
+            for (okey, obj) in objs {
+                let refs = obj
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array);
+                if refs.is_some_and(|r| {
+                    r.iter()
+                        .any(|o| o.get("uid").and_then(Value::as_str) == Some(uid))
+                }) {
+                    dependents.push((key.clone(), okey.clone(), obj.clone()));
+                }
+            }
+        }
+        let live: BTreeSet<String> = inner
+            .objects
+            .values()
+            .flat_map(|m| m.values().map(|o| meta_str(o, "uid").to_string()))
+            .collect();
+        for (key, (ns, name), obj) in dependents {
+            let Some(t) = inner.types.get(&key).cloned() else {
+                continue;
+            };
+            let other_owner_alive = obj
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .is_some_and(|r| {
+                    r.iter()
+                        .filter_map(|o| o.get("uid").and_then(Value::as_str))
+                        .any(|u| u != uid && live.contains(u))
+                });
+            if propagation == Propagation::Orphan || other_owner_alive {
+                let mut updated = obj.clone();
+                if let Some(refs) = updated
+                    .pointer_mut("/metadata/ownerReferences")
+                    .and_then(Value::as_array_mut)
+                {
+                    refs.retain(|o| o.get("uid").and_then(Value::as_str) != Some(uid));
+                }
+                self.commit(inner, &t, updated, EventType::Modified, Some(obj));
+                continue;
+            }
+            let has_finalizers = obj
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .is_some_and(|f| !f.is_empty());
+            if has_finalizers {
+                if obj.pointer("/metadata/deletionTimestamp").is_none() {
+                    let mut marked = obj.clone();
+                    meta_mut(&mut marked)
+                        .insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
+                    self.commit(inner, &t, marked, EventType::Modified, Some(obj));
+                }
+            } else {
+                self.remove(inner, &t, &ns, &name, None, Propagation::Background);
+            }
+        }
+    }
+
+    /// A JSON snapshot of every object, for `--state-file`.
+    pub fn snapshot(&self) -> Result<Value, ApiError> {
+        let inner = self.lock()?;
+        let mut items = Vec::new();
+        // CRDs first so that their kinds exist when the snapshot is restored.
+        let crd_key = (
+            "apiextensions.k8s.io".to_string(),
+            "customresourcedefinitions".to_string(),
+        );
+        if let Some(m) = inner.objects.get(&crd_key) {
+            items.extend(
+                m.values()
+                    .map(|o| json!({"group": crd_key.0, "plural": crd_key.1, "object": o})),
+            );
+        }
+        for (key, objs) in inner.objects.iter().filter(|(k, _)| **k != crd_key) {
+            items.extend(
+                objs.values()
+                    .map(|o| json!({"group": key.0, "plural": key.1, "object": o})),
+            );
+        }
+        Ok(json!({"revision": inner.rev, "items": items}))
+    }
+
+    /// Restores a [`Store::snapshot`]; objects keep their uids and revisions.
+    pub fn restore(&self, snapshot: &Value) -> Result<(), ApiError> {
+        let mut inner = self.lock()?;
+        let rev = snapshot
+            .get("revision")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        for item in snapshot
+            .get("items")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let group = item
+                .get("group")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let plural = item
+                .get("plural")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let Some(obj) = item.get("object").cloned() else {
+                continue;
+            };
+            if group == "apiextensions.k8s.io" && plural == "customresourcedefinitions" {
+                let served = types::from_crd(&obj)?;
+                inner.types.insert(
+                    (served.group.clone(), served.plural.clone()),
+                    Arc::new(served),
+                );
+            }
+            let okey = (
+                meta_str(&obj, "namespace").to_string(),
+                meta_str(&obj, "name").to_string(),
+            );
+            inner
+                .objects
+                .entry((group, plural))
+                .or_default()
+                .insert(okey, obj);
+        }
+        inner.rev = inner.rev.max(rev);
+        inner.compacted = inner.rev;
+        inner.history.clear();
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn type_of(&self, group: &str, plural: &str) -> Result<Arc<ResourceType>, ApiError> {
+        self.types
+            .get(&(group.to_string(), plural.to_string()))
+            .cloned()
+            .ok_or_else(|| ApiError::no_route(&format!("{group}/{plural}")))
+    }
+
+    fn find(&self, rt: &ResourceType, ns: &str, name: &str) -> Option<&Value> {
+        self.find_key(&rt.group, &rt.plural, ns, name)
+    }
+
+    fn find_key(&self, group: &str, plural: &str, ns: &str, name: &str) -> Option<&Value> {
+        self.objects
+            .get(&(group.to_string(), plural.to_string()))
+            .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // splitmix64: unique, well-spread identifiers without a `rand` dependency.
+        self.uid_seed = self.uid_seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.uid_seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn new_uid(&mut self) -> String {
+        let a = self.next_random();
+        let b = self.next_random();
+        let hex = format!("{a:016x}{b:016x}");
+        format!(
+            "{}-{}-4{}-a{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[13..16],
+            &hex[17..20],
+            &hex[20..32]
+        )
+    }
+
+    fn random_suffix(&mut self) -> String {
+        const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+        let mut n = self.next_random();
+        (0..5)
+            .map(|_| {
+                let c = ALPHABET[(n % ALPHABET.len() as u64) as usize] as char;
+                n /= ALPHABET.len() as u64;
+                c
+            })
+            .collect()
+    }
+}
+
+fn check_type_meta(rt: &ResourceType, version: &str, obj: &Value) -> Result<(), ApiError> {
+    let expected = rt.api_version(version);
+    if let Some(av) = obj.get("apiVersion").and_then(Value::as_str)
+        && av != expected
+    {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({av}) does not match the expected API version ({expected})"
+        )));
+    }
+    if let Some(kind) = obj.get("kind").and_then(Value::as_str)
+        && kind != rt.kind
+    {
+        return Err(ApiError::bad_request(format!(
+            "the kind in the data ({kind}) does not match the expected kind ({})",
+            rt.kind
+        )));
+    }
+    Ok(())
+}
+
+/// Defaults, prunes and validates a custom object; returns `Warning` messages.
+fn validate_custom(
+    rt: &ResourceType,
+    version: &str,
+    obj: &mut Value,
+    opts: &WriteOpts,
+) -> Result<Vec<String>, ApiError> {
+    let Some(schema) = rt
+        .version(version)
+        .and_then(|v| v.schema.as_ref())
+        .filter(|_| rt.custom)
+    else {
+        return Ok(Vec::new());
+    };
+    let unknown = schema::default_and_prune_object(schema, obj);
+    let name = meta_str(obj, "name").to_string();
+    let mut warnings = Vec::new();
+    if !unknown.is_empty() {
+        match opts.field_validation {
+            FieldValidation::Strict => {
+                let fields: Vec<String> = unknown
+                    .iter()
+                    .map(|f| format!("unknown field \"{f}\""))
+                    .collect();
+                return Err(ApiError::bad_request(format!(
+                    "{} in version \"{version}\" cannot be handled as a {}: strict decoding error: {}",
+                    rt.kind,
+                    rt.kind,
+                    fields.join(", ")
+                )));
+            }
+            FieldValidation::Warn => {
+                warnings.extend(unknown.iter().map(|f| format!("unknown field \"{f}\"")))
+            }
+            FieldValidation::Ignore => {}
+        }
+    }
+    let causes = schema::validate_object(schema, obj);
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(&rt.group, &rt.kind, &name, causes));
+    }
+    Ok(warnings)
+}
+
+fn validate_meta(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
+    let name = meta_str(obj, "name");
+    let mut causes = Vec::new();
+    if !is_dns_subdomain(name) {
+        causes.push(Cause {
+            reason: "FieldValueInvalid",
+            field: "metadata.name".into(),
+            message: format!(
+                "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+            ),
+        });
+    }
+    let annotations_size: usize = obj
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .map(|a| {
+            a.iter()
+                .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    if annotations_size > 262_144 {
+        causes.push(Cause {
+            reason: "FieldValueTooLong",
+            field: "metadata.annotations".into(),
+            message: "Too long: must have at most 262144 bytes".into(),
+        });
+    }
+    for (field, map) in [
+        ("metadata.labels", "/metadata/labels"),
+        ("metadata.annotations", "/metadata/annotations"),
+    ] {
+        if let Some(m) = obj.pointer(map).and_then(Value::as_object) {
+            for (k, v) in m {
+                if !v.is_string() {
+                    causes.push(Cause {
+                        reason: "FieldValueTypeInvalid",
+                        field: format!("{field}.{k}"),
+                        message: format!(
+                            "Invalid value: {}: must be a string",
+                            schema::render_value(v)
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(&rt.group, &rt.kind, name, causes))
+    }
+}
+
+fn crd_status(crd: &Value, served: &ResourceType) -> Value {
+    let now = now_rfc3339();
+    let names = crd.pointer("/spec/names").cloned().unwrap_or(json!({}));
+    let mut accepted = names.clone();
+    if accepted.get("singular").is_none() {
+        accepted["singular"] = Value::String(served.singular.clone());
+    }
+    if accepted.get("listKind").is_none() {
+        accepted["listKind"] = Value::String(format!("{}List", served.kind));
+    }
+    json!({
+        "acceptedNames": accepted,
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": now},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": now},
+        ],
+        "storedVersions": [served.storage_version],
+    })
+}
+
+fn set_managed(
+    obj: &mut Value,
+    manager: &str,
+    operation: &str,
+    api_version: &str,
+    status: bool,
+    fields: &BTreeSet<FieldPath>,
+) {
+    let meta = meta_mut(obj);
+    let mut entries: Vec<Value> = meta
+        .get("managedFields")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let sub = if status { "status" } else { "" };
+    entries.retain(|e| {
+        !(e.get("manager").and_then(Value::as_str) == Some(manager)
+            && e.get("operation").and_then(Value::as_str) == Some(operation)
+            && e.get("subresource").and_then(Value::as_str).unwrap_or("") == sub)
+    });
+    if !fields.is_empty() {
+        let mut entry = json!({
+            "manager": manager,
+            "operation": operation,
+            "apiVersion": api_version,
+            "time": now_rfc3339(),
+            "fieldsType": "FieldsV1",
+            "fieldsV1": patch::to_fields_v1(fields),
+        });
+        if status {
+            entry["subresource"] = json!("status");
+        }
+        entries.push(entry);
+    }
+    meta.insert("managedFields".into(), Value::Array(entries));
+}
+
+fn managers(obj: &Value) -> Vec<(String, String, BTreeSet<FieldPath>)> {
+    obj.pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e.get("manager")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                        e.get("operation")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                        e.get("fieldsV1")
+                            .map(patch::from_fields_v1)
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes `paths` from every manager except `keep` (ownership moved to `keep`).
+fn take_ownership(obj: &mut Value, keep: &str, paths: &BTreeSet<FieldPath>) {
+    let Some(entries) = obj
+        .pointer_mut("/metadata/managedFields")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    for e in entries.iter_mut() {
+        if e.get("manager").and_then(Value::as_str) == Some(keep) {
+            continue;
+        }
+        let mut owned = e
+            .get("fieldsV1")
+            .map(patch::from_fields_v1)
+            .unwrap_or_default();
+        owned.retain(|p| !paths.iter().any(|q| patch::overlaps(p, q)));
+        e["fieldsV1"] = patch::to_fields_v1(&owned);
+    }
+    entries.retain(|e| {
+        e.get("fieldsV1")
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+    });
+}
+
+/// Server-side apply merge: conflicts, removal of fields the manager stopped applying, merge.
+fn apply_config(
+    rt: &ResourceType,
+    current: &Value,
+    config: &Value,
+    force: bool,
+    opts: &WriteOpts,
+) -> Result<(Value, BTreeSet<FieldPath>), ApiError> {
+    let mut config = config.clone();
+    if let Some(m) = config.as_object_mut() {
+        if opts.status {
+            m.retain(|k, _| matches!(k.as_str(), "status" | "apiVersion" | "kind" | "metadata"));
+        } else if rt.version(&rt.storage_version).is_some_and(|v| v.status) {
+            m.remove("status");
+        }
+    }
+    let fields = patch::leaf_paths(&config);
+    let manager = opts.field_manager.as_str();
+    let others = managers(current);
+    let mut conflicts: Vec<(String, FieldPath)> = Vec::new();
+    for path in &fields {
+        if patch::get_path(current, path) == patch::get_path(&config, path) {
+            continue;
+        }
+        for (m, _, owned) in others.iter().filter(|(m, _, _)| m != manager) {
+            if owned.iter().any(|o| patch::overlaps(o, path)) {
+                conflicts.push((m.clone(), path.clone()));
+            }
+        }
+    }
+    if !conflicts.is_empty() && !force {
+        let name = meta_str(current, "name");
+        let causes: Vec<Cause> = conflicts
+            .iter()
+            .map(|(m, p)| Cause {
+                reason: "FieldManagerConflict",
+                field: patch::render_path(p),
+                message: format!("conflict with \"{m}\""),
+            })
+            .collect();
+        let lines: Vec<String> = conflicts
+            .iter()
+            .map(|(m, p)| format!("- {}: conflict with \"{m}\"", patch::render_path(p)))
+            .collect();
+        let message = format!(
+            "Apply failed with {} conflict{}: {}",
+            conflicts.len(),
+            if conflicts.len() == 1 { "" } else { "s" },
+            lines.join("\n")
+        );
+        return Err(ApiError::conflict_message(
+            &rt.group, &rt.plural, name, message, causes,
+        ));
+    }
+    let mut merged = current.clone();
+    let previously: BTreeSet<FieldPath> = others
+        .iter()
+        .filter(|(m, op, _)| m == manager && op == "Apply")
+        .flat_map(|(_, _, f)| f.iter().cloned())
+        .collect();
+    for stale in previously.difference(&fields) {
+        let shared = others
+            .iter()
+            .filter(|(m, _, _)| m != manager)
+            .any(|(_, _, owned)| owned.iter().any(|o| patch::overlaps(o, stale)));
+        if !shared {
+            patch::remove_path(&mut merged, stale);
+        }
+    }
+    let mut body = config.clone();
+    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.retain(|k, _| {
+            matches!(
+                k.as_str(),
+                "labels" | "annotations" | "finalizers" | "ownerReferences"
+            )
+        });
+    }
+    patch::apply_merge(&mut merged, &body);
+    if force {
+        let contested: BTreeSet<FieldPath> = conflicts.into_iter().map(|(_, p)| p).collect();
+        take_ownership(&mut merged, manager, &contested);
+    }
+    set_managed(
+        &mut merged,
+        manager,
+        "Apply",
+        current["apiVersion"].as_str().unwrap_or(""),
+        opts.status,
+        &fields,
+    );
+    Ok((merged, fields))
+}
+
+/// Builds the object to store for an update, or `None` when nothing changes.
+fn prepare_update(
+    rt: &ResourceType,
+    version: &str,
+    old: &Value,
+    mut new: Value,
+    opts: &WriteOpts,
+    apply_fields: Option<BTreeSet<FieldPath>>,
+) -> Result<(Option<Value>, Vec<String>), ApiError> {
+    if !new.is_object() {
+        return Err(ApiError::bad_request(
+            "the body of the request was not a JSON object",
+        ));
+    }
+    check_type_meta(rt, version, &new)?;
+    let name = meta_str(old, "name").to_string();
+    let body_name = meta_str(&new, "name");
+    if !body_name.is_empty() && body_name != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        )));
+    }
+    let body_rv = meta_str(&new, "resourceVersion").to_string();
+    if !body_rv.is_empty() {
+        if body_rv != meta_str(old, "resourceVersion") {
+            return Err(ApiError::conflict(&rt.group, &rt.plural, &name));
+        }
+    } else if rt.custom && apply_fields.is_none() {
+        return Err(ApiError::invalid(
+            &rt.group,
+            &rt.kind,
+            &name,
+            vec![Cause {
+                reason: "FieldValueInvalid",
+                field: "metadata.resourceVersion".into(),
+                message: "Invalid value: 0x0: must be specified for an update".into(),
+            }],
+        ));
+    }
+    let has_status = rt.version(version).is_some_and(|v| v.status);
+    if opts.status {
+        // Status writes change only `.status` (and nothing of metadata but the managers).
+        let mut merged = old.clone();
+        match new.get("status") {
+            Some(s) => merged["status"] = s.clone(),
+            None => {
+                if let Some(m) = merged.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+        new = merged;
+    } else if has_status {
+        match old.get("status") {
+            Some(s) => new["status"] = s.clone(),
+            None => {
+                if let Some(m) = new.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+    }
+    {
+        let old_meta = old.get("metadata").cloned().unwrap_or(json!({}));
+        let meta = meta_mut(&mut new);
+        meta.insert("name".into(), Value::String(name.clone()));
+        for f in [
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+        ] {
+            match old_meta.get(f) {
+                Some(v) => meta.insert(f.into(), v.clone()),
+                None => meta.remove(f),
+            };
+        }
+        if !meta.contains_key("managedFields")
+            && let Some(mf) = old_meta.get("managedFields")
+        {
+            meta.insert("managedFields".into(), mf.clone());
+        }
+        meta.remove("resourceVersion");
+        if let Some(rv) = old_meta.get("resourceVersion") {
+            meta.insert("resourceVersion".into(), rv.clone());
+        }
+    }
+    let warnings = validate_custom(rt, version, &mut new, opts)?;
+    validate_meta(rt, &new)?;
+    new["apiVersion"] = Value::String(rt.api_version(&rt.storage_version));
+    new["kind"] = Value::String(rt.kind.clone());
+    if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
+        let served = types::from_crd(&new)?;
+        new["status"] = crd_status(&new, &served);
+        if let Some(old_status) = old.get("status")
+            && without_time(old_status) == without_time(&new["status"])
+        {
+            new["status"] = old_status.clone();
+        }
+    }
+    if without_volatile(&new) == without_volatile(old) && apply_fields.is_none() {
+        return Ok((None, warnings));
+    }
+    if rt.tracks_generation && spec_part(&new) != spec_part(old) {
+        let generation = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            + 1;
+        meta_mut(&mut new).insert("generation".into(), json!(generation));
+    }
+    match apply_fields {
+        // Re-applying the same configuration: nothing to store, keep the old timestamps.
+        Some(_)
+            if without_volatile(&new) == without_volatile(old)
+                && managers(&new) == managers(old) =>
+        {
+            return Ok((None, warnings));
+        }
+        Some(_) => {}
+        None if !opts.field_manager.is_empty() => {
+            let (changed, removed) = patch::changed_paths(old, &new);
+            let mut owned: BTreeSet<FieldPath> = managers(old)
+                .into_iter()
+                .filter(|(m, op, _)| m == &opts.field_manager && op == "Update")
+                .flat_map(|(_, _, f)| f)
+                .collect();
+            owned.extend(changed.iter().cloned());
+            owned.retain(|p| !removed.contains(p));
+            take_ownership(&mut new, &opts.field_manager, &changed);
+            set_managed(
+                &mut new,
+                &opts.field_manager,
+                "Update",
+                &rt.api_version(version),
+                opts.status,
+                &owned,
+            );
+        }
+        None => {}
+    }
+    if without_volatile(&new) == without_volatile(old) {
+        return Ok((None, warnings));
+    }
+    Ok((Some(new), warnings))
+}
+
+fn without_time(status: &Value) -> Value {
+    let mut s = status.clone();
+    if let Some(conds) = s.get_mut("conditions").and_then(Value::as_array_mut) {
+        for c in conds {
+            if let Some(m) = c.as_object_mut() {
+                m.remove("lastTransitionTime");
+            }
+        }
+    }
+    s
+}
