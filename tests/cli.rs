@@ -46,8 +46,7 @@ fn committed_crd_is_fresh() {
 /// The generated CRD is structural and carries the cross-field CEL rules.
 #[test]
 fn crd_has_schema_rules() {
-    let crd: serde_json::Value =
-        serde_norway::from_str(&serin::api::crd_yaml().unwrap()).unwrap();
+    let crd: serde_json::Value = serde_norway::from_str(&serin::api::crd_yaml().unwrap()).unwrap();
     let v = &crd["spec"]["versions"][0];
     assert_eq!(v["name"], "v1alpha1");
     assert_eq!(v["subresources"]["status"], serde_json::json!({}));
@@ -73,7 +72,12 @@ fn examples_are_valid() {
     assert!(files.len() >= 4, "expected the examples, found {files:?}");
     let out = serin().arg("validate").args(&files).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).matches(": valid (").count(), files.len());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches(": valid (")
+            .count(),
+        files.len()
+    );
 }
 
 /// Each broken manifest under tests/fixtures/invalid is rejected with exactly one message,
@@ -94,19 +98,39 @@ fn invalid_manifests_get_one_clear_message_each() {
         let (field, fragment) = (expect("expect-field"), expect("expect-message"));
         let out = serin().arg("validate").arg(f).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(1), "{}: {}", f.display(), text(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}: {}",
+            f.display(),
+            text(&out)
+        );
         let lines: Vec<&str> = stdout.lines().collect();
-        assert_eq!(lines.len(), 1, "{}: expected one message, got {lines:#?}", f.display());
+        assert_eq!(
+            lines.len(),
+            1,
+            "{}: expected one message, got {lines:#?}",
+            f.display()
+        );
         assert!(
             lines[0].contains(&format!(" {field}: ")),
             "{}: message does not name {field}: {}",
             f.display(),
             lines[0]
         );
-        assert!(lines[0].contains(&fragment), "{}: {:?} not in {}", f.display(), fragment, lines[0]);
+        assert!(
+            lines[0].contains(&fragment),
+            "{}: {:?} not in {}",
+            f.display(),
+            fragment,
+            lines[0]
+        );
         fields.insert(field);
     }
-    assert!(fields.len() >= 10, "fewer than 10 distinct fields: {fields:?}");
+    assert!(
+        fields.len() >= 10,
+        "fewer than 10 distinct fields: {fields:?}"
+    );
 }
 
 /// `serin validate -` reads standard input, and reports every file of a mixed run.
@@ -119,10 +143,17 @@ fn validate_reads_stdin_and_checks_every_file() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(good.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(good.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("<stdin>: valid (gloo-system/colorgateway)"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("<stdin>: valid (gloo-system/colorgateway)")
+    );
 
     let bad = repo("tests/fixtures/invalid/two-routers.yaml");
     let out = serin()
@@ -133,8 +164,14 @@ fn validate_reads_stdin_and_checks_every_file() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("gloo-upstreamgroup.yaml: valid"), "{stdout}");
-    assert!(stdout.contains("spec.router: 2 routers are set"), "{stdout}");
+    assert!(
+        stdout.contains("gloo-upstreamgroup.yaml: valid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("spec.router: 2 routers are set"),
+        "{stdout}"
+    );
 }
 
 /// A file without any Canary, and a file with broken YAML, are errors too.
@@ -142,15 +179,29 @@ fn validate_reads_stdin_and_checks_every_file() {
 fn validate_rejects_empty_and_unparsable_files() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.yaml");
-    std::fs::write(&empty, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").unwrap();
+    std::fs::write(
+        &empty,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+    )
+    .unwrap();
     let broken = dir.path().join("broken.yaml");
-    std::fs::write(&broken, "apiVersion: serin.dev/v1alpha1\nkind: Canary\nspec: [unclosed\n").unwrap();
-    for (f, fragment) in [(&empty, "contains no Canary"), (&broken, "cannot be parsed")] {
+    std::fs::write(
+        &broken,
+        "apiVersion: serin.dev/v1alpha1\nkind: Canary\nspec: [unclosed\n",
+    )
+    .unwrap();
+    for (f, fragment) in [
+        (&empty, "contains no Canary"),
+        (&broken, "cannot be parsed"),
+    ] {
         let out = serin().arg("validate").arg(f).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
         assert!(text(&out).contains(fragment), "{}", text(&out));
     }
-    let out = serin().args(["validate", "/nonexistent/canary.yaml"]).output().unwrap();
+    let out = serin()
+        .args(["validate", "/nonexistent/canary.yaml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("cannot read"));
 }
