@@ -8,3 +8,4 @@ pub mod analysis;
 pub mod api;
 pub mod embedded;
 pub mod rollout;
+pub mod router;
