@@ -417,3 +417,53 @@ async fn kubectl_delete_waits_for_finalizer() {
         out.stderr
     );
 }
+
+/// Imperative `kubectl create namespace|configmap|secret` (protobuf request bodies) work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_imperative_protobuf() {
+    let server = ApiServer::start(Options::default()).await.expect("server");
+    let Some(k) = Kubectl::new(&server) else {
+        return;
+    };
+    k.ok(&["create", "namespace", "demo"]).await;
+    k.ok(&[
+        "create",
+        "configmap",
+        "c",
+        "-n",
+        "demo",
+        "--from-literal=a=b",
+    ])
+    .await;
+    k.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "-n",
+        "demo",
+        "--from-literal=p=hunter2",
+    ])
+    .await;
+    let data = k
+        .ok(&["get", "cm", "c", "-n", "demo", "-o", "jsonpath={.data.a}"])
+        .await;
+    let secret = k
+        .ok(&[
+            "get",
+            "secret",
+            "s",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.data.p}",
+        ])
+        .await;
+    assert_eq!((data.as_str(), secret.as_str()), ("b", "aHVudGVyMg=="));
+    let out = k.run(&["create", "configmap", "c", "-n", "missing"]).await;
+    assert!(
+        !out.ok && out.stderr.contains("namespaces \"missing\" not found"),
+        "{}",
+        out.stderr
+    );
+}

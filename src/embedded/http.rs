@@ -15,6 +15,7 @@ use tokio::sync::{broadcast, watch};
 use super::error::ApiError;
 use super::openapi;
 use super::patch;
+use super::protobuf;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{
     EventType, FieldValidation, Propagation, Proposal, Store, WatchEvent, WriteOpts, present,
@@ -271,9 +272,9 @@ fn write_opts(query: &Query, headers: &HeaderMap, status: bool) -> Result<WriteO
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     if body.starts_with(b"k8s\x00") {
-        return Err(ApiError::unsupported_media_type(
-            "application/vnd.kubernetes.protobuf",
-        ));
+        return protobuf::decode(body).ok_or_else(|| {
+            ApiError::unsupported_media_type("application/vnd.kubernetes.protobuf")
+        });
     }
     if body.is_empty() {
         return Err(ApiError::bad_request("the request body is empty"));

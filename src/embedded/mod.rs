@@ -15,6 +15,7 @@ mod error;
 mod http;
 mod openapi;
 mod patch;
+mod protobuf;
 mod schema;
 mod selector;
 mod store;
