@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod api;
+pub mod controller;
 pub mod embedded;
 pub mod rollout;
 pub mod router;

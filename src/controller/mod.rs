@@ -1,0 +1,691 @@
+//! The operator: one kube-runtime `Controller` for every Canary.
+//!
+//! Reconcile is a short pipeline — observe → decide → act → record:
+//! 1. **observe**: the target's revision and readiness, the primary's, due metric results
+//!    (only when a check is due), a pending command;
+//! 2. **decide**: [`crate::rollout::decide`], pure;
+//! 3. **act**: the decision's actions in order (weights first on rollback), through the
+//!    router and the workload helpers, all idempotent;
+//! 4. **record**: the new status through the status subresource, as a compare-and-swap on
+//!    the Canary's resourceVersion, and only when it changed.
+//!
+//! If an action fails, the status is not written, so the next reconcile makes the same
+//! decision again. Timed steps requeue at the time the next check is due; there is no task
+//! or timer per Canary outside the controller's own queue.
+
+pub mod cli;
+pub mod leader;
+pub mod telemetry;
+pub mod workload;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::core::error_boundary::DeserializeGuard;
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::analysis::MetricObservation;
+use crate::api::{self, Canary, CanaryStatus, ConditionStatus, Phase};
+use crate::rollout::{
+    self, Action, Command, CommandKind, Decision, EventType, Input, Observations, Weights,
+    WorkloadState,
+};
+use crate::router::{RouterError, Routers, WriteOutcome};
+
+use telemetry::Metrics;
+
+/// Annotation through which operators send commands: `<promote|abort|retry>/<id>`.
+pub const COMMAND_ANNOTATION: &str = "serin.dev/command";
+/// Finalizer for Canaries whose router keeps state outside Kubernetes.
+pub const FINALIZER: &str = "serin.dev/restore-traffic";
+/// How often an idle Canary is looked at without a watch event.
+const RESYNC: Duration = Duration::from_secs(600);
+/// Retry delay after a transient failure.
+const RETRY: Duration = Duration::from_secs(5);
+/// Retry delay while a user must fix something (missing target or routing object).
+const USER_RETRY: Duration = Duration::from_secs(30);
+
+/// Where metric results come from.
+#[async_trait]
+pub trait MetricSource: Send + Sync {
+    /// Evaluates every metric of `canary` at `now`. Failures are outcomes, not errors.
+    async fn evaluate(&self, canary: &Canary, now: DateTime<Utc>) -> Vec<MetricObservation>;
+}
+
+/// `(namespace, deployment)` → the Canary that targets it.
+type TargetIndex = HashMap<(String, String), ObjectRef<DeserializeGuard<Canary>>>;
+
+/// Everything a reconcile needs, shared by all of them.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: kube::Client,
+    /// Event recorder (reporter `serin`).
+    pub recorder: Recorder,
+    /// The data planes.
+    pub routers: Routers,
+    /// The metric providers.
+    pub metrics_source: Arc<dyn MetricSource>,
+    /// The operator's own metrics.
+    pub metrics: Arc<Metrics>,
+    /// Deployments named by Canaries (`namespace/name` → Canary), so a Deployment event
+    /// wakes the right Canary.
+    targets: Mutex<TargetIndex>,
+    /// Unparsable Canaries already reported (uid + resourceVersion).
+    reported: Mutex<HashSet<String>>,
+}
+
+impl Context {
+    /// A context for the controller.
+    pub fn new(
+        client: kube::Client,
+        routers: Routers,
+        metrics_source: Arc<dyn MetricSource>,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: api::MANAGER.into(),
+                instance,
+            },
+        );
+        Context {
+            client,
+            recorder,
+            routers,
+            metrics_source,
+            metrics,
+            targets: Mutex::default(),
+            reported: Mutex::default(),
+        }
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("{operation} {kind} {name}: {source}")]
+    Kube {
+        /// What was being done.
+        operation: &'static str,
+        /// Object kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The target Deployment does not exist.
+    #[error("target Deployment {0} not found: create it, or fix spec.targetRef.name")]
+    TargetNotFound(String),
+    /// The target changed between deciding and promoting.
+    #[error("target {0} changed while promoting; deciding again")]
+    TargetChanged(String),
+    /// A router operation failed.
+    #[error(transparent)]
+    Router(#[from] RouterError),
+    /// Another writer changed the Canary first.
+    #[error("status of {0} was written by someone else first; deciding again")]
+    StatusConflict(String),
+    /// An object could not be serialized.
+    #[error("serialize: {0}")]
+    Serialize(String),
+}
+
+impl Error {
+    /// A short constant category: metric label and Event reason.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "KubernetesApiError",
+            Error::TargetNotFound(_) => "TargetNotFound",
+            Error::TargetChanged(_) => "TargetChanged",
+            Error::Router(e) => e.category(),
+            Error::StatusConflict(_) => "StatusConflict",
+            Error::Serialize(_) => "Serialize",
+        }
+    }
+
+    fn needs_user(&self) -> bool {
+        match self {
+            Error::TargetNotFound(_) => true,
+            Error::Router(e) => e.needs_user(),
+            _ => false,
+        }
+    }
+}
+
+/// Options of the controller loop.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    /// Watch one namespace only.
+    pub namespace: Option<String>,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    options: ControllerOptions,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (canaries, deployments): (Api<DeserializeGuard<Canary>>, Api<Deployment>) =
+        match &options.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let services: Api<Service> = match &options.namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let mapper_ctx = ctx.clone();
+    Controller::new(canaries, watcher::Config::default().any_semantic())
+        .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
+        .owns(services, watcher::Config::default().any_semantic())
+        .watches(
+            deployments,
+            watcher::Config::default().any_semantic(),
+            move |d: Deployment| deployment_to_canary(&mapper_ctx, &d),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile loop");
+            }
+        })
+        .await;
+}
+
+/// Maps a Deployment event to the Canary that owns it (the primary) or targets it.
+fn deployment_to_canary(
+    ctx: &Context,
+    d: &Deployment,
+) -> Option<ObjectRef<DeserializeGuard<Canary>>> {
+    let ns = d.namespace()?;
+    if let Some(owner) = d
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "Canary" && o.api_version.starts_with(api::GROUP))
+    {
+        return Some(ObjectRef::new(&owner.name).within(&ns));
+    }
+    let targets = ctx.targets.lock().ok()?;
+    targets.get(&(ns, d.name_any())).cloned()
+}
+
+fn error_policy(obj: Arc<DeserializeGuard<Canary>>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics.reconcile_failed(error.category());
+    let name = match &obj.0 {
+        Ok(c) => format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any()),
+        Err(_) => "?".into(),
+    };
+    if error.needs_user() {
+        tracing::info!(canary = %name, error = %error, "waiting for the user");
+        Requeue::requeue(USER_RETRY)
+    } else {
+        tracing::warn!(canary = %name, error = %error, "reconcile failed; retrying");
+        Requeue::requeue(RETRY)
+    }
+}
+
+async fn reconcile(
+    obj: Arc<DeserializeGuard<Canary>>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
+    let canary = match &obj.0 {
+        Ok(c) => c,
+        Err(invalid) => {
+            report_unparsable(&ctx, invalid).await;
+            return Ok(Requeue::await_change());
+        }
+    };
+    let started = Instant::now();
+    let result = reconcile_canary(canary, &ctx).await;
+    ctx.metrics.reconcile_took(started.elapsed().as_secs_f64());
+    if let Err(e) = &result
+        && e.needs_user()
+    {
+        report_blocked(canary, &ctx, e).await;
+    }
+    result
+}
+
+/// An object the watch could not parse as a Canary: one Warning Event per version.
+async fn report_unparsable(ctx: &Context, invalid: &kube::core::error_boundary::InvalidObject) {
+    let key = format!(
+        "{}/{}",
+        invalid.metadata.uid.clone().unwrap_or_default(),
+        invalid
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default()
+    );
+    let first = ctx
+        .reported
+        .lock()
+        .map(|mut r| r.insert(key))
+        .unwrap_or(false);
+    if !first {
+        return;
+    }
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(format!("{}/{}", api::GROUP, api::VERSION)),
+        kind: Some("Canary".into()),
+        name: invalid.metadata.name.clone(),
+        namespace: invalid.metadata.namespace.clone(),
+        uid: invalid.metadata.uid.clone(),
+        ..Default::default()
+    };
+    let message = format!(
+        "cannot be read: {}; check it with `serin validate`",
+        invalid.error
+    );
+    publish(
+        ctx,
+        &reference,
+        EventType::Warning,
+        rollout::reasons::INVALID,
+        message,
+    )
+    .await;
+}
+
+async fn reconcile_canary(canary: &Canary, ctx: &Context) -> Result<Requeue, Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let name = canary.name_any();
+    let now = Utc::now();
+    let status = canary.status.clone().unwrap_or_default();
+    let valid = api::validate(&canary.spec).is_empty();
+
+    if canary.metadata.deletion_timestamp.is_some() {
+        return finalize(canary, ctx).await;
+    }
+
+    let mut observations = Observations::default();
+    if valid {
+        let router = ctx.routers.for_canary(canary)?;
+        if router.needs_finalizer() && !canary.finalizers().iter().any(|f| f == FINALIZER) {
+            add_finalizer(canary, ctx).await?;
+        }
+        let spec_changed = status.observed_generation != canary.metadata.generation;
+        if canary.spec.is_traffic_mode() {
+            let backends = canary.spec.backends.as_ref();
+            observations.canary = WorkloadState {
+                revision: backends.map(|b| b.canary.clone()),
+                ready: true,
+            };
+            if spec_changed || status.phase == Phase::Initializing {
+                router.prepare(canary).await?;
+            }
+        } else {
+            observe_workloads(canary, ctx, &mut observations).await?;
+            if spec_changed || status.phase == Phase::Initializing {
+                prepare_workload(canary, ctx).await?;
+                router.prepare(canary).await?;
+            }
+        }
+        if rollout::next_check_at(&canary.spec, &status).is_some_and(|due| due <= now) {
+            observations.metrics = ctx.metrics_source.evaluate(canary, now).await;
+        }
+        observations.command = command(canary);
+    }
+
+    let decision = rollout::decide(Input {
+        spec: &canary.spec,
+        generation: canary.metadata.generation,
+        status: &status,
+        observations: &observations,
+        now,
+    });
+    act(canary, ctx, &status, &decision).await?;
+    if decision.status != status {
+        write_status(canary, ctx, &decision.status).await?;
+        ctx.metrics
+            .observe_status(&ns, &name, &status, &decision.status);
+    }
+    Ok(match decision.requeue_after {
+        Some(d) => Requeue::requeue(d.max(Duration::from_millis(200))),
+        None => Requeue::requeue(RESYNC),
+    })
+}
+
+/// Reads the target (the canary workload) and the primary, and remembers the target so its
+/// events reach this Canary.
+async fn observe_workloads(
+    canary: &Canary,
+    ctx: &Context,
+    obs: &mut Observations,
+) -> Result<(), Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let Some(target_ref) = &canary.spec.target_ref else {
+        return Ok(());
+    };
+    if let Ok(mut targets) = ctx.targets.lock() {
+        targets.insert(
+            (ns.clone(), target_ref.name.clone()),
+            ObjectRef::new(&canary.name_any()).within(&ns),
+        );
+    }
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let target = get_deployment(&deployments, &target_ref.name).await?;
+    let Some(target) = target else {
+        return Err(Error::TargetNotFound(format!("{ns}/{}", target_ref.name)));
+    };
+    obs.canary = WorkloadState {
+        revision: Some(target_revision(ctx, &ns, &target).await?),
+        ready: workload::is_ready(&target),
+    };
+    let primary = get_deployment(&deployments, &format!("{}-primary", target_ref.name)).await?;
+    obs.primary = workload::primary_state(primary.as_ref());
+    Ok(())
+}
+
+async fn get_deployment(api: &Api<Deployment>, name: &str) -> Result<Option<Deployment>, Error> {
+    api.get_opt(name).await.map_err(|source| Error::Kube {
+        operation: "get",
+        kind: "Deployment",
+        name: name.to_string(),
+        source,
+    })
+}
+
+async fn target_revision(ctx: &Context, ns: &str, target: &Deployment) -> Result<String, Error> {
+    let template = target.spec.template.clone();
+    let refs = workload::referenced_configs(&template);
+    let digests = workload::config_digests(&ctx.client, ns, &refs).await?;
+    Ok(workload::revision(&template, &digests))
+}
+
+/// Creates the Services in front of the workload (idempotent server-side apply).
+async fn prepare_workload(canary: &Canary, ctx: &Context) -> Result<(), Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let Some(target_ref) = &canary.spec.target_ref else {
+        return Ok(());
+    };
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(target) = get_deployment(&deployments, &target_ref.name).await? else {
+        return Err(Error::TargetNotFound(format!("{ns}/{}", target_ref.name)));
+    };
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    for svc in workload::build_services(canary, &target) {
+        workload::apply(&services, &svc, "Service").await?;
+    }
+    Ok(())
+}
+
+/// Parses the command annotation (`<kind>/<id>`; a bare kind uses the annotation value as id).
+fn command(canary: &Canary) -> Option<Command> {
+    let raw = canary.annotations().get(COMMAND_ANNOTATION)?;
+    let (kind, id) = raw.split_once('/').unwrap_or((raw.as_str(), raw.as_str()));
+    Some(Command {
+        kind: CommandKind::parse(kind.trim())?,
+        id: id.trim().to_string(),
+    })
+}
+
+/// Carries out the actions in order. Weights move from what status says was written.
+async fn act(
+    canary: &Canary,
+    ctx: &Context,
+    before: &CanaryStatus,
+    decision: &Decision,
+) -> Result<(), Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut current = Weights::with_canary(before.canary_weight);
+    let mut read_back = before.phase == Phase::Initializing;
+    for action in &decision.actions {
+        match action {
+            Action::SetWeights(desired) => {
+                let router = ctx.routers.for_canary(canary)?;
+                if read_back {
+                    // First sight: the object's weights are whatever the user left there.
+                    current = router.weights(canary).await?;
+                    read_back = false;
+                }
+                let outcome = match router.set_weights(canary, current, *desired).await {
+                    Err(RouterError::WeightsChanged { .. }) if desired.canary() == 0 => {
+                        // Moving all traffic to the primary is always safe: take it back even
+                        // from a hand edit.
+                        let found = router.weights(canary).await?;
+                        router.set_weights(canary, found, *desired).await?
+                    }
+                    other => other?,
+                };
+                if outcome == WriteOutcome::Written {
+                    tracing::info!(canary = %canary.name_any(), primary = desired.primary(), canary_weight = desired.canary(), "weights set");
+                }
+                current = *desired;
+            }
+            Action::PromoteWorkload { revision } => {
+                promote_workload(canary, ctx, &deployments, revision).await?
+            }
+            Action::ScaleCanaryUp => {
+                let Some(target_ref) = &canary.spec.target_ref else {
+                    continue;
+                };
+                let primary =
+                    get_deployment(&deployments, &format!("{}-primary", target_ref.name)).await?;
+                let replicas = primary.as_ref().map(workload::replicas).unwrap_or(1).max(1);
+                workload::scale(&deployments, &target_ref.name, replicas).await?;
+            }
+            Action::ScaleCanaryDown => {
+                let Some(target_ref) = &canary.spec.target_ref else {
+                    continue;
+                };
+                workload::scale(&deployments, &target_ref.name, 0).await?;
+            }
+            Action::Event(e) => {
+                publish(
+                    ctx,
+                    &canary.object_ref(&()),
+                    e.type_,
+                    e.reason,
+                    e.message.clone(),
+                )
+                .await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes `<target>-primary` run `revision`: the target's current pod template, provided
+/// it still is that revision.
+async fn promote_workload(
+    canary: &Canary,
+    ctx: &Context,
+    deployments: &Api<Deployment>,
+    revision: &str,
+) -> Result<(), Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let Some(target_ref) = &canary.spec.target_ref else {
+        return Ok(());
+    };
+    let Some(target) = get_deployment(deployments, &target_ref.name).await? else {
+        return Err(Error::TargetNotFound(format!("{ns}/{}", target_ref.name)));
+    };
+    if target_revision(ctx, &ns, &target).await? != revision {
+        return Err(Error::TargetChanged(format!("{ns}/{}", target_ref.name)));
+    }
+    let existing = get_deployment(deployments, &format!("{}-primary", target_ref.name)).await?;
+    let replicas = match &existing {
+        Some(p) => workload::replicas(p),
+        None => workload::replicas(&target).max(1),
+    };
+    let primary = workload::build_primary(canary, &target, revision, replicas);
+    workload::apply(deployments, &primary, "Deployment").await?;
+    Ok(())
+}
+
+/// Writes the status as a compare-and-swap on the Canary's resourceVersion.
+async fn write_status(canary: &Canary, ctx: &Context, status: &CanaryStatus) -> Result<(), Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let api: Api<Canary> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut updated = canary.clone();
+    updated.status = Some(status.clone());
+    updated.metadata.managed_fields = None;
+    match api
+        .replace_status(
+            &canary.name_any(),
+            &PostParams {
+                dry_run: false,
+                field_manager: Some(api::MANAGER.into()),
+            },
+            &updated,
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::StatusConflict(canary.name_any())),
+        Err(source) => Err(Error::Kube {
+            operation: "replace status",
+            kind: "Canary",
+            name: canary.name_any(),
+            source,
+        }),
+    }
+}
+
+/// Records a problem the user must fix as `Ready=False` (without touching rollout state)
+/// and one Warning Event per distinct message.
+async fn report_blocked(canary: &Canary, ctx: &Context, error: &Error) {
+    let mut status = canary.status.clone().unwrap_or_default();
+    let message = error.to_string();
+    let changed = api::set_condition(
+        &mut status.conditions,
+        api::READY,
+        ConditionStatus::False,
+        error.category(),
+        &message,
+        canary.metadata.generation,
+        Utc::now(),
+    );
+    if !changed {
+        return;
+    }
+    publish(
+        ctx,
+        &canary.object_ref(&()),
+        EventType::Warning,
+        error.category(),
+        message,
+    )
+    .await;
+    if let Err(e) = write_status(canary, ctx, &status).await {
+        tracing::debug!(error = %e, "could not record the blocked condition");
+    }
+}
+
+async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = KubeEvent {
+        type_: match type_ {
+            EventType::Normal => KubeEventType::Normal,
+            EventType::Warning => KubeEventType::Warning,
+        },
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+        tracing::warn!(error = %e, reason, "could not publish event");
+    }
+}
+
+async fn add_finalizer(canary: &Canary, ctx: &Context) -> Result<(), Error> {
+    let api: Api<Canary> =
+        Api::namespaced(ctx.client.clone(), &canary.namespace().unwrap_or_default());
+    let mut finalizers = canary.finalizers().to_vec();
+    finalizers.push(FINALIZER.into());
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": canary.resource_version()}});
+    api.patch(
+        &canary.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        operation: "add finalizer to",
+        kind: "Canary",
+        name: canary.name_any(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// A Canary being deleted: restore all traffic to the primary where that state lives
+/// outside Kubernetes, then release the finalizer.
+async fn finalize(canary: &Canary, ctx: &Context) -> Result<Requeue, Error> {
+    if !canary.finalizers().iter().any(|f| f == FINALIZER) {
+        ctx.metrics
+            .forget(&canary.namespace().unwrap_or_default(), &canary.name_any());
+        return Ok(Requeue::await_change());
+    }
+    if let Ok(router) = ctx.routers.for_canary(canary) {
+        router.finalize(canary).await?;
+    }
+    let api: Api<Canary> =
+        Api::namespaced(ctx.client.clone(), &canary.namespace().unwrap_or_default());
+    let finalizers: Vec<String> = canary
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": canary.resource_version()}});
+    api.patch(
+        &canary.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        operation: "remove finalizer from",
+        kind: "Canary",
+        name: canary.name_any(),
+        source,
+    })?;
+    ctx.metrics
+        .forget(&canary.namespace().unwrap_or_default(), &canary.name_any());
+    Ok(Requeue::await_change())
+}
+
+/// Checks that the Canary CRD is installed; the error says how to install it.
+pub async fn check_crd(client: &kube::Client) -> anyhow::Result<()> {
+    let api: Api<Canary> = Api::all(client.clone());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
+            "the Canary CRD (canaries.serin.dev) is not installed in this cluster; install it with:\n  serin crd | kubectl apply -f -\n(or kubectl apply -f crds/serin.dev_canaries.yaml)"
+        ),
+        Err(e) => Err(anyhow::anyhow!("cannot list Canaries: {e}")),
+    }
+}

@@ -1,0 +1,291 @@
+//! The operator's own Prometheus metrics and its HTTP endpoints (`/metrics`, `/healthz`,
+//! `/readyz`) on one port.
+//!
+//! Labels are bounded: a Canary's namespace and name (what users filter on), phases,
+//! verdicts, results and error categories — never messages.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::api::{CanaryStatus, Phase, Verdict};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric Serin exports about itself and the Canaries it manages.
+pub struct Metrics {
+    registry: Registry,
+    weight: Family<Labels, Gauge>,
+    phase: Family<Labels, Gauge>,
+    step: Family<Labels, Gauge>,
+    rollouts: Family<Labels, Counter>,
+    rollout_duration: Family<Labels, Histogram>,
+    checks: Family<Labels, Counter>,
+    value: Family<Labels, Gauge<f64, AtomicU64>>,
+    reconcile_duration: Histogram,
+    reconcile_errors: Family<Labels, Counter>,
+}
+
+fn duration_histogram() -> Histogram {
+    // 10 s .. ~3 h: rollouts take minutes to hours.
+    Histogram::new(exponential_buckets(10.0, 2.0, 11))
+}
+
+impl Metrics {
+    /// Creates the metrics; `extra` registers other modules' metrics (the metric providers'
+    /// request counters) into the same registry.
+    pub fn new(extra: impl FnOnce(&mut Registry)) -> Self {
+        let mut registry = Registry::with_prefix("serin");
+        let weight = Family::<Labels, Gauge>::default();
+        let phase = Family::<Labels, Gauge>::default();
+        let step = Family::<Labels, Gauge>::default();
+        let rollouts = Family::<Labels, Counter>::default();
+        let rollout_duration = Family::<Labels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let checks = Family::<Labels, Counter>::default();
+        let value = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let reconcile_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "canary_weight",
+            "Percent of traffic on the canary",
+            weight.clone(),
+        );
+        registry.register(
+            "canary_phase",
+            "1 for the Canary's current phase, 0 for the others",
+            phase.clone(),
+        );
+        registry.register(
+            "canary_step",
+            "Index of the current step in spec.steps",
+            step.clone(),
+        );
+        registry.register("rollouts", "Finished rollouts by result", rollouts.clone());
+        registry.register(
+            "rollout_duration_seconds",
+            "Duration of finished rollouts by result",
+            rollout_duration.clone(),
+        );
+        registry.register(
+            "metric_check",
+            "Metric verdicts in counted checks",
+            checks.clone(),
+        );
+        registry.register(
+            "metric_value",
+            "Last value of each Canary metric",
+            value.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by error category",
+            reconcile_errors.clone(),
+        );
+        extra(&mut registry);
+        Metrics {
+            registry,
+            weight,
+            phase,
+            step,
+            rollouts,
+            rollout_duration,
+            checks,
+            value,
+            reconcile_duration,
+            reconcile_errors,
+        }
+    }
+
+    /// Records a reconcile's duration.
+    pub fn reconcile_took(&self, seconds: f64) {
+        self.reconcile_duration.observe(seconds);
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_failed(&self, category: &str) {
+        self.reconcile_errors
+            .get_or_create(&vec![("category", category.to_string())])
+            .inc();
+    }
+
+    /// Updates the per-Canary series from a status that was just written, counting what
+    /// changed since `before`.
+    pub fn observe_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        before: &CanaryStatus,
+        after: &CanaryStatus,
+    ) {
+        let id = || {
+            vec![
+                ("namespace", namespace.to_string()),
+                ("name", name.to_string()),
+            ]
+        };
+        self.weight
+            .get_or_create(&id())
+            .set(i64::from(after.canary_weight));
+        self.step.get_or_create(&id()).set(i64::from(after.step));
+        for p in Phase::ALL {
+            let mut l = id();
+            l.push(("phase", p.as_str().to_string()));
+            self.phase
+                .get_or_create(&l)
+                .set(i64::from(p == after.phase));
+        }
+        // History entries newer than the newest one before are rollouts that just finished.
+        let newest_before = before.history.first().map(|h| h.finished_at);
+        for h in after
+            .history
+            .iter()
+            .filter(|h| newest_before.is_none_or(|t| h.finished_at > t))
+        {
+            let mut l = id();
+            l.push(("result", h.result.as_str().to_string()));
+            self.rollouts.get_or_create(&l).inc();
+            if let Some(start) = h.started_at {
+                let secs = (h.finished_at - start).num_milliseconds() as f64 / 1000.0;
+                self.rollout_duration
+                    .get_or_create(&vec![("result", h.result.as_str().to_string())])
+                    .observe(secs.max(0.0));
+            }
+        }
+        if let Some(check) = &after.last_check
+            && before.last_check.as_ref().map(|c| c.time) != Some(check.time)
+        {
+            for r in &check.results {
+                self.checks
+                    .get_or_create(&vec![
+                        ("metric", r.metric.clone()),
+                        ("verdict", r.verdict.as_str().to_string()),
+                    ])
+                    .inc();
+                if let Some(v) = r.value {
+                    let mut l = id();
+                    l.push(("metric", r.metric.clone()));
+                    self.value.get_or_create(&l).set(v);
+                }
+            }
+        }
+    }
+
+    /// Forgets a deleted Canary's series.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let id = vec![
+            ("namespace", namespace.to_string()),
+            ("name", name.to_string()),
+        ];
+        self.weight.remove(&id);
+        self.step.remove(&id);
+        for p in Phase::ALL {
+            let mut l = id.clone();
+            l.push(("phase", p.as_str().to_string()));
+            self.phase.remove(&l);
+        }
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Verdict label values, for tests and dashboards.
+    pub fn verdicts() -> [&'static str; 3] {
+        [
+            Verdict::Pass.as_str(),
+            Verdict::Fail.as_str(),
+            Verdict::Inconclusive.as_str(),
+        ]
+    }
+}
+
+/// Readiness shared by the controller and the HTTP server.
+#[derive(Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    /// Marks the operator ready (watches started, CRD present).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether the operator is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` resolves.
+/// Returns the bound address (useful with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready_handler))
+        .with_state(Shared { metrics, health });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(bound)
+}
+
+async fn metrics_handler(State(s): State<Shared>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn ready_handler(State(s): State<Shared>) -> impl IntoResponse {
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
