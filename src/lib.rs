@@ -8,5 +8,6 @@ pub mod analysis;
 pub mod api;
 pub mod controller;
 pub mod embedded;
+pub mod metrics;
 pub mod rollout;
 pub mod router;

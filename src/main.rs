@@ -34,6 +34,9 @@ enum Command {
     },
     /// Run an in-memory Kubernetes API server for trying Serin and kubectl locally.
     Apiserver(serin::embedded::ApiServerArgs),
+    /// Evaluate a Canary's metrics now (or replay them over a past window with --from) and
+    /// print each rendered query, value, bound and verdict.
+    Analyze(serin::metrics::AnalyzeArgs),
     /// Print the version.
     Version,
 }
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => block_on(run(args)),
         Command::Apiserver(args) => block_on(serin::embedded::run_apiserver(args)),
+        Command::Analyze(args) => block_on(serin::metrics::run_analyze(args)),
     }
 }
 
