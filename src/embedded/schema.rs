@@ -7,7 +7,8 @@
 //! `field.Error`s), e.g. `spec.x: Invalid value: 101: spec.x in body should be less than or
 //! equal to 100`.
 //!
-//! It deliberately does not evaluate `x-kubernetes-validations` (CEL) rules, does not check
+//! `x-kubernetes-validations` (CEL) rules are evaluated by [`validate_cel`] with the
+//! `kube-cel` crate (as on create: no `oldSelf`). It does not check
 //! that a schema is structural, and checks only the string formats listed in [`check_format`].
 
 use std::collections::HashMap;
@@ -199,6 +200,61 @@ fn required_cause(path: &str) -> Cause {
         field: path.to_string(),
         message: "Required value".to_string(),
     }
+}
+
+/// Evaluates the schema's `x-kubernetes-validations` (CEL) rules, as the API server does
+/// after structural validation. Rules are evaluated as on create (transition rules that
+/// use `oldSelf` do not run). A rule this build cannot compile or evaluate (a CEL function
+/// the `kube-cel` crate lacks) is skipped with a warning rather than rejecting the object.
+pub fn validate_cel(schema: &Value, obj: &Value) -> Vec<Cause> {
+    use kube::core::cel::{ErrorKind, Validator};
+    thread_local! {
+        static VALIDATOR: Validator = Validator::new();
+    }
+    let Err(errors) = VALIDATOR.with(|v| v.validate(schema, obj, None)) else {
+        return Vec::new();
+    };
+    let mut causes = Vec::new();
+    for e in errors.into_vec() {
+        match e.kind {
+            ErrorKind::ValidationFailure
+            | ErrorKind::InvalidResult
+            | ErrorKind::EvaluationError => {
+                let value = lookup(obj, &e.field_path).unwrap_or(&Value::Null);
+                causes.push(Cause {
+                    reason: "FieldValueInvalid",
+                    field: e.field_path.clone(),
+                    message: format!("Invalid value: {}: {}", render_value(value), e.message),
+                });
+            }
+            _ => {
+                tracing::warn!(rule = %e.rule, error = %e.message, "CEL rule skipped: not evaluable here")
+            }
+        }
+    }
+    causes
+}
+
+/// The value at a field path in the API server's notation (`spec.rules[0].name`).
+fn lookup<'a>(obj: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut cur = obj;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, indices) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            cur = cur.get(key)?;
+        }
+        for idx in indices.split('[').filter(|x| !x.is_empty()) {
+            let idx = idx.trim_end_matches(']');
+            cur = match idx.parse::<usize>() {
+                Ok(n) => cur.get(n)?,
+                Err(_) => cur.get(idx.trim_matches('"'))?,
+            };
+        }
+    }
+    Some(cur)
 }
 
 /// Renders a value the way Go's `field.Error` prints it.

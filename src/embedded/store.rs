@@ -1085,7 +1085,10 @@ fn validate_custom(
             FieldValidation::Ignore => {}
         }
     }
-    let causes = schema::validate_object(schema, obj);
+    let mut causes = schema::validate_object(schema, obj);
+    if causes.is_empty() {
+        causes = schema::validate_cel(schema, obj);
+    }
     if !causes.is_empty() {
         return Err(ApiError::invalid(&rt.group, &rt.kind, &name, causes));
     }
