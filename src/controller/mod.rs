@@ -15,6 +15,7 @@
 
 pub mod cli;
 pub mod leader;
+pub mod sources;
 pub mod telemetry;
 pub mod workload;
 
