@@ -10,6 +10,17 @@
 //! against lost updates (resourceVersion preconditions or a JSON Patch `test` op), and
 //! [`Router::set_weights`] refuses to overwrite weights that someone else changed, so the
 //! rollout holds instead of fighting.
+//!
+//! Routers never create or delete the Services, Deployments or Gloo/Gateway objects the
+//! user owns; only App Mesh in workload mode creates objects (owned by the Canary).
+//! `docs/routers.md` describes each data plane's mapping and its limits.
+
+mod appmesh;
+mod appmesh_api;
+mod gateway_api;
+mod gloo;
+mod k8s;
+mod split;
 
 use std::sync::Arc;
 
@@ -17,6 +28,13 @@ use async_trait::async_trait;
 
 use crate::api::{Canary, RouterKind};
 use crate::rollout::Weights;
+
+pub use appmesh::AppMeshKubeRouter;
+pub use appmesh_api::{AppMeshAwsRouter, AwsOptions};
+pub use gateway_api::HttpRouteRouter;
+pub use gloo::GlooEdgeRouter;
+pub use k8s::{FIELD_MANAGER, MAX_ATTEMPTS};
+pub use split::to_percent;
 
 /// Names of the two arms of a Canary, as routers and metric queries see them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +70,21 @@ impl Arms {
                 service,
             },
         }
+    }
+}
+
+/// The Services of the two arms: `<service>-primary` and `<service>-canary` in workload
+/// mode, `spec.backends` in traffic mode. Gateway API backendRefs and Gloo upstreams name
+/// these; App Mesh VirtualNodes use [`Arms`] and resolve these Services by DNS.
+pub fn backend_services(canary: &Canary) -> (String, String) {
+    let arms = Arms::of(canary);
+    if canary.spec.is_traffic_mode() {
+        (arms.primary, arms.canary)
+    } else {
+        (
+            format!("{}-primary", arms.service),
+            format!("{}-canary", arms.service),
+        )
     }
 }
 
@@ -113,6 +146,17 @@ impl Routers {
     /// A set of routers; at most one per kind is used.
     pub fn new(routers: Vec<Arc<dyn Router>>) -> Self {
         Routers { routers }
+    }
+
+    /// The four routers, the three Kubernetes ones sharing `client`, the AWS one with the
+    /// default credential chain and retry settings.
+    pub fn standard(client: kube::Client) -> Self {
+        Routers::new(vec![
+            Arc::new(AppMeshKubeRouter::new(client.clone())),
+            Arc::new(AppMeshAwsRouter::new()),
+            Arc::new(GlooEdgeRouter::new(client.clone())),
+            Arc::new(HttpRouteRouter::new(client)),
+        ])
     }
 
     /// The router for `spec.router` of `canary`, if one of that kind is configured.
