@@ -42,6 +42,9 @@ const PROVIDER: &str = "cloudwatch";
 /// GetMetricData accepts at most this many queries per call.
 pub const MAX_QUERIES_PER_CALL: usize = 500;
 
+/// A batcher stops collecting early once this many queries wait.
+const COLLECT_LIMIT: usize = 20 * MAX_QUERIES_PER_CALL;
+
 /// Settings of the CloudWatch provider.
 #[derive(Clone, Debug)]
 pub struct CloudWatchOptions {
@@ -476,7 +479,9 @@ async fn batcher(
         let mut pending = vec![first];
         let mut queries = pending[0].queries.len();
         let deadline = tokio::time::Instant::now() + options.linger;
-        while queries < MAX_QUERIES_PER_CALL {
+        // Collect for the whole linger (bounded), then pack: stopping at the first 500
+        // queries would leave a small remainder call for every full one.
+        while queries < COLLECT_LIMIT {
             tokio::select! {
                 next = rx.recv() => match next {
                     Some(item) => {
@@ -497,19 +502,7 @@ async fn batcher(
         }
         let mut calls: Vec<Vec<Item>> = Vec::new();
         for (_, items) in windows {
-            let mut call: Vec<Item> = Vec::new();
-            let mut size = 0;
-            for item in items {
-                if size + item.queries.len() > MAX_QUERIES_PER_CALL && !call.is_empty() {
-                    calls.push(std::mem::take(&mut call));
-                    size = 0;
-                }
-                size += item.queries.len();
-                call.push(item);
-            }
-            if !call.is_empty() {
-                calls.push(call);
-            }
+            calls.extend(pack(items, |i| i.queries.len()));
         }
         futures::future::join_all(
             calls
@@ -518,6 +511,26 @@ async fn batcher(
         )
         .await;
     }
+}
+
+/// Packs items into calls of at most [`MAX_QUERIES_PER_CALL`] queries, first fit: each item
+/// goes into the first call with room, so few calls are made and no item is split.
+fn pack<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut calls: Vec<(usize, Vec<T>)> = Vec::new();
+    for item in items {
+        let n = size(&item);
+        match calls
+            .iter_mut()
+            .find(|(used, _)| used + n <= MAX_QUERIES_PER_CALL)
+        {
+            Some((used, call)) => {
+                *used += n;
+                call.push(item);
+            }
+            None => calls.push((n, vec![item])),
+        }
+    }
+    calls.into_iter().map(|(_, c)| c).collect()
 }
 
 /// One GetMetricData call (all pages) for `items`, which share a window.
@@ -789,6 +802,16 @@ mod tests {
             r#"SEARCH('{AWS/EC2} m1', 'Sum', 60)"#
         );
         assert_eq!(prefix_ids("m1", &ids, "c9_"), "c9_m1");
+    }
+
+    /// First-fit packing fills calls to 500 queries and never splits an item.
+    #[test]
+    fn packs_first_fit() {
+        let items: Vec<usize> = (0..100).flat_map(|_| [4, 2]).collect();
+        let calls = pack(items, |n| *n);
+        let sizes: Vec<usize> = calls.iter().map(|c| c.iter().sum()).collect();
+        assert_eq!(sizes, vec![500, 100]);
+        assert_eq!(pack(vec![600usize], |n| *n).len(), 1);
     }
 
     /// Prefixing a batch item rewrites ids and the references between them.

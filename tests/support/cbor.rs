@@ -137,6 +137,18 @@ async fn handle(
             &error_body("UnknownOperation", &format!("no route {path}")),
         );
     };
+    if headers
+        .get("content-encoding")
+        .is_some_and(|v| v != "identity")
+    {
+        return cbor_response(
+            400,
+            &error_body(
+                "UnsupportedEncoding",
+                "the translator does not decompress; disable request compression in the client",
+            ),
+        );
+    }
     let body: Bytes = match axum::body::to_bytes(req.into_body(), 16 << 20).await {
         Ok(b) => b,
         Err(e) => return cbor_response(400, &error_body("BadBody", &e.to_string())),
