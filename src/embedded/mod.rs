@@ -21,6 +21,7 @@ mod selector;
 mod store;
 mod table;
 mod types;
+pub mod traffic;
 pub mod workloads;
 
 use std::net::SocketAddr;
