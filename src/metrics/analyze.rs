@@ -245,8 +245,10 @@ pub async fn backtest(
             now: t,
         });
         let checked = decision.status.last_check != status.last_check;
+        let moved = decision.status.canary_weight != status.canary_weight
+            || decision.status.phase != status.phase;
         status = decision.status;
-        if due || checked {
+        if due || checked || moved {
             let check = match &status.last_check {
                 Some(c) if checked => verdict_str(c.verdict),
                 _ => "-",

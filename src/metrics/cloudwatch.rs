@@ -604,7 +604,7 @@ async fn call(
                 for q in &item.queries {
                     let id = q.id().unwrap_or_default();
                     let mut s = by_id.remove(&format!("{prefix}{id}")).unwrap_or_default();
-                    s.points.sort_by(|a, b| b.0.cmp(&a.0));
+                    s.points.sort_by_key(|p| std::cmp::Reverse(p.0));
                     mine.insert(id.to_string(), s);
                 }
                 Ok(mine)

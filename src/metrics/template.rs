@@ -71,9 +71,9 @@ impl Vars {
 /// becomes `1s` so that a range selector stays valid.
 pub fn promql_duration(d: Duration) -> String {
     let secs = d.as_secs().max(1);
-    if secs % 3600 == 0 {
+    if secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
-    } else if secs % 60 == 0 {
+    } else if secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")
