@@ -305,7 +305,7 @@ fn set_at(root: &mut Value, pointer: &str, value: Value) {
 
 /// The Canary as the controlling owner of the objects Serin creates.
 pub(crate) fn owner_of(canary: &crate::api::Canary) -> Result<OwnerReference, RouterError> {
-    canary
+    let mut owner = canary
         .controller_owner_ref(&())
         .ok_or_else(|| RouterError::Unroutable {
             kind: "Canary",
@@ -313,7 +313,10 @@ pub(crate) fn owner_of(canary: &crate::api::Canary) -> Result<OwnerReference, Ro
             name: canary.metadata.name.clone().unwrap_or_default(),
             reason: "the Canary has no uid; routers need the object as read from the API server"
                 .to_string(),
-        })
+        })?;
+    // Deleting the Canary in the foreground waits for the objects it owns.
+    owner.block_owner_deletion = Some(true);
+    Ok(owner)
 }
 
 /// Creates `desired` if it is missing, or adopts the existing object: only the fields at the
