@@ -2,7 +2,6 @@
 #![forbid(unsafe_code)]
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -22,7 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the operator against the cluster in your kubeconfig (or in-cluster config).
-    Run(RunArgs),
+    Run(serin::controller::cli::RunArgs),
     /// Print the Canary CustomResourceDefinition (YAML) to install with `kubectl apply -f -`.
     Crd,
     /// Check Canary manifests offline; prints one line per mistake. Exit code 1 when any
@@ -39,13 +38,6 @@ enum Command {
     Analyze(serin::metrics::AnalyzeArgs),
     /// Print the version.
     Version,
-}
-
-#[derive(clap::Args, Debug)]
-struct RunArgs {
-    /// Path to a kubeconfig; defaults to $KUBECONFIG, ~/.kube/config, then in-cluster.
-    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
-    kubeconfig: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -66,7 +58,10 @@ fn main() -> ExitCode {
             println!("serin {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run(args) => block_on(run(args)),
+        Command::Run(args) => {
+            serin::controller::cli::init_logging(args.log_format);
+            block_on(run(args))
+        }
         Command::Apiserver(args) => block_on(serin::embedded::run_apiserver(args)),
         Command::Analyze(args) => block_on(serin::metrics::run_analyze(args)),
     }
@@ -102,19 +97,34 @@ fn init_tracing() {
         .try_init();
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-        }
-        None => kube::Config::infer().await?,
+async fn run(args: serin::controller::cli::RunArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use serin::controller::{cli, sources::KubeSecrets};
+    use serin::metrics::{Evaluator, EvaluatorConfig};
+    use serin::router::{
+        AppMeshAwsRouter, AppMeshKubeRouter, GlooEdgeRouter, HttpRouteRouter, Routers,
     };
-    anyhow::bail!(
-        "loaded the cluster configuration for {}, but the controller is not built yet (issue \
-         \"The controller\"); `serin crd`, `serin validate` and `serin apiserver` work today",
-        config.cluster_url
+
+    let client = cli::client(args.kubeconfig.as_ref()).await?;
+    let evaluator = Evaluator::new(
+        Arc::new(KubeSecrets::new(client.clone())),
+        EvaluatorConfig::default(),
     )
+    .map_err(|e| anyhow::anyhow!("cannot set up the metric providers: {e}"))?;
+    let provider_metrics = evaluator.metrics().clone();
+    let routers = Routers::new(vec![
+        Arc::new(AppMeshKubeRouter::new(client.clone())),
+        Arc::new(AppMeshAwsRouter::new()),
+        Arc::new(GlooEdgeRouter::new(client.clone())),
+        Arc::new(HttpRouteRouter::new(client.clone())),
+    ]);
+    let parts = cli::Parts {
+        routers,
+        metrics_source: Arc::new(evaluator),
+        register: Box::new(move |registry| provider_metrics.register(registry)),
+    };
+    cli::run(args, client, parts).await
 }
 
 fn validate(files: &[String]) -> ExitCode {

@@ -47,7 +47,8 @@ impl Metrics {
     /// Creates the metrics; `extra` registers other modules' metrics (the metric providers'
     /// request counters) into the same registry.
     pub fn new(extra: impl FnOnce(&mut Registry)) -> Self {
-        let mut registry = Registry::with_prefix("serin");
+        // No registry prefix: every name carries `serin_` itself, as do the providers' metrics.
+        let mut registry = Registry::default();
         let weight = Family::<Labels, Gauge>::default();
         let phase = Family::<Labels, Gauge>::default();
         let step = Family::<Labels, Gauge>::default();
@@ -60,43 +61,47 @@ impl Metrics {
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let reconcile_errors = Family::<Labels, Counter>::default();
         registry.register(
-            "canary_weight",
+            "serin_canary_weight",
             "Percent of traffic on the canary",
             weight.clone(),
         );
         registry.register(
-            "canary_phase",
+            "serin_canary_phase",
             "1 for the Canary's current phase, 0 for the others",
             phase.clone(),
         );
         registry.register(
-            "canary_step",
+            "serin_canary_step",
             "Index of the current step in spec.steps",
             step.clone(),
         );
-        registry.register("rollouts", "Finished rollouts by result", rollouts.clone());
         registry.register(
-            "rollout_duration_seconds",
+            "serin_rollouts",
+            "Finished rollouts by result",
+            rollouts.clone(),
+        );
+        registry.register(
+            "serin_rollout_duration_seconds",
             "Duration of finished rollouts by result",
             rollout_duration.clone(),
         );
         registry.register(
-            "metric_check",
+            "serin_metric_check",
             "Metric verdicts in counted checks",
             checks.clone(),
         );
         registry.register(
-            "metric_value",
+            "serin_metric_value",
             "Last value of each Canary metric",
             value.clone(),
         );
         registry.register(
-            "reconcile_duration_seconds",
+            "serin_reconcile_duration_seconds",
             "Time spent in one reconcile",
             reconcile_duration.clone(),
         );
         registry.register(
-            "reconcile_errors",
+            "serin_reconcile_errors",
             "Failed reconciles by error category",
             reconcile_errors.clone(),
         );

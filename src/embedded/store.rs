@@ -776,6 +776,16 @@ impl Store {
         }
         // No receivers is fine: nobody is watching.
         let _ = self.tx.send(event);
+        if rt.group == "events.k8s.io"
+            && let Ok(core) = inner.type_of("", "events")
+        {
+            // One storage, two APIs, as in a real server: `kubectl get events` and
+            // `kubectl describe` read core/v1 Events, controllers write events.k8s.io/v1.
+            let old_core = inner
+                .find(&core, meta_str(&obj, "namespace"), meta_str(&obj, "name"))
+                .cloned();
+            self.commit(inner, &core, core_event(&obj), kind, old_core);
+        }
         obj
     }
 
@@ -1046,6 +1056,49 @@ fn check_type_meta(rt: &ResourceType, version: &str, obj: &Value) -> Result<(), 
         )));
     }
     Ok(())
+}
+
+/// The core/v1 view of an events.k8s.io/v1 Event.
+fn core_event(e: &Value) -> Value {
+    let first = e
+        .get("deprecatedFirstTimestamp")
+        .or_else(|| e.get("eventTime"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let last = e
+        .get("deprecatedLastTimestamp")
+        .or_else(|| e.pointer("/series/lastObservedTime"))
+        .or_else(|| e.get("eventTime"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let count = e
+        .pointer("/series/count")
+        .or_else(|| e.get("deprecatedCount"))
+        .cloned()
+        .unwrap_or(json!(1));
+    let mut meta = e.get("metadata").cloned().unwrap_or(json!({}));
+    if let Some(m) = meta.as_object_mut() {
+        m.remove("resourceVersion");
+        m.remove("managedFields");
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": meta,
+        "involvedObject": e.get("regarding").cloned().unwrap_or(json!({})),
+        "related": e.get("related").cloned().unwrap_or(Value::Null),
+        "reason": e.get("reason").cloned().unwrap_or(Value::Null),
+        "message": e.get("note").cloned().unwrap_or(Value::Null),
+        "type": e.get("type").cloned().unwrap_or(Value::Null),
+        "action": e.get("action").cloned().unwrap_or(Value::Null),
+        "source": {"component": e.get("reportingController").cloned().unwrap_or(Value::Null)},
+        "reportingComponent": e.get("reportingController").cloned().unwrap_or(Value::Null),
+        "reportingInstance": e.get("reportingInstance").cloned().unwrap_or(Value::Null),
+        "eventTime": e.get("eventTime").cloned().unwrap_or(Value::Null),
+        "firstTimestamp": first,
+        "lastTimestamp": last,
+        "count": count,
+    })
 }
 
 /// Defaults, prunes and validates a custom object; returns `Warning` messages.

@@ -66,6 +66,46 @@ impl WeightSource for FixedWeights {
     }
 }
 
+/// The weights on the routing object of a Canary, read through its router each time:
+/// exactly what the data plane would apply.
+pub struct RouterWeights {
+    routers: crate::router::Routers,
+    canaries: kube::Api<crate::api::Canary>,
+    name: String,
+}
+
+impl RouterWeights {
+    /// Weights of Canary `namespace/name` as its router reads them.
+    pub fn new(
+        client: kube::Client,
+        routers: crate::router::Routers,
+        namespace: &str,
+        name: &str,
+    ) -> Self {
+        RouterWeights {
+            routers,
+            canaries: kube::Api::namespaced(client, namespace),
+            name: name.to_string(),
+        }
+    }
+}
+
+#[async_trait]
+impl WeightSource for RouterWeights {
+    async fn weights(&self) -> Result<Weights, String> {
+        let canary = self
+            .canaries
+            .get(&self.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let router = self
+            .routers
+            .for_canary(&canary)
+            .map_err(|e| e.to_string())?;
+        router.weights(&canary).await.map_err(|e| e.to_string())
+    }
+}
+
 /// One simulated service: two Envoy clusters and their traffic.
 pub struct ServiceConfig {
     /// Envoy cluster name of the primary arm.
