@@ -38,10 +38,11 @@ pub(crate) fn resource(group: &str, version: &str, kind: &str, plural: &str) -> 
 /// Patch parameters: Serin's field manager and strict field validation, so that a field the
 /// installed CRD does not know fails loudly instead of being pruned.
 pub(crate) fn patch_params() -> PatchParams {
-    let mut pp = PatchParams::default();
-    pp.field_manager = Some(FIELD_MANAGER.to_string());
-    pp.field_validation = Some(ValidationDirective::Strict);
-    pp
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        field_validation: Some(ValidationDirective::Strict),
+        ..PatchParams::default()
+    }
 }
 
 /// Reads an object as JSON; `None` when it does not exist.

@@ -50,13 +50,19 @@ pub struct Arms {
 impl Arms {
     /// The arm names of `canary`.
     pub fn of(canary: &Canary) -> Arms {
-        let spec = &canary.spec;
+        Arms::from_spec(
+            canary.metadata.name.as_deref().unwrap_or_default(),
+            &canary.spec,
+        )
+    }
+
+    /// The arm names of the Canary called `name` with `spec`.
+    pub fn from_spec(name: &str, spec: &crate::api::CanarySpec) -> Arms {
         let base = spec
             .target_ref
             .as_ref()
             .map(|t| t.name.clone())
-            .or_else(|| canary.metadata.name.clone())
-            .unwrap_or_default();
+            .unwrap_or_else(|| name.to_string());
         let service = spec.service.name.clone().unwrap_or_else(|| base.clone());
         match &spec.backends {
             Some(b) => Arms {
@@ -249,9 +255,10 @@ pub enum RouterError {
         namespace: String,
         /// Name.
         name: String,
-        /// The client error.
+        /// The client error (boxed: `kube::Error` is large and every router result carries
+        /// this enum).
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// The AWS API failed (after bounded retries for throttling).
     #[error("AWS App Mesh {operation} {mesh}/{name}: {message}")]

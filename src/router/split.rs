@@ -54,7 +54,7 @@ impl Subject {
             kind: self.kind,
             namespace: self.namespace.clone(),
             name: self.name.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 }
