@@ -44,6 +44,9 @@ async fn create(api: &Api<DynamicObject>, mut obj: Value, name: &str) -> Result<
     }
 }
 
+/// A change to a valid Canary.
+type Mutation = Box<dyn Fn(&mut Value)>;
+
 /// Every example Canary is accepted by the CRD's schema and CEL rules.
 #[tokio::test]
 async fn examples_pass_the_crd_rules() {
@@ -69,7 +72,7 @@ async fn examples_pass_the_crd_rules() {
 async fn cel_rules_reject_cross_field_mistakes() {
     let (_server, api) = server().await;
     let base = example("appmesh-workload.yaml");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    let cases: Vec<(&str, Mutation, &str)> = vec![
         (
             "steps-order",
             Box::new(|v| v["spec"]["steps"] = json!([50, 20, 100])),

@@ -26,7 +26,7 @@ fn fixture() -> &'static Fixture {
             "envoy_cluster_upstream_rq",
             &format!(
                 r#"envoy_cluster_name="{}",envoy_response_code="200""#,
-                cluster("web")
+                cluster("web-canary")
             ),
             19.9,
         );
@@ -34,7 +34,7 @@ fn fixture() -> &'static Fixture {
             "envoy_cluster_upstream_rq",
             &format!(
                 r#"envoy_cluster_name="{}",envoy_response_code="503""#,
-                cluster("web")
+                cluster("web-canary")
             ),
             0.1,
         );
@@ -116,7 +116,7 @@ fn analyze_once() {
     let (ok, out) = serin(&["analyze", "-f", file.to_str().unwrap(), "--at", &at(f, 600)]);
     assert!(ok, "{out}");
     println!("{out}");
-    assert!(out.contains(r#"query:   sum(increase(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_web_shop_(http|http2|grpc)_[0-9]+",envoy_response_code=~"5.."}[1m]))"#), "{out}");
+    assert!(out.contains(r#"query:   sum(increase(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_web-canary_shop_(http|http2|grpc)_[0-9]+",envoy_response_code=~"5.."}[1m]))"#), "{out}");
     assert!(out.contains("value:   0.5"), "{out}");
     assert!(out.contains("(sample size 1200)"), "{out}");
     assert!(out.contains("bound:   value <= 1"), "{out}");

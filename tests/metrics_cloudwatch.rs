@@ -135,7 +135,7 @@ const ERROR_RATE: &str = "    - name: errors\n      provider: {cloudWatch: {regi
 
 fn user_metric(returns: &str) -> String {
     format!(
-        "    - name: custom\n      provider: {{cloudWatch: {{region: us-east-1, endpoint: ENDPOINT}}}}\n      max: 1000\n      metricDataQueries:\n        - id: m1\n          returnData: false\n          metricStat:\n            period: 60\n            stat: Sum\n            metric:\n              namespace: {NS}\n              metricName: envoy_http_downstream_rq_total\n              dimensions: [{{name: Namespace, value: '{{{{ namespace }}}}'}}, {{name: app, value: '{{{{ canary }}}}'}}]\n{returns}"
+        "    - name: custom\n      provider: {{cloudWatch: {{region: us-east-1, endpoint: ENDPOINT}}}}\n      max: 1000\n      metricDataQueries:\n        - id: m1\n          returnData: false\n          metricStat:\n            period: 60\n            stat: Sum\n            metric:\n              namespace: {NS}\n              metricName: envoy_http_downstream_rq_total\n              dimensions: [{{name: Namespace, value: '{{{{ namespace }}}}'}}, {{name: app, value: '{{{{ target }}}}'}}]\n{returns}"
     )
 }
 

@@ -46,7 +46,7 @@ fn fixture() -> &'static Fixture {
         let base = (now - 2 * 3600) / 60 * 60;
         let mut h = History::default();
         let am = |arm: &str| format!("cds_egress_global_{arm}_test_http_9898");
-        for (arm, ok, bad) in [("podinfo", CANARY_OK, CANARY_5XX), ("podinfo-primary", PRIMARY_OK, PRIMARY_5XX)] {
+        for (arm, ok, bad) in [("podinfo-canary", CANARY_OK, CANARY_5XX), ("podinfo-primary", PRIMARY_OK, PRIMARY_5XX)] {
             h.counter(
                 "envoy_cluster_upstream_rq",
                 &format!(r#"envoy_cluster_name="{}",envoy_response_code="200""#, am(arm)),
@@ -59,21 +59,21 @@ fn fixture() -> &'static Fixture {
             );
         }
         // Gloo: canary 2% errors; Gateway API (Contour names): no 5xx series at all.
-        h.counter("envoy_cluster_upstream_rq", r#"envoy_cluster_name="test-podinfo-9898_gloo-system",envoy_response_code="200""#, 4.9);
-        h.counter("envoy_cluster_upstream_rq", r#"envoy_cluster_name="test-podinfo-9898_gloo-system",envoy_response_code="500""#, 0.1);
+        h.counter("envoy_cluster_upstream_rq", r#"envoy_cluster_name="test-podinfo-canary-9898_gloo-system",envoy_response_code="200""#, 4.9);
+        h.counter("envoy_cluster_upstream_rq", r#"envoy_cluster_name="test-podinfo-canary-9898_gloo-system",envoy_response_code="500""#, 0.1);
         h.counter("envoy_cluster_upstream_rq", r#"envoy_cluster_name="test-podinfo-primary-9898_gloo-system",envoy_response_code="200""#, 5.0);
-        h.counter("envoy_cluster_upstream_rq", r#"envoy_cluster_name="test/podinfo/9898/da39a3ee5e",envoy_response_code="200""#, 3.0);
+        h.counter("envoy_cluster_upstream_rq", r#"envoy_cluster_name="test/podinfo-canary/9898/da39a3ee5e",envoy_response_code="200""#, 3.0);
         h.counter("envoy_cluster_upstream_rq", r#"envoy_cluster_name="test/podinfo-primary/9898/da39a3ee5e",envoy_response_code="200""#, 3.0);
         for (le, rate) in BUCKETS {
             h.counter(
                 "envoy_cluster_upstream_rq_time_bucket",
-                &format!(r#"envoy_cluster_name="{}",le="{le}""#, am("podinfo")),
+                &format!(r#"envoy_cluster_name="{}",le="{le}""#, am("podinfo-canary")),
                 rate,
             );
         }
         h.counter(
             "envoy_cluster_upstream_rq_time_count",
-            &format!(r#"envoy_cluster_name="{}""#, am("podinfo")),
+            &format!(r#"envoy_cluster_name="{}""#, am("podinfo-canary")),
             10.0,
         );
         let prometheus = TestPrometheus::start(&h.render(base, base + 1800, 10));
@@ -136,7 +136,7 @@ async fn appmesh_error_rate_with_evidence() {
     assert!((ev.primary.errors - 12.0).abs() < 1e-6);
     assert_eq!(e.queries.len(), 4);
     assert!(
-        e.queries[3].contains("cds_egress_.+_podinfo_test_"),
+        e.queries[3].contains("cds_egress_.+_podinfo-canary_test_"),
         "{:?}",
         e.queries
     );
@@ -219,7 +219,7 @@ async fn user_query_renders_templates() {
     assert_eq!(
         e.queries,
         vec![
-            r#"sum(rate(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_podinfo_test_http_.+"}[1m]))"#
+            r#"sum(rate(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_podinfo-canary_test_http_.+"}[1m]))"#
         ]
     );
     assert!((e.result.expect("a sample").value - 10.0).abs() < 1e-9);

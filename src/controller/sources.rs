@@ -34,18 +34,28 @@ impl KubeSecrets {
 
 #[async_trait]
 impl SecretLookup for KubeSecrets {
-    async fn secret_data(&self, namespace: &str, name: &str) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    async fn secret_data(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<BTreeMap<String, Vec<u8>>, String> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         match api.get_opt(name).await {
             Ok(Some(s)) => {
-                let mut data: BTreeMap<String, Vec<u8>> =
-                    s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+                let mut data: BTreeMap<String, Vec<u8>> = s
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect();
                 for (k, v) in s.string_data.unwrap_or_default() {
                     data.insert(k, v.into_bytes());
                 }
                 Ok(data)
             }
-            Ok(None) => Err(format!("secret {namespace}/{name} not found: create it or fix secretRef.name")),
+            Ok(None) => Err(format!(
+                "secret {namespace}/{name} not found: create it or fix secretRef.name"
+            )),
             Err(kube::Error::Api(s)) if s.code == 403 => Err(format!(
                 "reading secret {namespace}/{name} is forbidden: grant Serin's service account get on secrets"
             )),

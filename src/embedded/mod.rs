@@ -20,8 +20,8 @@ mod schema;
 mod selector;
 mod store;
 mod table;
-mod types;
 pub mod traffic;
+mod types;
 pub mod workloads;
 
 use std::net::SocketAddr;

@@ -181,7 +181,7 @@ impl CloudWatch {
         let vars = Vars::new(canary, window);
         let period = (window.as_secs().div_ceil(60).max(1) * 60).min(i32::MAX as u64) as i32;
         let specs: Vec<MetricDataQuery> = match (metric.preset, &metric.metric_data_queries) {
-            (Some(p), _) => presets::cloudwatch_queries(p, period),
+            (Some(p), _) => presets::cloudwatch_queries(p, period, !canary.spec.is_traffic_mode()),
             (None, Some(q)) => q.clone(),
             (None, None) => {
                 return Measurement::failed(

@@ -51,7 +51,8 @@ pub struct CanaryContext {
     /// The stable arm: `<target>-primary` in workload mode, `spec.backends.primary` in
     /// traffic mode.
     pub primary: String,
-    /// The new arm: `<target>` in workload mode, `spec.backends.canary` in traffic mode.
+    /// The new arm: `<target>-canary` in workload mode (the name of the canary's Service,
+    /// VirtualNode or upstream, as routers see it), `spec.backends.canary` in traffic mode.
     pub canary: String,
     /// `spec.service.name`, else the target.
     pub service: String,
@@ -67,11 +68,12 @@ impl CanaryContext {
             (None, Some(s)) => s.clone(),
             (None, None) => name.clone(),
         };
-        let service = spec.service.name.clone().unwrap_or_else(|| target.clone());
-        let (primary, canary) = match &spec.backends {
-            Some(b) => (b.primary.clone(), b.canary.clone()),
-            None => (format!("{target}-primary"), target.clone()),
-        };
+        // One naming rule for routers and queries.
+        let crate::router::Arms {
+            primary,
+            canary,
+            service,
+        } = crate::router::Arms::from_spec(&name, &spec);
         CanaryContext {
             namespace,
             name,

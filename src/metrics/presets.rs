@@ -132,10 +132,21 @@ pub fn promql_latency(preset: Preset, canary: &CanaryContext) -> (String, String
 /// EKS metrics to.
 pub const CLOUDWATCH_NAMESPACE: &str = "ContainerInsights/Prometheus";
 
+/// The `app` pod label of an arm's pods, as a template. These metrics come from each pod's
+/// own Envoy, so they carry pod labels, not Service or VirtualNode names: in workload mode
+/// the canary's pods are the target's (`app: <target>`) and the primary's are relabelled
+/// `<target>-primary`; in traffic mode the backends are named after their pods' `app`.
+fn pod_app(arm: Arm, workload: bool) -> &'static str {
+    match (arm, workload) {
+        (Arm::Canary, true) => "{{ target }}",
+        _ => arm.variable(),
+    }
+}
+
 fn cw_query(
     id: &str,
     metric: &str,
-    arm: Arm,
+    (arm, workload): (Arm, bool),
     extra: Option<(&str, &str)>,
     stat: &str,
     period: i32,
@@ -147,7 +158,7 @@ fn cw_query(
         },
         Dimension {
             name: "app".into(),
-            value: arm.variable().into(),
+            value: pod_app(arm, workload).into(),
         },
     ];
     if let Some((name, value)) = extra {
@@ -177,8 +188,9 @@ fn cw_query(
 
 /// The GetMetricData queries (templates) of a CloudWatch preset, with `period` seconds.
 /// Error rate: `primary_requests`, `primary_errors`, `canary_requests`, `canary_errors`
-/// (sums). Latency: `canary_p99` and `canary_requests`.
-pub fn cloudwatch_queries(preset: Preset, period: i32) -> Vec<MetricDataQuery> {
+/// (sums). Latency: `canary_p99` and `canary_requests`. `workload` is true in workload mode
+/// (`spec.targetRef`), which decides the pods' `app` label of each arm.
+pub fn cloudwatch_queries(preset: Preset, period: i32, workload: bool) -> Vec<MetricDataQuery> {
     match kind(preset) {
         Kind::ErrorRate => Arm::BOTH
             .iter()
@@ -187,7 +199,7 @@ pub fn cloudwatch_queries(preset: Preset, period: i32) -> Vec<MetricDataQuery> {
                     cw_query(
                         &format!("{}_requests", arm.as_str()),
                         "envoy_http_downstream_rq_total",
-                        arm,
+                        (arm, workload),
                         None,
                         "Sum",
                         period,
@@ -195,7 +207,7 @@ pub fn cloudwatch_queries(preset: Preset, period: i32) -> Vec<MetricDataQuery> {
                     cw_query(
                         &format!("{}_errors", arm.as_str()),
                         "envoy_http_downstream_rq_xx",
-                        arm,
+                        (arm, workload),
                         Some(("envoy_response_code_class", "5")),
                         "Sum",
                         period,
@@ -207,7 +219,7 @@ pub fn cloudwatch_queries(preset: Preset, period: i32) -> Vec<MetricDataQuery> {
             cw_query(
                 "canary_p99",
                 "envoy_http_downstream_rq_time",
-                Arm::Canary,
+                (Arm::Canary, workload),
                 None,
                 "p99",
                 period,
@@ -215,7 +227,7 @@ pub fn cloudwatch_queries(preset: Preset, period: i32) -> Vec<MetricDataQuery> {
             cw_query(
                 "canary_requests",
                 "envoy_http_downstream_rq_total",
-                Arm::Canary,
+                (Arm::Canary, workload),
                 None,
                 "Sum",
                 period,
@@ -256,7 +268,7 @@ analysis:
         let q = promql_error_rate(Preset::AppmeshErrorRate, &c);
         assert_eq!(
             vars.render(&q[1].2).unwrap(),
-            r#"sum(increase(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_podinfo_test_(http|http2|grpc)_[0-9]+",envoy_response_code=~"5.."}[1m]))"#
+            r#"sum(increase(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_podinfo-canary_test_(http|http2|grpc)_[0-9]+",envoy_response_code=~"5.."}[1m]))"#
         );
         assert!(
             vars.render(&q[0].1)
@@ -273,7 +285,7 @@ analysis:
         let (p99, _) = promql_latency(Preset::GlooLatencyP99, &c);
         assert_eq!(
             vars.render(&p99).unwrap(),
-            r#"histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=~"test-podinfo-[0-9]+_.+"}[90s])))"#
+            r#"histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=~"test-podinfo-canary-[0-9]+_.+"}[90s])))"#
         );
         c.spec.router.gloo = Some(crate::api::GlooRouter {
             upstream_group: None,
