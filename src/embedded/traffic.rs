@@ -257,6 +257,14 @@ impl TrafficSimulator {
         Some((t(&s.primary), t(&s.canary)))
     }
 
+    /// Cumulative latency histogram of service `index` (primary, canary): counts per bucket
+    /// of [`ENVOY_BUCKETS_MS`], not cumulative across buckets.
+    pub fn histograms(&self, index: usize) -> Option<(Vec<u64>, Vec<u64>)> {
+        let services = self.services.lock().ok()?;
+        let s = services.get(index)?;
+        Some((s.primary.buckets.clone(), s.canary.buckets.clone()))
+    }
+
     /// The weights service `index` last read.
     pub fn weights(&self, index: usize) -> Option<Weights> {
         self.services.lock().ok()?.get(index).map(|s| s.weights)
