@@ -227,6 +227,13 @@ async fn env(services: impl FnOnce(&kube::Client) -> Vec<ServiceConfig>) -> Opti
 }
 
 fn deployment(name: &str, image: &str) -> Deployment {
+    let mut d = deployment_value(name, image);
+    d["spec"]["template"]["spec"]["containers"][0]["envFrom"] =
+        json!([{"configMapRef": {"name": format!("{name}-config"), "optional": true}}]);
+    serde_json::from_value(d).unwrap()
+}
+
+fn deployment_value(name: &str, image: &str) -> Value {
     serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": NS},
         "spec": {
@@ -239,6 +246,36 @@ fn deployment(name: &str, image: &str) -> Deployment {
         }
     }))
     .unwrap()
+}
+
+/// GETs `path` from the operator's metrics/health server, whose address it logs.
+async fn operator_http(op: &Operator, path: &str) -> (u16, String) {
+    let log = op.log();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("serving /metrics"))
+        .and_then(|l| l.split("address=").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .expect("the operator logs its metrics address")
+        .to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).await.unwrap();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 fn workload_canary(name: &str, prometheus: &str) -> Value {
@@ -476,6 +513,23 @@ async fn appmesh_workload_promotes_healthy_canary() {
     }
     let (_, canary_totals) = env.sim.totals(0).unwrap();
     assert!(canary_totals.requests > 0, "the canary received traffic");
+
+    // The operator's own endpoints.
+    assert_eq!(operator_http(&op, "/healthz").await.0, 200);
+    assert_eq!(operator_http(&op, "/readyz").await.0, 200);
+    let (code, metrics) = operator_http(&op, "/metrics").await;
+    assert_eq!(code, 200);
+    for line in [
+        r#"serin_canary_weight{namespace="e2e",name="podinfo"} 0"#,
+        r#"serin_canary_phase{namespace="e2e",name="podinfo",phase="Succeeded"} 1"#,
+        r#"serin_rollouts_total{namespace="e2e",name="podinfo",result="Promoted"} 1"#,
+        r#"serin_metric_check_total{metric="error-rate",verdict="Pass"}"#,
+        r#"serin_provider_requests_total{provider="prometheus",outcome="success"}"#,
+        "serin_reconcile_duration_seconds_count",
+        r#"serin_rollout_duration_seconds_count{result="Promoted"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
 }
 
 /// A canary answering 5% errors against a 1% bound is rolled back after failureThreshold
@@ -910,4 +964,74 @@ async fn leader_election_hands_over_without_double_steps() {
     );
     assert_eq!(c.status.unwrap().history.len(), 1);
     assert!(b.log().contains("acquired leadership"), "{}", b.log());
+}
+
+/// A change to a ConfigMap the pod template reads starts a rollout, as a new image does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_change_starts_a_rollout() {
+    require("prometheus");
+    let routers =
+        |c: &kube::Client| Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
+    let Some(env) = env(|c| {
+        vec![appmesh_service(
+            c,
+            Behaviour::HEALTHY,
+            routers(c),
+            "podinfo",
+        )]
+    })
+    .await
+    else {
+        return;
+    };
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(env.client.clone(), NS);
+    let cm = |v: &str| {
+        serde_json::from_value(
+            json!({"metadata": {"name": "podinfo-config", "namespace": NS}, "data": {"COLOR": v}}),
+        )
+        .unwrap()
+    };
+    configmaps
+        .create(&PostParams::default(), &cm("blue"))
+        .await
+        .unwrap();
+    setup_appmesh(&env, "podinfo").await;
+    let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
+    let before = wait_phase(
+        &env,
+        &op,
+        "podinfo",
+        Phase::Waiting,
+        Duration::from_secs(30),
+    )
+    .await;
+    let stable = before.status.unwrap().stable_revision;
+    configmaps
+        .replace("podinfo-config", &PostParams::default(), &{
+            let mut c: k8s_openapi::api::core::v1::ConfigMap = cm("green");
+            c.metadata.resource_version = configmaps
+                .get("podinfo-config")
+                .await
+                .unwrap()
+                .metadata
+                .resource_version;
+            c
+        })
+        .await
+        .unwrap();
+    let c = wait_phase(
+        &env,
+        &op,
+        "podinfo",
+        Phase::Succeeded,
+        Duration::from_secs(60),
+    )
+    .await;
+    let status = c.status.unwrap();
+    assert_ne!(status.stable_revision, stable);
+    assert_eq!(
+        status.history[0].result,
+        serin::api::RolloutResult::Promoted
+    );
 }

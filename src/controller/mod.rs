@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::error_boundary::DeserializeGuard;
 use kube::runtime::controller::{Action as Requeue, Controller};
@@ -65,8 +65,9 @@ pub trait MetricSource: Send + Sync {
     async fn evaluate(&self, canary: &Canary, now: DateTime<Utc>) -> Vec<MetricObservation>;
 }
 
-/// `(namespace, deployment)` → the Canary that targets it.
-type TargetIndex = HashMap<(String, String), ObjectRef<DeserializeGuard<Canary>>>;
+/// `(namespace, "deployment/NAME" | "configmap/NAME" | "secret/NAME")` → the Canaries whose
+/// rollout depends on that object.
+type TargetIndex = HashMap<(String, String), HashSet<ObjectRef<DeserializeGuard<Canary>>>>;
 
 /// Everything a reconcile needs, shared by all of them.
 pub struct Context {
@@ -80,8 +81,8 @@ pub struct Context {
     pub metrics_source: Arc<dyn MetricSource>,
     /// The operator's own metrics.
     pub metrics: Arc<Metrics>,
-    /// Deployments named by Canaries (`namespace/name` → Canary), so a Deployment event
-    /// wakes the right Canary.
+    /// Target Deployments and the ConfigMaps and Secrets their pod templates read, so a
+    /// change to one wakes the right Canaries (filled by reconcile; no per-Canary watch).
     targets: Mutex<TargetIndex>,
     /// Unparsable Canaries already reported (uid + resourceVersion).
     reported: Mutex<HashSet<String>>,
@@ -195,10 +196,19 @@ pub async fn run(
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
     let services: Api<Service> = match &options.namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (configmaps, secrets): (Api<ConfigMap>, Api<Secret>) = match &options.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
     };
     let mapper_ctx = ctx.clone();
+    let cm_ctx = ctx.clone();
+    let secret_ctx = ctx.clone();
     Controller::new(canaries, watcher::Config::default().any_semantic())
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
         .owns(services, watcher::Config::default().any_semantic())
@@ -206,6 +216,16 @@ pub async fn run(
             deployments,
             watcher::Config::default().any_semantic(),
             move |d: Deployment| deployment_to_canary(&mapper_ctx, &d),
+        )
+        .watches(
+            configmaps,
+            watcher::Config::default().any_semantic(),
+            move |c: ConfigMap| dependents(&cm_ctx, "configmap", &c),
+        )
+        .watches(
+            secrets,
+            watcher::Config::default().any_semantic(),
+            move |s: Secret| dependents(&secret_ctx, "secret", &s),
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -218,20 +238,52 @@ pub async fn run(
 }
 
 /// Maps a Deployment event to the Canary that owns it (the primary) or targets it.
-fn deployment_to_canary(
-    ctx: &Context,
-    d: &Deployment,
-) -> Option<ObjectRef<DeserializeGuard<Canary>>> {
-    let ns = d.namespace()?;
+fn deployment_to_canary(ctx: &Context, d: &Deployment) -> Vec<ObjectRef<DeserializeGuard<Canary>>> {
+    let Some(ns) = d.namespace() else {
+        return Vec::new();
+    };
     if let Some(owner) = d
         .owner_references()
         .iter()
         .find(|o| o.kind == "Canary" && o.api_version.starts_with(api::GROUP))
     {
-        return Some(ObjectRef::new(&owner.name).within(&ns));
+        return vec![ObjectRef::new(&owner.name).within(&ns)];
     }
-    let targets = ctx.targets.lock().ok()?;
-    targets.get(&(ns, d.name_any())).cloned()
+    dependents(ctx, "deployment", d)
+}
+
+/// The Canaries whose rollout depends on object `kind/name` (see [`TargetIndex`]).
+fn dependents<K: Resource>(
+    ctx: &Context,
+    kind: &str,
+    obj: &K,
+) -> Vec<ObjectRef<DeserializeGuard<Canary>>> {
+    let Some(ns) = obj.meta().namespace.clone() else {
+        return Vec::new();
+    };
+    let key = (
+        ns,
+        format!("{kind}/{}", obj.meta().name.clone().unwrap_or_default()),
+    );
+    ctx.targets
+        .lock()
+        .ok()
+        .and_then(|t| t.get(&key).map(|s| s.iter().cloned().collect()))
+        .unwrap_or_default()
+}
+
+/// Records that `canary` depends on `keys` (`kind/name` in its namespace).
+fn index_dependencies(ctx: &Context, canary: &Canary, keys: impl IntoIterator<Item = String>) {
+    let ns = canary.namespace().unwrap_or_default();
+    let me = ObjectRef::new(&canary.name_any()).within(&ns);
+    if let Ok(mut targets) = ctx.targets.lock() {
+        for key in keys {
+            targets
+                .entry((ns.clone(), key))
+                .or_default()
+                .insert(me.clone());
+        }
+    }
 }
 
 fn error_policy(obj: Arc<DeserializeGuard<Canary>>, error: &Error, ctx: Arc<Context>) -> Requeue {
@@ -382,19 +434,14 @@ async fn observe_workloads(
     let Some(target_ref) = &canary.spec.target_ref else {
         return Ok(());
     };
-    if let Ok(mut targets) = ctx.targets.lock() {
-        targets.insert(
-            (ns.clone(), target_ref.name.clone()),
-            ObjectRef::new(&canary.name_any()).within(&ns),
-        );
-    }
+    index_dependencies(ctx, canary, [format!("deployment/{}", target_ref.name)]);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let target = get_deployment(&deployments, &target_ref.name).await?;
     let Some(target) = target else {
         return Err(Error::TargetNotFound(format!("{ns}/{}", target_ref.name)));
     };
     obs.canary = WorkloadState {
-        revision: Some(target_revision(ctx, &ns, &target).await?),
+        revision: Some(target_revision(ctx, canary, &target).await?),
         ready: workload::is_ready(&target),
     };
     let primary = get_deployment(&deployments, &format!("{}-primary", target_ref.name)).await?;
@@ -411,10 +458,18 @@ async fn get_deployment(api: &Api<Deployment>, name: &str) -> Result<Option<Depl
     })
 }
 
-async fn target_revision(ctx: &Context, ns: &str, target: &Deployment) -> Result<String, Error> {
+/// The target's revision: its pod template and the data of the configs it reads (which
+/// are indexed so their changes wake this Canary).
+async fn target_revision(
+    ctx: &Context,
+    canary: &Canary,
+    target: &Deployment,
+) -> Result<String, Error> {
+    let ns = canary.namespace().unwrap_or_default();
     let template = target.spec.template.clone();
     let refs = workload::referenced_configs(&template);
-    let digests = workload::config_digests(&ctx.client, ns, &refs).await?;
+    index_dependencies(ctx, canary, refs.iter().cloned());
+    let digests = workload::config_digests(&ctx.client, &ns, &refs).await?;
     Ok(workload::revision(&template, &digests))
 }
 
@@ -527,7 +582,7 @@ async fn promote_workload(
     let Some(target) = get_deployment(deployments, &target_ref.name).await? else {
         return Err(Error::TargetNotFound(format!("{ns}/{}", target_ref.name)));
     };
-    if target_revision(ctx, &ns, &target).await? != revision {
+    if target_revision(ctx, canary, &target).await? != revision {
         return Err(Error::TargetChanged(format!("{ns}/{}", target_ref.name)));
     }
     let existing = get_deployment(deployments, &format!("{}-primary", target_ref.name)).await?;
