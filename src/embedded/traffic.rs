@@ -142,6 +142,8 @@ impl ArmCounters {
 
 struct ServiceState {
     config: ServiceConfig,
+    /// The canary's behaviour once it carries at least this share of traffic.
+    under_load: Option<(u8, Behaviour)>,
     weights: Weights,
     primary: ArmCounters,
     canary: ArmCounters,
@@ -170,6 +172,7 @@ impl TrafficSimulator {
             .into_iter()
             .map(|config| ServiceState {
                 config,
+                under_load: None,
                 weights: Weights::STABLE,
                 primary: ArmCounters {
                     buckets: vec![0; ENVOY_BUCKETS_MS.len()],
@@ -221,6 +224,10 @@ impl TrafficSimulator {
                 .find(|(at, _)| *at <= elapsed)
                 .map(|(_, b)| *b)
                 .unwrap_or(Behaviour::HEALTHY);
+            let canary_behaviour = match state.under_load {
+                Some((min, b)) if state.weights.canary() >= min => b,
+                _ => canary_behaviour,
+            };
             let primary_share = total * f64::from(state.weights.primary()) / 100.0;
             let canary_share = total * f64::from(state.weights.canary()) / 100.0;
             send(
@@ -230,6 +237,16 @@ impl TrafficSimulator {
                 &mut rng,
             );
             send(&mut state.canary, canary_share, canary_behaviour, &mut rng);
+        }
+    }
+
+    /// Makes service `index`'s canary behave as `behaviour` whenever it carries at least
+    /// `min_weight` percent of the traffic (a version that fails only under load).
+    pub fn degrade_under_load(&self, index: usize, min_weight: u8, behaviour: Behaviour) {
+        if let Ok(mut services) = self.services.lock()
+            && let Some(s) = services.get_mut(index)
+        {
+            s.under_load = Some((min_weight, behaviour));
         }
     }
 
