@@ -7,6 +7,7 @@
 pub mod analysis;
 pub mod api;
 pub mod controller;
+pub mod demo;
 pub mod embedded;
 pub mod metrics;
 pub mod rollout;

@@ -36,6 +36,9 @@ enum Command {
     /// Evaluate a Canary's metrics now (or replay them over a past window with --from) and
     /// print each rendered query, value, bound and verdict.
     Analyze(serin::metrics::AnalyzeArgs),
+    /// Watch Serin promote a healthy canary and roll back a faulty one, on an embedded API
+    /// server with simulated traffic: nothing to install.
+    Demo(serin::demo::DemoArgs),
     /// Print the version.
     Version,
 }
@@ -64,6 +67,10 @@ fn main() -> ExitCode {
         }
         Command::Apiserver(args) => block_on(serin::embedded::run_apiserver(args)),
         Command::Analyze(args) => block_on(serin::metrics::run_analyze(args)),
+        Command::Demo(args) => {
+            serin::demo::init_logging(&args);
+            block_on(serin::demo::run(args))
+        }
     }
 }
 
