@@ -88,8 +88,8 @@ fn section<'a>(output: &'a str, from: &str) -> &'a str {
 }
 
 /// At a fast speed the whole demo finishes in well under 30 s with exit code 0: the healthy
-/// build goes through the weights 20, 50 and 100 and is promoted, the faulty one is rolled
-/// back, and the plain (not a terminal) output has no escape codes.
+/// build goes through the weights 20, 50 and 100 and is promoted, the one that fails under
+/// load is rolled back from 50%, and the plain (not a terminal) output has no escape codes.
 #[test]
 fn demo_promotes_then_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,7 +121,7 @@ fn demo_promotes_then_rolls_back() {
     assert!(promote.contains("event Normal Promoted"), "{context}");
 
     let rollback = section(&out, "== scenario 2/2: rollback");
-    assert!(rollback.contains("canary 20%"), "{context}");
+    assert!(rollback.contains("canary 50%"), "{context}");
     assert!(rollback.contains("Fail"), "{context}");
     assert!(rollback.contains("event Warning RolledBack"), "{context}");
     assert!(rollback.contains("Failed"), "{context}");
@@ -132,9 +132,10 @@ fn demo_promotes_then_rolls_back() {
         "{context}"
     );
     assert!(
-        summary.contains("✓ rollback") && summary.contains("got Failed, RolledBack"),
+        summary.contains("✓ rollback") && summary.contains("got Failed, RolledBack (reached 50%)"),
         "{context}"
     );
+    assert!(summary.contains("0% → 20% → 50% → 0%"), "{context}");
     assert!(summary.contains("0% → 20% → 50% → 100% → 0%"), "{context}");
     assert!(summary.contains("first failed check"), "{context}");
 }

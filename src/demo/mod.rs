@@ -9,7 +9,8 @@
 //! computes the Canary's presets from the simulator's counters, as Prometheus would.
 //!
 //! Scenarios: a healthy build (`colorteller:v2`) promoted 20 → 50 → 100, then a faulty one
-//! (`colorteller:v3`, 8% errors and a slow tail) rolled back. Each starts by changing the
+//! (`colorteller:v3`: healthy at 20%, 8% errors and a 900 ms p99 once it carries 50% of the
+//! traffic) rolled back from 50%. Each starts by changing the
 //! target's image, as a user's deploy would. `--speed` compresses time: `analysis.interval`
 //! is 60s / speed.
 //!
@@ -68,7 +69,7 @@ const READY_DELAY: Duration = Duration::from_millis(400);
 pub enum ScenarioChoice {
     /// A healthy build promoted 20 → 50 → 100.
     Promote,
-    /// A faulty build rolled back.
+    /// A build that fails under load, rolled back.
     Rollback,
     /// Both, one after the other.
     Both,
@@ -82,7 +83,7 @@ pub struct DemoArgs {
     pub scenario: ScenarioChoice,
     /// Time compression: the Canary's analysis.interval is 60s / speed (at least 1s). The
     /// default runs both scenarios in about a minute.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 5.0)]
     pub speed: f64,
     /// Write a kubeconfig for the embedded API server here, to watch with
     /// `kubectl --kubeconfig FILE get canaries -A -w` while the demo runs.
@@ -151,19 +152,25 @@ impl Scenario {
     fn description(self) -> &'static str {
         match self {
             Scenario::Promote => "a healthy build, promoted step by step",
-            Scenario::Rollback => "a faulty build (8% errors, slow tail), rolled back",
+            Scenario::Rollback => {
+                "a build that fails under load (from 50% of traffic), rolled back"
+            }
         }
     }
 
-    /// How the new build behaves.
-    fn behaviour(self) -> Behaviour {
+    /// How the new build behaves when it carries at least the given share of the traffic
+    /// (below it, it is healthy).
+    fn under_load(self) -> Option<(u8, Behaviour)> {
         match self {
-            Scenario::Promote => Behaviour::HEALTHY,
-            Scenario::Rollback => Behaviour {
-                error_rate: 0.08,
-                median_ms: 40.0,
-                p99_ms: 900.0,
-            },
+            Scenario::Promote => None,
+            Scenario::Rollback => Some((
+                50,
+                Behaviour {
+                    error_rate: 0.08,
+                    median_ms: 40.0,
+                    p99_ms: 900.0,
+                },
+            )),
         }
     }
 
@@ -334,7 +341,7 @@ impl Traffic {
         client: &kube::Client,
         routers: &Routers,
         source: &InProcessSource,
-        canary: Behaviour,
+        under_load: Option<(u8, Behaviour)>,
         retention: Duration,
     ) -> Traffic {
         let cluster =
@@ -345,7 +352,7 @@ impl Traffic {
                 canary_cluster: cluster("canary"),
                 rps: RPS,
                 primary: Behaviour::HEALTHY,
-                canary: vec![(Duration::ZERO, canary)],
+                canary: vec![(Duration::ZERO, Behaviour::HEALTHY)],
                 weights: Arc::new(RouterWeights::new(
                     client.clone(),
                     routers.clone(),
@@ -355,6 +362,9 @@ impl Traffic {
             }],
             7,
         );
+        if let Some((min_weight, behaviour)) = under_load {
+            sim.degrade_under_load(0, min_weight, behaviour);
+        }
         let history = Arc::new(History::new(Sample::zero(Utc::now()), retention));
         source.attach(NAMESPACE, TARGET, history.clone());
         let (s, h) = (sim.clone(), history.clone());
@@ -459,11 +469,13 @@ impl Demo {
             .into_iter()
             .filter(|e| e.involved_object.name.as_deref() == Some(TARGET))
             .map(|e| {
+                // The latest occurrence of a series, else when it happened.
                 let ms = e
-                    .event_time
+                    .series
                     .as_ref()
-                    .map(|t| t.0.as_millisecond())
+                    .and_then(|s| s.last_observed_time.as_ref().map(|t| t.0.as_millisecond()))
                     .or_else(|| e.last_timestamp.as_ref().map(|t| t.0.as_millisecond()))
+                    .or_else(|| e.event_time.as_ref().map(|t| t.0.as_millisecond()))
                     .or_else(|| {
                         e.metadata
                             .creation_timestamp
@@ -542,19 +554,19 @@ impl Demo {
         Ok(())
     }
 
-    fn start_traffic(&self, canary: Behaviour) -> Traffic {
+    fn start_traffic(&self, under_load: Option<(u8, Behaviour)>) -> Traffic {
         Traffic::start(
             &self.client,
             &self.routers,
             &self.source,
-            canary,
+            under_load,
             self.interval * 4,
         )
     }
 
     /// Waits until the Canary is initialised (phase Waiting).
     async fn initialise(&self, view: &mut View) -> anyhow::Result<Traffic> {
-        let traffic = self.start_traffic(Behaviour::HEALTHY);
+        let traffic = self.start_traffic(None);
         let deadline = Instant::now() + Duration::from_secs(30) + self.interval;
         loop {
             let c = self.observe(view, Some(&traffic)).await?;
@@ -574,7 +586,7 @@ impl Demo {
 
     /// Runs one scenario: starts its traffic, changes the image, follows the rollout to its end.
     async fn run(&self, scenario: Scenario, view: &mut View) -> anyhow::Result<Report> {
-        let traffic = self.start_traffic(scenario.behaviour());
+        let traffic = self.start_traffic(scenario.under_load());
         let started = Utc::now();
         let clock = Instant::now();
         let log_from = self.weights.lock().map(|l| l.len()).unwrap_or(0);

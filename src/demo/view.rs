@@ -106,10 +106,7 @@ impl View {
     pub fn note(&mut self, text: &str) {
         let mut out = std::io::stdout().lock();
         if self.tty {
-            self.erase(&mut out);
-            let _ = writeln!(out, "{text}");
-            self.drawn = 0;
-            self.draw(&mut out);
+            self.redraw(&mut out, Some(text));
         } else {
             let _ = writeln!(out, "[{}] {text}", self.elapsed());
         }
@@ -137,8 +134,7 @@ impl View {
         let mut out = std::io::stdout().lock();
         if self.tty {
             self.last = Some(observed);
-            self.erase(&mut out);
-            self.draw(&mut out);
+            self.redraw(&mut out, None);
         } else {
             let line = status_line(&observed);
             if line != self.last_line {
@@ -165,27 +161,30 @@ impl View {
         self.drawn = 0;
     }
 
-    fn erase(&mut self, out: &mut impl Write) {
+    /// Overwrites the frame in place (line by line, so it does not flicker), with `note`
+    /// printed above it to stay.
+    fn redraw(&mut self, out: &mut impl Write, note: Option<&str>) {
         if self.drawn > 0 {
-            // Cursor up to the frame's first line, then clear to the end of the screen.
-            let _ = write!(out, "\x1b[{}F\x1b[J", self.drawn);
-            self.drawn = 0;
+            // Back to the frame's first line.
+            let _ = write!(out, "\x1b[{}F", self.drawn);
         }
-    }
-
-    fn draw(&mut self, out: &mut impl Write) {
-        let Some(o) = &self.last else {
-            return;
+        if let Some(note) = note {
+            let _ = writeln!(out, "{note}\x1b[K");
+        }
+        let lines = match &self.last {
+            Some(o) => frame(
+                &self.title,
+                self.started.elapsed().as_secs_f64(),
+                o,
+                &self.events,
+            ),
+            None => Vec::new(),
         };
-        let lines = frame(
-            &self.title,
-            self.started.elapsed().as_secs_f64(),
-            o,
-            &self.events,
-        );
         for l in &lines {
             let _ = writeln!(out, "{l}\x1b[K");
         }
+        // Clear what is left of a longer previous frame.
+        let _ = write!(out, "\x1b[J");
         self.drawn = lines.len();
     }
 }
@@ -298,7 +297,7 @@ fn truncate(s: &str, n: usize) -> String {
 /// The terminal frame.
 fn frame(title: &str, elapsed: f64, o: &Observed, events: &VecDeque<EventLine>) -> Vec<String> {
     let mut lines = vec![
-        format!("\x1b[1m{}\x1b[0m  {elapsed:.1}s", truncate(title, 70)),
+        format!("\x1b[1m{}\x1b[0m  {elapsed:.1}s", truncate(title, 100)),
         format!(
             "{}  \x1b[1m{}\x1b[0m  {}",
             o.canary,
@@ -334,9 +333,13 @@ fn frame(title: &str, elapsed: f64, o: &Observed, events: &VecDeque<EventLine>) 
     }
     lines.push("  events".into());
     for e in events {
-        let warn = if e.type_ == "Warning" { "\x1b[33m" } else { "" };
+        let (on, off) = if e.type_ == "Warning" {
+            ("\x1b[33m", "\x1b[0m")
+        } else {
+            ("", "")
+        };
         lines.push(format!(
-            "    {} {warn}{:<7}\x1b[0m {:<16} {}",
+            "    {} {on}{:<7}{off} {:<16} {}",
             e.time,
             e.type_,
             e.reason,
