@@ -127,6 +127,16 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(kubeconfig: &Path, log: PathBuf, extra: &[&str]) -> Self {
+        Self::start_with_env(kubeconfig, log, extra, &[])
+    }
+
+    /// Like [`Operator::start`], with extra environment variables (AWS credentials).
+    pub fn start_with_env(
+        kubeconfig: &Path,
+        log: PathBuf,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -139,6 +149,7 @@ impl Operator {
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info,serin=debug")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
