@@ -330,6 +330,56 @@ mod tests {
         );
     }
 
+    /// Evaluated as the controller calls it, the demo's Canary gets both presets over its
+    /// interval from the attached history, no data for a Canary with no traffic, and a config
+    /// error for a PromQL query.
+    #[test]
+    fn evaluates_the_demo_canary() {
+        let mut canary: Canary =
+            serde_json::from_value(crate::demo::canary_manifest(Duration::from_secs(10))).unwrap();
+        let source = InProcessSource::new();
+        let none = source.evaluate_at(&canary, at(10));
+        assert!(
+            none.iter()
+                .all(|o| matches!(o.outcome, Outcome::NoData { .. }))
+        );
+
+        let h = Arc::new(History::new(Sample::zero(at(0)), Duration::from_secs(60)));
+        h.record(sample(5, (100, 0), &[(4, 100)]));
+        h.record(sample(15, (300, 5), &[(4, 200), (7, 100)]));
+        source.attach("appmesh-demo", "colorteller", h);
+        let obs = source.evaluate_at(&canary, at(15));
+        assert_eq!(obs[0].name, "error-rate");
+        assert_eq!(
+            obs[0].outcome,
+            Outcome::Value {
+                value: 2.5,
+                sample_size: Some(200)
+            }
+        );
+        // 100 in (10, 25] and 100 in (100, 250]: rank 198 is 98/100 into (100, 250].
+        assert_eq!(obs[1].name, "p99-latency");
+        assert_eq!(
+            obs[1].outcome,
+            Outcome::Value {
+                value: 247.0,
+                sample_size: Some(200)
+            }
+        );
+        assert_eq!(obs[1].at, at(15));
+
+        canary.spec.analysis.metrics[0].preset = None;
+        canary.spec.analysis.metrics[0].query = Some("up".into());
+        let obs = source.evaluate_at(&canary, at(15));
+        assert!(matches!(
+            obs[0].outcome,
+            Outcome::Error {
+                category: "config",
+                ..
+            }
+        ));
+    }
+
     /// The history forgets samples older than its retention but keeps one at or before the
     /// retention's start, so the longest window still has a base.
     #[test]
