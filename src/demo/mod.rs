@@ -732,6 +732,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         None => println!("(add --kubeconfig-out FILE to watch it with kubectl)"),
     }
+    if args.log_file.is_none() && std::io::stdout().is_terminal() {
+        println!(
+            "Serin's warnings go to {}",
+            std::env::temp_dir().join("serin-demo.log").display()
+        );
+    }
     println!(
         "analysis interval {} (speed {}), {} requests/s from colorgateway to colorteller",
         duration_text(interval),

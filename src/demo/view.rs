@@ -74,6 +74,9 @@ pub struct EventLine {
 /// The view.
 pub struct View {
     tty: bool,
+    /// Terminal width: frame lines are cut to fit, since a wrapped line would throw off the
+    /// redraw.
+    width: usize,
     started: Instant,
     title: String,
     drawn: usize,
@@ -88,6 +91,7 @@ impl View {
     pub fn new(tty: bool) -> Self {
         View {
             tty,
+            width: if tty { terminal_width() } else { usize::MAX },
             started: Instant::now(),
             title: String::new(),
             drawn: 0,
@@ -181,12 +185,57 @@ impl View {
             None => Vec::new(),
         };
         for l in &lines {
-            let _ = writeln!(out, "{l}\x1b[K");
+            let _ = writeln!(out, "{}\x1b[K", fit(l, self.width));
         }
         // Clear what is left of a longer previous frame.
         let _ = write!(out, "\x1b[J");
         self.drawn = lines.len();
     }
+}
+
+/// The terminal's width from `stty size` (80 when unknown).
+fn terminal_width() -> usize {
+    std::process::Command::new("stty")
+        .arg("size")
+        .stdin(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .filter(|w: &usize| *w >= 20)
+        .unwrap_or(80)
+}
+
+/// Cuts `line` to `width − 1` visible characters; escape sequences do not count.
+fn fit(line: &str, width: usize) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut visible = 0;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            out.push(c);
+            for e in chars.by_ref() {
+                out.push(e);
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        if visible + 1 >= width {
+            out.push_str("\x1b[0m");
+            break;
+        }
+        out.push(c);
+        visible += 1;
+    }
+    out
 }
 
 fn weights_text(w: Option<Weights>) -> String {
@@ -380,6 +429,13 @@ mod tests {
         assert!(line.contains("Progressing step 2/3"), "{line}");
         assert!(line.contains("primary 50% / canary 50%"), "{line}");
         assert!(!line.contains('\x1b'), "{line}");
+    }
+
+    /// Frame lines are cut to the terminal's width without counting escape codes.
+    #[test]
+    fn fit_ignores_escape_codes() {
+        assert_eq!(fit("\x1b[1mabcdef\x1b[0m", 5), "\x1b[1mabcd\x1b[0m");
+        assert_eq!(fit("abc", 80), "abc");
     }
 
     /// The bar splits its cells by the weights.
