@@ -378,7 +378,10 @@ pub async fn setup_appmesh(env: &Env, name: &str) {
 /// Every distinct (primary, canary) weight pair a routing object goes through, in order,
 /// with when it was seen.
 #[derive(Clone, Default)]
-pub struct WeightLog(Arc<Mutex<Vec<((i64, i64), Instant)>>>);
+pub struct WeightLog(Arc<Mutex<Vec<(Pair, Instant)>>>);
+
+/// (primary, canary) weights.
+pub type Pair = (i64, i64);
 
 impl WeightLog {
     /// The pairs, in order.
