@@ -11,7 +11,8 @@
 //! - A rollout starts when the observed canary revision differs from the stable one (and is
 //!   not the revision that just failed, unless a `retry` command asks for it).
 //! - A check is due `analysis.interval` after the later of the step's start and the last
-//!   check. Only metric results measured at or after that moment count (fresh); the rest
+//!   check (for Canaries with CloudWatch metrics, on the next minute boundary from then, as
+//!   CloudWatch's windows are whole minutes). Only metric results measured at or after that moment count (fresh); the rest
 //!   are stale. A step advances after `checksPerStep` passing checks; at most one step
 //!   advances per decision, because a step's first check is due one interval after it.
 //! - Any failing metric fails the check. A check without a failure but with any
@@ -106,7 +107,31 @@ pub fn next_check_at(spec: &CanarySpec, status: &CanaryStatus) -> Option<DateTim
         Some(c) if c.time > started => c.time,
         _ => started,
     };
-    Some(anchor + interval)
+    let due = anchor + interval;
+    let uses_cloudwatch = spec
+        .analysis
+        .metrics
+        .iter()
+        .any(|m| m.provider.cloud_watch.is_some());
+    if uses_cloudwatch {
+        // CloudWatch serves whole one-minute periods, and the provider's window ends on the
+        // last minute boundary before the query. Checking on a boundary at or after the due
+        // time keeps that window entirely after the step started.
+        Some(ceil_to_minute(due))
+    } else {
+        Some(due)
+    }
+}
+
+fn ceil_to_minute(t: DateTime<Utc>) -> DateTime<Utc> {
+    let ms = t.timestamp_millis();
+    let up = ms.div_euclid(60_000) * 60_000
+        + if ms.rem_euclid(60_000) == 0 {
+            0
+        } else {
+            60_000
+        };
+    DateTime::from_timestamp_millis(up).unwrap_or(t)
 }
 
 struct Machine<'a> {

@@ -669,6 +669,36 @@ fn next_check_is_anchored_in_status() {
     );
 }
 
+/// With a CloudWatch metric, checks fall on minute boundaries, so the provider's
+/// whole-minute window lies after the step started.
+#[test]
+fn cloudwatch_checks_fall_on_minute_boundaries() {
+    let mut w = World::stable_workload();
+    w.spec.analysis.metrics[1].provider = api::ProviderSpec {
+        prometheus: None,
+        cloud_watch: Some(api::AwsConnection {
+            region: "us-west-2".into(),
+            role_arn: None,
+            endpoint: None,
+        }),
+    };
+    w.spec.analysis.metrics[1].preset = Some(api::Preset::CloudwatchAppmeshLatencyP99);
+    w.advance(25); // 10:00:25
+    w.start("rev2");
+    let due = next_check_at(&w.spec, &w.status).unwrap();
+    assert_eq!(
+        due,
+        t0() + Duration::seconds(120),
+        "10:01:25 rounds up to 10:02:00"
+    );
+    w.advance(60); // 10:01:25: the interval has passed, but not the boundary
+    w.metrics(0.1);
+    let d = w.decide();
+    assert!(d.actions.is_empty());
+    assert_eq!(w.status.passed_checks, 0);
+    assert_eq!(d.requeue_after, Some(std::time::Duration::from_secs(35)));
+}
+
 // ---- property tests of the safety rules ----
 
 #[derive(Clone, Debug)]
