@@ -85,19 +85,23 @@ async fn appmesh_workload_promotes_healthy_canary() {
         Some(0),
         "canary scaled down"
     );
-    let reasons = events(&env, "podinfo").await;
-    for r in [
-        "Initialized",
-        "RolloutStarted",
-        "StepAdvanced",
-        "Promoting",
-        "Promoted",
-    ] {
-        assert!(
-            reasons.iter().any(|x| x == r),
-            "no {r} event in {reasons:?}"
-        );
-    }
+    // One Event per thing that happened, each with its own message, in order.
+    let events = event_messages(&env, "podinfo").await;
+    let reasons: Vec<&str> = events.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "Initialized",
+            "RolloutStarted",
+            "StepAdvanced",
+            "StepAdvanced",
+            "Promoting",
+            "Promoted"
+        ],
+        "{events:#?}"
+    );
+    assert!(events[2].1.contains("canary weight 20%"), "{events:#?}");
+    assert!(events[3].1.contains("canary weight 50%"), "{events:#?}");
     let (_, canary_totals) = env.sim.totals(0).unwrap();
     assert!(canary_totals.requests > 0, "the canary received traffic");
 

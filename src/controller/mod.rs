@@ -7,7 +7,7 @@
 //! 3. **act**: the decision's actions in order (weights first on rollback), through the
 //!    router and the workload helpers, all idempotent;
 //! 4. **record**: the new status through the status subresource, as a compare-and-swap on
-//!    the Canary's resourceVersion, and only when it changed.
+//!    the Canary's resourceVersion, and only when it changed; then the decision's Events.
 //!
 //! If an action fails, the status is not written, so the next reconcile makes the same
 //! decision again. Timed steps requeue at the time the next check is due; there is no task
@@ -73,8 +73,8 @@ type TargetIndex = HashMap<(String, String), HashSet<ObjectRef<DeserializeGuard<
 pub struct Context {
     /// Kubernetes client.
     pub client: kube::Client,
-    /// Event recorder (reporter `serin`).
-    pub recorder: Recorder,
+    /// Who reports Events (`serin` and this replica).
+    reporter: Reporter,
     /// The data planes.
     pub routers: Routers,
     /// The metric providers.
@@ -97,16 +97,13 @@ impl Context {
         metrics: Arc<Metrics>,
         instance: Option<String>,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: api::MANAGER.into(),
-                instance,
-            },
-        );
+        let reporter = Reporter {
+            controller: api::MANAGER.into(),
+            instance,
+        };
         Context {
             client,
-            recorder,
+            reporter,
             routers,
             metrics_source,
             metrics,
@@ -417,6 +414,15 @@ async fn reconcile_canary(canary: &Canary, ctx: &Context) -> Result<Requeue, Err
         ctx.metrics
             .observe_status(&ns, &name, &status, &decision.status);
     }
+    // Report only what was recorded: a reconcile that ran on a stale copy of the Canary
+    // made the same decision again and lost the compare-and-swap above, so its Events
+    // would be duplicates.
+    let reference = canary.object_ref(&());
+    for action in &decision.actions {
+        if let Action::Event(e) = action {
+            publish(ctx, &reference, e.type_, e.reason, e.message.clone()).await;
+        }
+    }
     Ok(match decision.requeue_after {
         Some(d) => Requeue::requeue(d.max(Duration::from_millis(200))),
         None => Requeue::requeue(RESYNC),
@@ -552,16 +558,8 @@ async fn act(
                 };
                 workload::scale(&deployments, &target_ref.name, 0).await?;
             }
-            Action::Event(e) => {
-                publish(
-                    ctx,
-                    &canary.object_ref(&()),
-                    e.type_,
-                    e.reason,
-                    e.message.clone(),
-                )
-                .await;
-            }
+            // Reported after the status is recorded (see `reconcile_canary`).
+            Action::Event(_) => {}
         }
     }
     Ok(())
@@ -661,6 +659,10 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
+    // A recorder per Event: kube's Recorder merges Events that share type, reason and
+    // action into one series and keeps the first message, so "canary weight 50%" would be
+    // shown as a repeat of "canary weight 20%".
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let event = KubeEvent {
         type_: match type_ {
             EventType::Normal => KubeEventType::Normal,
@@ -671,7 +673,7 @@ async fn publish(
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+    if let Err(e) = recorder.publish(&event, reference).await {
         tracing::warn!(error = %e, reason, "could not publish event");
     }
 }

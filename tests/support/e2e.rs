@@ -511,12 +511,32 @@ pub async fn set_image(env: &Env, name: &str, image: &str) {
 }
 
 pub async fn events(env: &Env, name: &str) -> Vec<String> {
+    event_messages(env, name)
+        .await
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect()
+}
+
+/// (reason, message) of the core/v1 Events about object `name`, oldest first.
+pub async fn event_messages(env: &Env, name: &str) -> Vec<(String, String)> {
     let api: Api<Event> = Api::namespaced(env.client.clone(), NS);
-    let list = api.list(&Default::default()).await.unwrap();
-    list.items
+    let mut list: Vec<Event> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
         .into_iter()
         .filter(|e| e.involved_object.name.as_deref() == Some(name))
-        .filter_map(|e| e.reason)
+        .collect();
+    list.sort_by_key(|e| {
+        e.metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+    });
+    list.into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
         .collect()
 }
 
