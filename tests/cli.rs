@@ -216,3 +216,25 @@ fn version() {
         format!("serin {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// The Gateway API example is the App Mesh workload example with only `spec.router` (and
+/// the data plane's presets) changed: the migration path off App Mesh.
+#[test]
+fn gateway_api_example_differs_from_appmesh_only_in_router() {
+    let load = |name: &str| -> serin::api::Canary {
+        serde_norway::from_str(&std::fs::read_to_string(repo(&format!("examples/{name}"))).unwrap())
+            .unwrap()
+    };
+    let appmesh = load("appmesh-workload.yaml");
+    let mut gateway = load("gateway-api.yaml");
+    assert!(gateway.spec.router.gateway_api.is_some());
+    gateway.spec.router = appmesh.spec.router.clone();
+    for m in &mut gateway.spec.analysis.metrics {
+        m.preset = m.preset.map(|p| match p {
+            serin::api::Preset::GatewayErrorRate => serin::api::Preset::AppmeshErrorRate,
+            serin::api::Preset::GatewayLatencyP99 => serin::api::Preset::AppmeshLatencyP99,
+            other => other,
+        });
+    }
+    assert_eq!(gateway.spec, appmesh.spec);
+}
