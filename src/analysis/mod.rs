@@ -61,30 +61,41 @@ pub fn judge(metric: &MetricSpec, outcome: &Outcome) -> (Verdict, String) {
                     ),
                 );
             }
+            let shown = display_value(*value);
             if let (Some(min), Some(n)) = (metric.min_sample_size, sample_size)
                 && *n < min
             {
                 return (
                     Verdict::Inconclusive,
-                    format!("{value} from {n} samples, fewer than minSampleSize {min}"),
+                    format!("{shown} from {n} samples, fewer than minSampleSize {min}"),
                 );
             }
             if let Some(max) = metric.max
                 && *value > max
             {
-                return (Verdict::Fail, format!("{value} is above max {max}"));
+                return (Verdict::Fail, format!("{shown} is above max {max}"));
             }
             if let Some(min) = metric.min
                 && *value < min
             {
-                return (Verdict::Fail, format!("{value} is below min {min}"));
+                return (Verdict::Fail, format!("{shown} is below min {min}"));
             }
             (
                 Verdict::Pass,
-                format!("{value} is within bounds{}", bounds_text(metric)),
+                format!("{shown} is within bounds{}", bounds_text(metric)),
             )
         }
     }
+}
+
+/// A value as people read it: at most three decimals, no trailing zeros (`891.304`, `8`).
+pub fn display_value(v: f64) -> String {
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" { "0".into() } else { s.to_string() }
 }
 
 fn bounds_text(metric: &MetricSpec) -> String {
@@ -186,6 +197,20 @@ mod tests {
         assert_eq!(judge(&m, &value(50.0, Some(99))).0, Verdict::Inconclusive);
         assert_eq!(judge(&m, &value(50.0, Some(100))).0, Verdict::Fail);
         assert_eq!(judge(&m, &value(0.5, None)).0, Verdict::Pass);
+    }
+
+    /// Values in messages are rounded to three decimals without trailing zeros.
+    #[test]
+    fn values_display_briefly() {
+        assert_eq!(display_value(891.304347826087), "891.304");
+        assert_eq!(display_value(8.0), "8");
+        assert_eq!(display_value(0.1), "0.1");
+        assert_eq!(display_value(-0.0001), "0");
+        let m = metric(None, Some(500.0), None);
+        assert_eq!(
+            judge(&m, &value(891.304347826087, None)).1,
+            "891.304 is above max 500"
+        );
     }
 
     /// One failure fails a check; one inconclusive keeps it from passing; none is not a pass.
