@@ -679,10 +679,20 @@ async fn publish(
 }
 
 async fn add_finalizer(canary: &Canary, ctx: &Context) -> Result<(), Error> {
-    let api: Api<Canary> =
-        Api::namespaced(ctx.client.clone(), &canary.namespace().unwrap_or_default());
     let mut finalizers = canary.finalizers().to_vec();
     finalizers.push(FINALIZER.into());
+    set_finalizers(canary, ctx, finalizers, "add finalizer to").await
+}
+
+/// Replaces the Canary's finalizers, guarded by its resourceVersion.
+async fn set_finalizers(
+    canary: &Canary,
+    ctx: &Context,
+    finalizers: Vec<String>,
+    operation: &'static str,
+) -> Result<(), Error> {
+    let api: Api<Canary> =
+        Api::namespaced(ctx.client.clone(), &canary.namespace().unwrap_or_default());
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": canary.resource_version()}});
     api.patch(
         &canary.name_any(),
@@ -691,7 +701,7 @@ async fn add_finalizer(canary: &Canary, ctx: &Context) -> Result<(), Error> {
     )
     .await
     .map_err(|source| Error::Kube {
-        operation: "add finalizer to",
+        operation,
         kind: "Canary",
         name: canary.name_any(),
         source,
@@ -702,37 +712,20 @@ async fn add_finalizer(canary: &Canary, ctx: &Context) -> Result<(), Error> {
 /// A Canary being deleted: restore all traffic to the primary where that state lives
 /// outside Kubernetes, then release the finalizer.
 async fn finalize(canary: &Canary, ctx: &Context) -> Result<Requeue, Error> {
-    if !canary.finalizers().iter().any(|f| f == FINALIZER) {
-        ctx.metrics
-            .forget(&canary.namespace().unwrap_or_default(), &canary.name_any());
-        return Ok(Requeue::await_change());
+    let ns = canary.namespace().unwrap_or_default();
+    if canary.finalizers().iter().any(|f| f == FINALIZER) {
+        if let Ok(router) = ctx.routers.for_canary(canary) {
+            router.finalize(canary).await?;
+        }
+        let rest = canary
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        set_finalizers(canary, ctx, rest, "remove finalizer from").await?;
     }
-    if let Ok(router) = ctx.routers.for_canary(canary) {
-        router.finalize(canary).await?;
-    }
-    let api: Api<Canary> =
-        Api::namespaced(ctx.client.clone(), &canary.namespace().unwrap_or_default());
-    let finalizers: Vec<String> = canary
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": canary.resource_version()}});
-    api.patch(
-        &canary.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(|source| Error::Kube {
-        operation: "remove finalizer from",
-        kind: "Canary",
-        name: canary.name_any(),
-        source,
-    })?;
-    ctx.metrics
-        .forget(&canary.namespace().unwrap_or_default(), &canary.name_any());
+    ctx.metrics.forget(&ns, &canary.name_any());
     Ok(Requeue::await_change())
 }
 
