@@ -206,7 +206,10 @@ pub async fn run(
     let mapper_ctx = ctx.clone();
     let cm_ctx = ctx.clone();
     let secret_ctx = ctx.clone();
-    Controller::new(canaries, watcher::Config::default().any_semantic())
+    let controller = Controller::new(canaries, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let pruning = tokio::spawn(prune_deleted(ctx.clone(), store));
+    controller
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
         .owns(services, watcher::Config::default().any_semantic())
         .watches(
@@ -232,6 +235,41 @@ pub async fn run(
             }
         })
         .await;
+    pruning.abort();
+}
+
+/// How often state about deleted Canaries is dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// A deleted Canary without a finalizer is never reconciled again: one shared task
+/// periodically drops its metric series and its entries in the dependency index, using the
+/// controller's own cache of Canaries.
+async fn prune_deleted(
+    ctx: Arc<Context>,
+    store: kube::runtime::reflector::Store<DeserializeGuard<Canary>>,
+) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if store.wait_until_ready().await.is_err() {
+            return;
+        }
+        let alive: HashSet<(String, String)> = store
+            .state()
+            .iter()
+            .filter_map(|c| Some((c.meta().namespace.clone()?, c.meta().name.clone()?)))
+            .collect();
+        ctx.metrics.retain(&alive);
+        if let Ok(mut targets) = ctx.targets.lock() {
+            for refs in targets.values_mut() {
+                refs.retain(|r| {
+                    alive.contains(&(r.namespace.clone().unwrap_or_default(), r.name.clone()))
+                });
+            }
+            targets.retain(|_, refs| !refs.is_empty());
+        }
+    }
 }
 
 /// Maps a Deployment event to the Canary that owns it (the primary) or targets it.

@@ -4,9 +4,10 @@
 //! Labels are bounded: a Canary's namespace and name (what users filter on), phases,
 //! verdicts, results and error categories — never messages.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -36,6 +37,9 @@ pub struct Metrics {
     value: Family<Labels, Gauge<f64, AtomicU64>>,
     reconcile_duration: Histogram,
     reconcile_errors: Family<Labels, Counter>,
+    /// Canaries with series, and the metric names of their `serin_metric_value` series, so
+    /// a deleted Canary's series can be removed.
+    canaries: Mutex<HashMap<(String, String), BTreeSet<String>>>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -117,6 +121,7 @@ impl Metrics {
             value,
             reconcile_duration,
             reconcile_errors,
+            canaries: Mutex::default(),
         }
     }
 
@@ -147,6 +152,10 @@ impl Metrics {
                 ("name", name.to_string()),
             ]
         };
+        let mut canaries = self.canaries.lock().unwrap_or_else(|e| e.into_inner());
+        let metric_names = canaries
+            .entry((namespace.to_string(), name.to_string()))
+            .or_default();
         self.weight
             .get_or_create(&id())
             .set(i64::from(after.canary_weight));
@@ -189,6 +198,7 @@ impl Metrics {
                     let mut l = id();
                     l.push(("metric", r.metric.clone()));
                     self.value.get_or_create(&l).set(v);
+                    metric_names.insert(r.metric.clone());
                 }
             }
         }
@@ -196,16 +206,40 @@ impl Metrics {
 
     /// Forgets a deleted Canary's series.
     pub fn forget(&self, namespace: &str, name: &str) {
-        let id = vec![
-            ("namespace", namespace.to_string()),
-            ("name", name.to_string()),
-        ];
+        let key = (namespace.to_string(), name.to_string());
+        let metric_names = self
+            .canaries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key)
+            .unwrap_or_default();
+        let id = vec![("namespace", key.0), ("name", key.1)];
         self.weight.remove(&id);
         self.step.remove(&id);
         for p in Phase::ALL {
             let mut l = id.clone();
             l.push(("phase", p.as_str().to_string()));
             self.phase.remove(&l);
+        }
+        for m in metric_names {
+            let mut l = id.clone();
+            l.push(("metric", m));
+            self.value.remove(&l);
+        }
+    }
+
+    /// Forgets the series of every Canary not in `alive` (`(namespace, name)`).
+    pub fn retain(&self, alive: &HashSet<(String, String)>) {
+        let gone: Vec<(String, String)> = self
+            .canaries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|k| !alive.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.forget(&ns, &name);
         }
     }
 
@@ -292,5 +326,46 @@ async fn ready_handler(State(s): State<Shared>) -> impl IntoResponse {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(weight: u8) -> CanaryStatus {
+        serde_json::from_value(serde_json::json!({
+            "phase": "Progressing",
+            "canaryWeight": weight,
+            "lastCheck": {"time": "2026-11-22T10:05:00Z", "verdict": "Pass",
+                          "results": [{"metric": "error-rate", "value": 0.5, "verdict": "Pass"}]}
+        }))
+        .unwrap()
+    }
+
+    /// Series of Canaries that no longer exist are dropped; the others stay.
+    #[test]
+    fn retain_drops_deleted_canaries() {
+        let m = Metrics::new(|_| {});
+        m.observe_status("shop", "web", &CanaryStatus::default(), &status(20));
+        m.observe_status("shop", "api", &CanaryStatus::default(), &status(50));
+        let text = m.encode();
+        assert!(
+            text.contains(r#"serin_canary_weight{namespace="shop",name="api"} 50"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"serin_metric_value{namespace="shop",name="api",metric="error-rate"} 0.5"#
+            ),
+            "{text}"
+        );
+        m.retain(&HashSet::from([("shop".to_string(), "web".to_string())]));
+        let text = m.encode();
+        assert!(
+            text.contains(r#"serin_canary_weight{namespace="shop",name="web"} 20"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"name="api""#), "{text}");
     }
 }
