@@ -4,18 +4,12 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serin::api::{Phase, RolloutResult};
 use serin::embedded::traffic::Behaviour;
-use serin::router::{AppMeshKubeRouter, Routers};
 use support::e2e::*;
 use support::require;
-
-fn routers(c: &kube::Client) -> Routers {
-    Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))])
-}
 
 const BAD: Behaviour = Behaviour {
     error_rate: 0.05,
@@ -29,11 +23,9 @@ const BAD: Behaviour = Behaviour {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_canary_rolled_back_and_timed() {
     require("prometheus");
-    let Some(env) = env(|c| vec![appmesh_service(c, BAD, routers(c), "podinfo")]).await else {
+    let Some((env, weights)) = podinfo_env(BAD).await else {
         return;
     };
-    setup_appmesh(&env, "podinfo").await;
-    let (weights, _rec) = record_weights(&env.client, "podinfo");
     let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
     wait_phase(
         &env,
@@ -94,16 +86,7 @@ async fn failing_canary_rolled_back_and_timed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_degrading_at_half_traffic_rolled_back_at_that_step() {
     require("prometheus");
-    let Some(env) = env(|c| {
-        vec![appmesh_service(
-            c,
-            Behaviour::HEALTHY,
-            routers(c),
-            "podinfo",
-        )]
-    })
-    .await
-    else {
+    let Some((env, weights)) = podinfo_env(Behaviour::HEALTHY).await else {
         return;
     };
     env.sim.degrade_under_load(
@@ -114,8 +97,6 @@ async fn canary_degrading_at_half_traffic_rolled_back_at_that_step() {
             ..Behaviour::HEALTHY
         },
     );
-    setup_appmesh(&env, "podinfo").await;
-    let (weights, _rec) = record_weights(&env.client, "podinfo");
     let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
     wait_phase(
         &env,
@@ -142,20 +123,9 @@ async fn canary_degrading_at_half_traffic_rolled_back_at_that_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_outage_holds_the_step_then_resumes() {
     require("prometheus");
-    let Some(mut env) = env(|c| {
-        vec![appmesh_service(
-            c,
-            Behaviour::HEALTHY,
-            routers(c),
-            "podinfo",
-        )]
-    })
-    .await
-    else {
+    let Some((mut env, weights)) = podinfo_env(Behaviour::HEALTHY).await else {
         return;
     };
-    setup_appmesh(&env, "podinfo").await;
-    let (weights, _rec) = record_weights(&env.client, "podinfo");
     let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
     wait_phase(
         &env,

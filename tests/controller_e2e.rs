@@ -25,22 +25,9 @@ use support::{require, wait_for};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appmesh_workload_promotes_healthy_canary() {
     require("prometheus");
-    let routers =
-        |c: &kube::Client| Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
-    let Some(env) = env(|c| {
-        vec![appmesh_service(
-            c,
-            Behaviour::HEALTHY,
-            routers(c),
-            "podinfo",
-        )]
-    })
-    .await
-    else {
+    let Some((env, weights)) = podinfo_env(Behaviour::HEALTHY).await else {
         return;
     };
-    setup_appmesh(&env, "podinfo").await;
-    let (weights, _rec) = record_weights(&env.client, "podinfo");
     let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
     let c = wait_phase(
         &env,
@@ -283,22 +270,9 @@ async fn gloo_upstreamgroup_traffic_mode_promotes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_revision_mid_rollout_restarts_analysis() {
     require("prometheus");
-    let routers =
-        |c: &kube::Client| Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
-    let Some(env) = env(|c| {
-        vec![appmesh_service(
-            c,
-            Behaviour::HEALTHY,
-            routers(c),
-            "podinfo",
-        )]
-    })
-    .await
-    else {
+    let Some((env, weights)) = podinfo_env(Behaviour::HEALTHY).await else {
         return;
     };
-    setup_appmesh(&env, "podinfo").await;
-    let (weights, _rec) = record_weights(&env.client, "podinfo");
     let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
     wait_phase(
         &env,
@@ -353,22 +327,9 @@ async fn new_revision_mid_rollout_restarts_analysis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_killed_at_every_step_resumes_exactly() {
     require("prometheus");
-    let routers =
-        |c: &kube::Client| Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
-    let Some(env) = env(|c| {
-        vec![appmesh_service(
-            c,
-            Behaviour::HEALTHY,
-            routers(c),
-            "podinfo",
-        )]
-    })
-    .await
-    else {
+    let Some((env, weights)) = podinfo_env(Behaviour::HEALTHY).await else {
         return;
     };
-    setup_appmesh(&env, "podinfo").await;
-    let (weights, _rec) = record_weights(&env.client, "podinfo");
     let log = env.dir.path().join("operator.log");
     let mut op = Operator::start(&env.kubeconfig, log.clone(), &[]);
     wait_phase(
@@ -418,22 +379,9 @@ async fn operator_killed_at_every_step_resumes_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_election_hands_over_without_double_steps() {
     require("prometheus");
-    let routers =
-        |c: &kube::Client| Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
-    let Some(env) = env(|c| {
-        vec![appmesh_service(
-            c,
-            Behaviour::HEALTHY,
-            routers(c),
-            "podinfo",
-        )]
-    })
-    .await
-    else {
+    let Some((env, weights)) = podinfo_env(Behaviour::HEALTHY).await else {
         return;
     };
-    setup_appmesh(&env, "podinfo").await;
-    let (weights, _rec) = record_weights(&env.client, "podinfo");
     let args = |id: &'static str| {
         [
             "--leader-elect",

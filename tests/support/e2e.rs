@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use serin::api::{Canary, Phase};
 use serin::embedded::traffic::{Behaviour, RouterWeights, ServiceConfig, TrafficSimulator};
 use serin::embedded::{ApiServer, Options};
-use serin::router::Routers;
+use serin::router::{AppMeshKubeRouter, Routers};
 use std::time::Instant;
 
 pub const NS: &str = "e2e";
@@ -553,4 +553,17 @@ pub async fn wait_weights(env: &Env, op: &Operator, seen: &WeightLog, len: usize
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The common start of the App Mesh tests: an environment with the workload Canary
+/// `podinfo` (its canary behaving as `canary`) and its VirtualRouter's weights recorded
+/// from the beginning.
+pub async fn podinfo_env(canary: Behaviour) -> Option<(Env, WeightLog)> {
+    let routers =
+        |c: &kube::Client| Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
+    let mut env = env(|c| vec![appmesh_service(c, canary, routers(c), "podinfo")]).await?;
+    setup_appmesh(&env, "podinfo").await;
+    let (weights, recorder) = record_weights(&env.client, "podinfo");
+    env.tasks.push(recorder);
+    Some((env, weights))
 }
