@@ -26,15 +26,7 @@ async fn failing_canary_rolled_back_and_timed() {
     let Some((env, weights)) = podinfo_env(BAD).await else {
         return;
     };
-    let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
-    wait_phase(
-        &env,
-        &op,
-        "podinfo",
-        Phase::Waiting,
-        Duration::from_secs(30),
-    )
-    .await;
+    let op = ready_operator(&env, "podinfo").await;
     set_image(&env, "podinfo", "podinfo:2").await;
     wait_weights(&env, &op, &weights, 2).await;
     // The first failed check, observed by polling status.
@@ -76,9 +68,8 @@ async fn failing_canary_rolled_back_and_timed() {
     assert!(
         zero.saturating_duration_since(first_failure) <= Duration::from_secs(2 * INTERVAL_SECS)
     );
-    let reasons = events(&env, "podinfo").await;
-    assert!(reasons.iter().any(|r| r == "CheckFailed"), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r == "RolledBack"), "{reasons:?}");
+    let events = events_after(&env, "podinfo", "RolledBack").await;
+    assert!(events.iter().any(|(r, _)| r == "CheckFailed"), "{events:?}");
 }
 
 /// A canary that is healthy at 20% but fails once it carries half the traffic passes the
@@ -97,15 +88,7 @@ async fn canary_degrading_at_half_traffic_rolled_back_at_that_step() {
             ..Behaviour::HEALTHY
         },
     );
-    let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
-    wait_phase(
-        &env,
-        &op,
-        "podinfo",
-        Phase::Waiting,
-        Duration::from_secs(30),
-    )
-    .await;
+    let op = ready_operator(&env, "podinfo").await;
     set_image(&env, "podinfo", "podinfo:2").await;
     let c = wait_phase(&env, &op, "podinfo", Phase::Failed, Duration::from_secs(90)).await;
     let status = c.status.unwrap();
@@ -126,15 +109,7 @@ async fn prometheus_outage_holds_the_step_then_resumes() {
     let Some((mut env, weights)) = podinfo_env(Behaviour::HEALTHY).await else {
         return;
     };
-    let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
-    wait_phase(
-        &env,
-        &op,
-        "podinfo",
-        Phase::Waiting,
-        Duration::from_secs(30),
-    )
-    .await;
+    let op = ready_operator(&env, "podinfo").await;
     set_image(&env, "podinfo", "podinfo:2").await;
     wait_weights(&env, &op, &weights, 2).await;
     env.prometheus.stop();
@@ -183,9 +158,5 @@ async fn prometheus_outage_holds_the_step_then_resumes() {
         vec![(100, 0), (80, 20), (50, 50), (0, 100), (100, 0)]
     );
     assert_eq!(c.status.unwrap().history[0].result, RolloutResult::Promoted);
-    let reasons = events(&env, "podinfo").await;
-    assert!(
-        reasons.iter().any(|r| r == "CheckInconclusive"),
-        "{reasons:?}"
-    );
+    events_after(&env, "podinfo", "CheckInconclusive").await;
 }

@@ -73,7 +73,7 @@ async fn appmesh_workload_promotes_healthy_canary() {
         "canary scaled down"
     );
     // One Event per thing that happened, each with its own message, in order.
-    let events = event_messages(&env, "podinfo").await;
+    let events = events_after(&env, "podinfo", "Promoted").await;
     let reasons: Vec<&str> = events.iter().map(|(r, _)| r.as_str()).collect();
     assert_eq!(
         reasons,
@@ -153,8 +153,7 @@ async fn invalid_canary_is_never_acted_on() {
         message.contains("spec.analysis.metrics[0].preset"),
         "{message}"
     );
-    let reasons = events(&env, "podinfo").await;
-    assert!(reasons.iter().any(|r| r == "Invalid"), "{reasons:?}");
+    events_after(&env, "podinfo", "Invalid").await;
     // Give the operator time to (wrongly) act, then check it did not.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -273,15 +272,7 @@ async fn new_revision_mid_rollout_restarts_analysis() {
     let Some((env, weights)) = podinfo_env(Behaviour::HEALTHY).await else {
         return;
     };
-    let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
-    wait_phase(
-        &env,
-        &op,
-        "podinfo",
-        Phase::Waiting,
-        Duration::from_secs(30),
-    )
-    .await;
+    let op = ready_operator(&env, "podinfo").await;
     set_image(&env, "podinfo", "podinfo:2").await;
     wait_weights(&env, &op, &weights, 2).await; // (80, 20)
     let rev2 = canary(&env, "podinfo").await.status.unwrap().revision;

@@ -510,14 +510,6 @@ pub async fn set_image(env: &Env, name: &str, image: &str) {
         .unwrap();
 }
 
-pub async fn events(env: &Env, name: &str) -> Vec<String> {
-    event_messages(env, name)
-        .await
-        .into_iter()
-        .map(|(r, _)| r)
-        .collect()
-}
-
 /// (reason, message) of the core/v1 Events about object `name`, oldest first.
 pub async fn event_messages(env: &Env, name: &str) -> Vec<(String, String)> {
     let api: Api<Event> = Api::namespaced(env.client.clone(), NS);
@@ -566,4 +558,29 @@ pub async fn podinfo_env(canary: Behaviour) -> Option<(Env, WeightLog)> {
     let (weights, recorder) = record_weights(&env.client, "podinfo");
     env.tasks.push(recorder);
     Some((env, weights))
+}
+
+/// Starts the operator and waits until Canary `name` is initialised (`Waiting`).
+pub async fn ready_operator(env: &Env, name: &str) -> Operator {
+    let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
+    wait_phase(env, &op, name, Phase::Waiting, Duration::from_secs(30)).await;
+    op
+}
+
+/// Waits (with a deadline) until an Event with `reason` about `name` exists, then returns
+/// all of them. The operator publishes Events after it records the status, so a test that
+/// has seen the new phase may be a moment ahead of the Events.
+pub async fn events_after(env: &Env, name: &str, reason: &str) -> Vec<(String, String)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = event_messages(env, name).await;
+        if events.iter().any(|(r, _)| r == reason) {
+            return events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {reason} Event about {name}: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
