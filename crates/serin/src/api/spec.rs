@@ -1,0 +1,577 @@
+//! `Canary.spec`: what the user asks for.
+
+use std::collections::BTreeMap;
+
+use kube::core::Duration;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::status::CanaryStatus;
+
+/// A Canary shifts live traffic from the stable version of a service to a new one in steps,
+/// checks SLOs at every step, and rolls back by itself when the new version breaches them.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "serin.dev",
+    version = "v1alpha1",
+    kind = "Canary",
+    plural = "canaries",
+    singular = "canary",
+    shortname = "cnry",
+    category = "serin",
+    namespaced,
+    status = "CanaryStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Weight","type":"integer","jsonPath":".status.canaryWeight","description":"Percent of traffic on the canary"}"#,
+    printcolumn = r#"{"name":"Step","type":"integer","jsonPath":".status.step","priority":1}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failedChecks"}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.revision","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("has(self.targetRef) != has(self.backends)").message("set exactly one of spec.targetRef (workload mode) or spec.backends (traffic mode)"))]
+#[serde(rename_all = "camelCase")]
+pub struct CanarySpec {
+    /// Workload mode: the Deployment whose pod template changes start a rollout. Serin owns
+    /// `<name>-primary` (the stable copy) and shifts traffic to the target when its template
+    /// changes. Exactly one of `targetRef` or `backends` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<TargetRef>,
+
+    /// Traffic mode: two backends that already exist (Services, VirtualNodes or upstreams,
+    /// depending on the router). Serin only moves weights between them and touches no
+    /// workload. Exactly one of `targetRef` or `backends` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<Backends>,
+
+    /// The Service in front of the workload.
+    pub service: ServiceSpec,
+
+    /// How traffic is split. Set exactly one of `appMesh`, `appMeshApi`, `gloo`, `gatewayApi`.
+    pub router: RouterSpec,
+
+    /// Canary weight (percent of traffic) at each step, strictly increasing, each in 1..=100.
+    /// The last step must be 100: reaching it promotes the canary. Default: [20, 50, 100].
+    #[serde(default = "default_steps")]
+    #[x_kube(validation = Rule::new("self.all(s, s >= 1 && s <= 100)").message("each step must be between 1 and 100"))]
+    #[x_kube(validation = Rule::new("size(self) > 0 && self[size(self) - 1] == 100").message("the last step must be 100 (promotion)"))]
+    #[x_kube(validation = Rule::new("self.isSorted() && self.all(s, size(self.filter(t, t == s)) == 1)").message("steps must be strictly increasing"))]
+    #[schemars(length(min = 2, max = 20))]
+    pub steps: Vec<i32>,
+
+    /// How each step is judged.
+    pub analysis: AnalysisSpec,
+
+    /// Freeze the rollout: no step advances, no check is counted, no new rollout starts.
+    /// Set back to false to resume where it stopped.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub paused: bool,
+
+    /// How many finished rollouts `status.history` keeps (newest first). Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub history_limit: Option<u32>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The default canary weights: 80/20, then 50/50, then promotion.
+pub fn default_steps() -> Vec<i32> {
+    vec![20, 50, 100]
+}
+
+/// The history length used when `spec.historyLimit` is not set.
+pub const DEFAULT_HISTORY_LIMIT: u32 = 10;
+
+impl CanarySpec {
+    /// True in traffic mode (`spec.backends`), false in workload mode (`spec.targetRef`).
+    pub fn is_traffic_mode(&self) -> bool {
+        self.backends.is_some()
+    }
+
+    /// The number of history entries to keep.
+    pub fn history_limit(&self) -> usize {
+        self.history_limit.unwrap_or(DEFAULT_HISTORY_LIMIT).max(1) as usize
+    }
+}
+
+/// A reference to the workload that Serin rolls out.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    /// API version of the target, `apps/v1`.
+    pub api_version: String,
+    /// Kind of the target, `Deployment`.
+    pub kind: String,
+    /// Name of the target in the Canary's namespace.
+    pub name: String,
+}
+
+/// The two backends of traffic mode.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Backends {
+    /// The backend that receives all traffic before the rollout (the stable version).
+    pub primary: String,
+    /// The backend that receives traffic step by step (the new version).
+    pub canary: String,
+}
+
+/// The Service through which the workload is reached.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service name; defaults to the target's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Port the Service listens on.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Port on the pods; defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub target_port: Option<i32>,
+}
+
+/// Where Serin writes weights. Exactly one field is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("[has(self.appMesh), has(self.appMeshApi), has(self.gloo), has(self.gatewayApi)].filter(x, x).size() == 1").message("set exactly one of router.appMesh, router.appMeshApi, router.gloo or router.gatewayApi"))]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    /// AWS App Mesh through its Kubernetes resources (`appmesh.k8s.aws/v1beta2` VirtualRouter
+    /// route weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_mesh: Option<AppMeshRouter>,
+    /// AWS App Mesh through the AWS API, for meshes managed outside Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_mesh_api: Option<AppMeshApiRouter>,
+    /// Gloo Edge UpstreamGroup destinations, or VirtualService/RouteTable multi destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gloo: Option<GlooRouter>,
+    /// Gateway API HTTPRoute backendRefs weights (`gateway.networking.k8s.io/v1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_api: Option<GatewayApiRouter>,
+}
+
+/// The kind of router a Canary uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterKind {
+    /// `router.appMesh`
+    AppMesh,
+    /// `router.appMeshApi`
+    AppMeshApi,
+    /// `router.gloo`
+    Gloo,
+    /// `router.gatewayApi`
+    GatewayApi,
+}
+
+impl RouterSpec {
+    /// The routers that are set, in field order (valid specs have exactly one).
+    pub fn kinds(&self) -> Vec<RouterKind> {
+        let mut kinds = Vec::new();
+        if self.app_mesh.is_some() {
+            kinds.push(RouterKind::AppMesh);
+        }
+        if self.app_mesh_api.is_some() {
+            kinds.push(RouterKind::AppMeshApi);
+        }
+        if self.gloo.is_some() {
+            kinds.push(RouterKind::Gloo);
+        }
+        if self.gateway_api.is_some() {
+            kinds.push(RouterKind::GatewayApi);
+        }
+        kinds
+    }
+}
+
+/// App Mesh through Kubernetes resources.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppMeshRouter {
+    /// Name of the Mesh.
+    pub mesh: String,
+    /// Traffic mode: an existing VirtualRouter in the Canary's namespace whose route names the
+    /// primary and canary VirtualNodes. Workload mode: Serin creates `<target>` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_router: Option<String>,
+    /// Name of the route inside the VirtualRouter; defaults to the router's only route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// Virtual services the generated VirtualNodes may call (workload mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<String>,
+}
+
+/// App Mesh through the AWS API.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppMeshApiRouter {
+    /// Name of the mesh.
+    pub mesh: String,
+    /// Name of the virtual router.
+    pub virtual_router: String,
+    /// Name of the route whose weighted targets Serin sets.
+    pub route: String,
+    /// AWS account that owns the mesh, when it is shared with this account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_owner: Option<String>,
+    /// AWS connection settings.
+    #[serde(flatten)]
+    pub aws: AwsConnection,
+}
+
+/// How to reach an AWS API.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsConnection {
+    /// AWS region, for example `us-west-2`.
+    pub region: String,
+    /// IAM role to assume; credentials otherwise come from the standard AWS chain (IRSA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// Endpoint override (for example a VPC endpoint, or a local test server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// Gloo Edge routing. Set exactly one of `upstreamGroup`, `virtualService` or `routeTable`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("[has(self.upstreamGroup), has(self.virtualService), has(self.routeTable)].filter(x, x).size() == 1").message("set exactly one of router.gloo.upstreamGroup, router.gloo.virtualService or router.gloo.routeTable"))]
+#[serde(rename_all = "camelCase")]
+pub struct GlooRouter {
+    /// The UpstreamGroup whose destinations carry the weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_group: Option<ObjectRef>,
+    /// A VirtualService whose route uses `routeAction.multi.destinations`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_service: Option<ObjectRef>,
+    /// A RouteTable whose route uses `routeAction.multi.destinations`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_table: Option<ObjectRef>,
+    /// Names of the primary and canary Upstreams when they do not follow Gloo discovery's
+    /// `<namespace>-<service>-<port>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstreams: Option<Backends>,
+}
+
+/// Gateway API routing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayApiRouter {
+    /// The HTTPRoute whose rule references the primary and canary Services.
+    pub http_route: HttpRouteRef,
+}
+
+/// A reference to an HTTPRoute and, optionally, one of its rules.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRef {
+    /// Name of the HTTPRoute.
+    pub name: String,
+    /// Namespace of the HTTPRoute; defaults to the Canary's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Name of the rule (`spec.rules[].name`); defaults to the rule that references both the
+    /// primary and canary Services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+/// A reference to a named object, in the Canary's namespace unless `namespace` is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectRef {
+    /// Object name.
+    pub name: String,
+    /// Object namespace; defaults to the Canary's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// How each step is judged.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisSpec {
+    /// Time between checks at one step, as Kubernetes durations are written (`30s`, `1m`,
+    /// `2m30s`). It is also the default query window of each metric. Default 1m.
+    #[serde(default = "default_interval")]
+    pub interval: Duration,
+    /// Successful checks needed at a step before the next step. Default 1.
+    #[serde(default = "default_checks_per_step")]
+    #[schemars(range(min = 1))]
+    pub checks_per_step: u32,
+    /// Failed checks in one rollout that trigger a rollback. Default 2.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1))]
+    pub failure_threshold: u32,
+    /// What an inconclusive check does (no data, NaN, stale data, too few samples, or a
+    /// provider error): `Hold` (default) keeps the step and checks again at the next
+    /// interval; `Fail` counts it as a failed check. Either way it never advances a step.
+    #[serde(default)]
+    pub inconclusive_policy: InconclusivePolicy,
+    /// Consecutive inconclusive checks after which Serin rolls back, so a rollout does not
+    /// hold forever on a broken metric source. 0 means never. Default 5.
+    #[serde(default = "default_max_inconclusive")]
+    pub max_inconclusive_checks: u32,
+    /// Values for `{{ variables.NAME }}` in metric queries.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variables: BTreeMap<String, String>,
+    /// The SLOs checked at every step. At least one: Serin never advances without a check.
+    #[schemars(length(min = 1, max = 20))]
+    pub metrics: Vec<MetricSpec>,
+}
+
+/// Default `analysis.interval`: one minute.
+pub fn default_interval() -> Duration {
+    Duration::from(std::time::Duration::from_secs(60))
+}
+fn default_checks_per_step() -> u32 {
+    1
+}
+fn default_failure_threshold() -> u32 {
+    2
+}
+fn default_max_inconclusive() -> u32 {
+    5
+}
+
+/// What an inconclusive check counts as.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InconclusivePolicy {
+    /// Hold the step and check again; only `maxInconclusiveChecks` in a row roll back.
+    #[default]
+    Hold,
+    /// Count the check as failed toward `failureThreshold`.
+    Fail,
+}
+
+/// One SLO.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("[has(self.preset), has(self.query), has(self.metricDataQueries)].filter(x, x).size() == 1").message("set exactly one of preset, query (PromQL) or metricDataQueries (CloudWatch)"))]
+#[x_kube(validation = Rule::new("has(self.min) || has(self.max)").message("set min, max or both"))]
+#[serde(rename_all = "camelCase")]
+pub struct MetricSpec {
+    /// A name for this check, unique within the Canary (used in status, Events and metrics).
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Where the metric comes from.
+    pub provider: ProviderSpec,
+    /// A built-in query for the router's data plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    /// A PromQL query (Prometheus provider) returning one number. It may use
+    /// `{{ namespace }}`, `{{ name }}`, `{{ target }}`, `{{ primary }}`, `{{ canary }}`,
+    /// `{{ service }}`, `{{ interval }}` and `{{ variables.NAME }}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// CloudWatch GetMetricData queries (CloudWatch provider); exactly one has
+    /// `returnData: true` and gives the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric_data_queries: Option<Vec<MetricDataQuery>>,
+    /// Lower bound: the check fails when the value is below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Upper bound: the check fails when the value is above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// Minimum sample size (for presets: canary requests in the window) below which the check
+    /// is inconclusive instead of pass or fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_sample_size: Option<u64>,
+    /// Query window; defaults to `analysis.interval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Duration>,
+}
+
+/// Where a metric comes from. Exactly one field is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.prometheus) != has(self.cloudWatch)").message("set exactly one of provider.prometheus or provider.cloudWatch"))]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderSpec {
+    /// A Prometheus server (or compatible API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusProvider>,
+    /// Amazon CloudWatch GetMetricData.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_watch: Option<AwsConnection>,
+}
+
+/// Which metric provider a metric uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    /// `provider.prometheus`
+    Prometheus,
+    /// `provider.cloudWatch`
+    CloudWatch,
+}
+
+impl ProviderSpec {
+    /// The provider that is set, when exactly one is (validation rejects anything else).
+    pub fn kind(&self) -> Option<ProviderKind> {
+        match (&self.prometheus, &self.cloud_watch) {
+            (Some(_), None) => Some(ProviderKind::Prometheus),
+            (None, Some(_)) => Some(ProviderKind::CloudWatch),
+            _ => None,
+        }
+    }
+}
+
+/// A Prometheus server.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusProvider {
+    /// Base URL, for example `http://prometheus.monitoring:9090`.
+    pub address: String,
+    /// Query timeout. Default 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// A Secret in the Canary's namespace with `token` (bearer) or `username` and `password`
+    /// (basic auth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// Extra HTTP headers, for example a tenant header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<Header>,
+}
+
+/// A reference to a Secret in the Canary's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretRef {
+    /// Secret name.
+    pub name: String,
+}
+
+/// An HTTP header.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Header {
+    /// Header name.
+    pub name: String,
+    /// Header value.
+    pub value: String,
+}
+
+/// Built-in queries. Error rates are percent of requests with 5xx responses; latencies are
+/// the 99th percentile in milliseconds.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// App Mesh Envoy `envoy_cluster_upstream_rq` error rate (Prometheus).
+    AppmeshErrorRate,
+    /// App Mesh Envoy `envoy_cluster_upstream_rq_time_bucket` p99 (Prometheus).
+    AppmeshLatencyP99,
+    /// Gloo Envoy cluster error rate (Prometheus).
+    GlooErrorRate,
+    /// Gloo Envoy cluster p99 latency (Prometheus).
+    GlooLatencyP99,
+    /// Envoy-based Gateway API implementation error rate (Prometheus).
+    GatewayErrorRate,
+    /// Envoy-based Gateway API implementation p99 latency (Prometheus).
+    GatewayLatencyP99,
+    /// App Mesh Envoy metrics published by the CloudWatch agent: error rate.
+    CloudwatchAppmeshErrorRate,
+    /// App Mesh Envoy metrics published by the CloudWatch agent: p99 latency.
+    CloudwatchAppmeshLatencyP99,
+}
+
+impl Preset {
+    /// All presets, for listing them in messages.
+    pub const ALL: [Preset; 8] = [
+        Preset::AppmeshErrorRate,
+        Preset::AppmeshLatencyP99,
+        Preset::GlooErrorRate,
+        Preset::GlooLatencyP99,
+        Preset::GatewayErrorRate,
+        Preset::GatewayLatencyP99,
+        Preset::CloudwatchAppmeshErrorRate,
+        Preset::CloudwatchAppmeshLatencyP99,
+    ];
+
+    /// The name users write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Preset::AppmeshErrorRate => "appmesh-error-rate",
+            Preset::AppmeshLatencyP99 => "appmesh-latency-p99",
+            Preset::GlooErrorRate => "gloo-error-rate",
+            Preset::GlooLatencyP99 => "gloo-latency-p99",
+            Preset::GatewayErrorRate => "gateway-error-rate",
+            Preset::GatewayLatencyP99 => "gateway-latency-p99",
+            Preset::CloudwatchAppmeshErrorRate => "cloudwatch-appmesh-error-rate",
+            Preset::CloudwatchAppmeshLatencyP99 => "cloudwatch-appmesh-latency-p99",
+        }
+    }
+
+    /// True for presets answered by CloudWatch, false for Prometheus presets.
+    pub fn is_cloudwatch(self) -> bool {
+        matches!(
+            self,
+            Preset::CloudwatchAppmeshErrorRate | Preset::CloudwatchAppmeshLatencyP99
+        )
+    }
+}
+
+/// One CloudWatch `MetricDataQuery`, as in the GetMetricData API.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.metricStat) != has(self.expression)").message("set exactly one of metricStat or expression"))]
+#[serde(rename_all = "camelCase")]
+pub struct MetricDataQuery {
+    /// Short id, starting with a lower-case letter; expressions refer to queries by id.
+    pub id: String,
+    /// A metric to fetch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric_stat: Option<MetricStat>,
+    /// Metric math over other queries' ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expression: Option<String>,
+    /// Label shown in CloudWatch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// True for exactly one query: the one whose value is the check's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_data: Option<bool>,
+    /// Period in seconds for expressions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<i32>,
+}
+
+/// A CloudWatch metric and statistic.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricStat {
+    /// The metric.
+    pub metric: CloudWatchMetric,
+    /// Period in seconds (60 or a multiple of 60 for standard resolution).
+    #[schemars(range(min = 1))]
+    pub period: i32,
+    /// Statistic: `Sum`, `Average`, `Maximum`, `Minimum`, `SampleCount` or a percentile such
+    /// as `p99`.
+    pub stat: String,
+    /// Unit filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
+/// A CloudWatch metric identity.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudWatchMetric {
+    /// Namespace, for example `AWS/AppMesh` or `CWAgent`.
+    pub namespace: String,
+    /// Metric name.
+    pub metric_name: String,
+    /// Dimensions; values may use the same templates as PromQL queries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dimensions: Vec<Dimension>,
+}
+
+/// A CloudWatch dimension.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Dimension {
+    /// Dimension name.
+    pub name: String,
+    /// Dimension value.
+    pub value: String,
+}

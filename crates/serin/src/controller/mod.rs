@@ -1,0 +1,879 @@
+//! The operator: one kube-runtime `Controller` for every Canary.
+//!
+//! Reconcile is four calls — observe → decide → act → record — each taking what the one
+//! before returned:
+//! 1. **observe** → `Observed`: the spec's validity (checked once), the router (resolved
+//!    once), the target and primary Deployments with their revision and readiness, due
+//!    metric results (only when a check is due, with series named from the router's arms),
+//!    a pending command;
+//! 2. **decide** → `Decision`: [`crate::rollout::decide`], pure;
+//! 3. **act** → `Applied`: the routing objects prepared when the spec changed, then the
+//!    decision's actions in order (weights first on rollback), through the router and the
+//!    workload helpers, all idempotent, from what observe read (no second lookup);
+//! 4. **record**: the new status through the status subresource, as a compare-and-swap on
+//!    the Canary's resourceVersion, and only when it changed; then the decision's Events.
+//!
+//! If an action fails, the status is not written, so the next reconcile makes the same
+//! decision again. Timed steps requeue at the time the next check is due; there is no task
+//! or timer per Canary outside the controller's own queue.
+
+pub mod cli;
+pub mod leader;
+pub mod sources;
+pub mod telemetry;
+pub mod workload;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::core::error_boundary::DeserializeGuard;
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::Instrument as _;
+
+use crate::analysis::MetricObservation;
+use crate::api::{self, Canary, CanaryStatus, ConditionStatus, Phase};
+use crate::arms::{self, Weights};
+use crate::metrics::CanaryContext;
+use crate::rollout::{
+    self, Action, Command, CommandKind, Decision, EventType, Input, Observations, WorkloadState,
+};
+use crate::router::{self, Router, RouterError, Routers, WriteOutcome};
+
+use telemetry::Metrics;
+
+/// Annotation through which operators send commands: `<promote|abort|retry>/<id>`.
+pub const COMMAND_ANNOTATION: &str = "serin.dev/command";
+/// Finalizer for Canaries whose router keeps state outside Kubernetes.
+pub const FINALIZER: &str = "serin.dev/restore-traffic";
+/// How often an idle Canary is looked at without a watch event.
+const RESYNC: Duration = Duration::from_secs(600);
+/// Retry delay after a transient failure.
+const RETRY: Duration = Duration::from_secs(5);
+/// Retry delay while a user must fix something (missing target or routing object).
+const USER_RETRY: Duration = Duration::from_secs(30);
+
+/// Where metric results come from.
+#[async_trait]
+pub trait MetricSource: Send + Sync {
+    /// Evaluates every metric of `canary` at `now`, naming series from the arms its router
+    /// resolved. Failures are outcomes, not errors.
+    async fn evaluate(&self, canary: &CanaryContext, now: DateTime<Utc>) -> Vec<MetricObservation>;
+}
+
+/// `(namespace, "deployment/NAME" | "configmap/NAME" | "secret/NAME")` → the Canaries whose
+/// rollout depends on that object.
+type TargetIndex = HashMap<(String, String), HashSet<ObjectRef<DeserializeGuard<Canary>>>>;
+
+/// Everything a reconcile needs, shared by all of them.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: kube::Client,
+    /// Who reports Events (`serin` and this replica).
+    reporter: Reporter,
+    /// The data planes.
+    pub routers: Routers,
+    /// The metric providers.
+    pub metrics_source: Arc<dyn MetricSource>,
+    /// The operator's own metrics.
+    pub metrics: Arc<Metrics>,
+    /// Target Deployments and the ConfigMaps and Secrets their pod templates read, so a
+    /// change to one wakes the right Canaries (filled by reconcile; no per-Canary watch).
+    targets: Mutex<TargetIndex>,
+    /// Unparsable Canaries already reported (uid + resourceVersion).
+    reported: Mutex<HashSet<String>>,
+}
+
+impl Context {
+    /// A context for the controller.
+    pub fn new(
+        client: kube::Client,
+        routers: Routers,
+        metrics_source: Arc<dyn MetricSource>,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: api::MANAGER.into(),
+            instance,
+        };
+        Context {
+            client,
+            reporter,
+            routers,
+            metrics_source,
+            metrics,
+            targets: Mutex::default(),
+            reported: Mutex::default(),
+        }
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("{operation} {kind} {name}: {source}")]
+    Kube {
+        /// What was being done.
+        operation: &'static str,
+        /// Object kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The target Deployment does not exist.
+    #[error("target Deployment {0} not found: create it, or fix spec.targetRef.name")]
+    TargetNotFound(String),
+    /// The target changed between deciding and promoting.
+    #[error("target {0} changed while promoting; deciding again")]
+    TargetChanged(String),
+    /// A router operation failed.
+    #[error(transparent)]
+    Router(#[from] RouterError),
+    /// Another writer changed the Canary first.
+    #[error("status of {0} was written by someone else first; deciding again")]
+    StatusConflict(String),
+    /// An object could not be serialized.
+    #[error("serialize: {0}")]
+    Serialize(String),
+}
+
+impl Error {
+    /// A short constant category: metric label and Event reason.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "KubernetesApiError",
+            Error::TargetNotFound(_) => "TargetNotFound",
+            Error::TargetChanged(_) => "TargetChanged",
+            Error::Router(e) => e.category(),
+            Error::StatusConflict(_) => "StatusConflict",
+            Error::Serialize(_) => "Serialize",
+        }
+    }
+
+    fn needs_user(&self) -> bool {
+        match self {
+            Error::TargetNotFound(_) => true,
+            Error::Router(e) => e.needs_user(),
+            _ => false,
+        }
+    }
+}
+
+/// Options of the controller loop.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    /// Watch one namespace only.
+    pub namespace: Option<String>,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    options: ControllerOptions,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (canaries, deployments): (Api<DeserializeGuard<Canary>>, Api<Deployment>) =
+        match &options.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let services: Api<Service> = match &options.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (configmaps, secrets): (Api<ConfigMap>, Api<Secret>) = match &options.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let mapper_ctx = ctx.clone();
+    let cm_ctx = ctx.clone();
+    let secret_ctx = ctx.clone();
+    let controller = Controller::new(canaries, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let pruning = tokio::spawn(prune_deleted(ctx.clone(), store));
+    controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
+        .owns(services, watcher::Config::default().any_semantic())
+        .watches(
+            deployments,
+            watcher::Config::default().any_semantic(),
+            move |d: Deployment| deployment_to_canary(&mapper_ctx, &d),
+        )
+        .watches(
+            configmaps,
+            watcher::Config::default().any_semantic(),
+            move |c: ConfigMap| dependents(&cm_ctx, "configmap", &c),
+        )
+        .watches(
+            secrets,
+            watcher::Config::default().any_semantic(),
+            move |s: Secret| dependents(&secret_ctx, "secret", &s),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile loop");
+            }
+        })
+        .await;
+    pruning.abort();
+}
+
+/// How often state about deleted Canaries is dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// A deleted Canary without a finalizer is never reconciled again: one shared task
+/// periodically drops its metric series and its entries in the dependency index, using the
+/// controller's own cache of Canaries.
+async fn prune_deleted(
+    ctx: Arc<Context>,
+    store: kube::runtime::reflector::Store<DeserializeGuard<Canary>>,
+) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if store.wait_until_ready().await.is_err() {
+            return;
+        }
+        let alive: HashSet<(String, String)> = store
+            .state()
+            .iter()
+            .filter_map(|c| Some((c.meta().namespace.clone()?, c.meta().name.clone()?)))
+            .collect();
+        ctx.metrics.retain(&alive);
+        if let Ok(mut targets) = ctx.targets.lock() {
+            for refs in targets.values_mut() {
+                refs.retain(|r| {
+                    alive.contains(&(r.namespace.clone().unwrap_or_default(), r.name.clone()))
+                });
+            }
+            targets.retain(|_, refs| !refs.is_empty());
+        }
+    }
+}
+
+/// Maps a Deployment event to the Canary that owns it (the primary) or targets it.
+fn deployment_to_canary(ctx: &Context, d: &Deployment) -> Vec<ObjectRef<DeserializeGuard<Canary>>> {
+    let Some(ns) = d.namespace() else {
+        return Vec::new();
+    };
+    if let Some(owner) = d
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "Canary" && o.api_version.starts_with(api::GROUP))
+    {
+        return vec![ObjectRef::new(&owner.name).within(&ns)];
+    }
+    dependents(ctx, "deployment", d)
+}
+
+/// The Canaries whose rollout depends on object `kind/name` (see [`TargetIndex`]).
+fn dependents<K: Resource>(
+    ctx: &Context,
+    kind: &str,
+    obj: &K,
+) -> Vec<ObjectRef<DeserializeGuard<Canary>>> {
+    let Some(ns) = obj.meta().namespace.clone() else {
+        return Vec::new();
+    };
+    let key = (
+        ns,
+        format!("{kind}/{}", obj.meta().name.clone().unwrap_or_default()),
+    );
+    ctx.targets
+        .lock()
+        .ok()
+        .and_then(|t| t.get(&key).map(|s| s.iter().cloned().collect()))
+        .unwrap_or_default()
+}
+
+/// Records that `canary` depends on `keys` (`kind/name` in its namespace).
+fn index_dependencies(ctx: &Context, canary: &Canary, keys: impl IntoIterator<Item = String>) {
+    let ns = canary.namespace().unwrap_or_default();
+    let me = ObjectRef::new(&canary.name_any()).within(&ns);
+    if let Ok(mut targets) = ctx.targets.lock() {
+        for key in keys {
+            targets
+                .entry((ns.clone(), key))
+                .or_default()
+                .insert(me.clone());
+        }
+    }
+}
+
+fn error_policy(obj: Arc<DeserializeGuard<Canary>>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics.reconcile_failed(error.category());
+    let name = match &obj.0 {
+        Ok(c) => format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any()),
+        Err(_) => "?".into(),
+    };
+    if error.needs_user() {
+        tracing::info!(canary = %name, error = %error, "waiting for the user");
+        Requeue::requeue(USER_RETRY)
+    } else {
+        tracing::warn!(canary = %name, error = %error, "reconcile failed; retrying");
+        Requeue::requeue(RETRY)
+    }
+}
+
+async fn reconcile(
+    obj: Arc<DeserializeGuard<Canary>>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
+    let canary = match &obj.0 {
+        Ok(c) => c,
+        Err(invalid) => {
+            report_unparsable(&ctx, invalid).await;
+            return Ok(Requeue::await_change());
+        }
+    };
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "reconcile",
+        namespace = %canary.namespace().unwrap_or_default(),
+        name = %canary.name_any()
+    );
+    let result = reconcile_canary(canary, &ctx).instrument(span).await;
+    ctx.metrics.reconcile_took(started.elapsed().as_secs_f64());
+    if let Err(e) = &result
+        && e.needs_user()
+    {
+        report_blocked(canary, &ctx, e).await;
+    }
+    result
+}
+
+/// An object the watch could not parse as a Canary: one Warning Event per version.
+async fn report_unparsable(ctx: &Context, invalid: &kube::core::error_boundary::InvalidObject) {
+    let key = format!(
+        "{}/{}",
+        invalid.metadata.uid.clone().unwrap_or_default(),
+        invalid
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default()
+    );
+    let first = ctx
+        .reported
+        .lock()
+        .map(|mut r| r.insert(key))
+        .unwrap_or(false);
+    if !first {
+        return;
+    }
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(format!("{}/{}", api::GROUP, api::VERSION)),
+        kind: Some("Canary".into()),
+        name: invalid.metadata.name.clone(),
+        namespace: invalid.metadata.namespace.clone(),
+        uid: invalid.metadata.uid.clone(),
+        ..Default::default()
+    };
+    let message = format!(
+        "cannot be read: {}; check it with `serin validate`",
+        invalid.error
+    );
+    publish(
+        ctx,
+        &reference,
+        EventType::Warning,
+        rollout::reasons::INVALID,
+        message,
+    )
+    .await;
+}
+
+/// One Canary's reconcile: observe → decide → act → record, each step taking what the one
+/// before returned.
+async fn reconcile_canary(canary: &Canary, ctx: &Context) -> Result<Requeue, Error> {
+    if canary.metadata.deletion_timestamp.is_some() {
+        return finalize(canary, ctx).await;
+    }
+    let now = Utc::now();
+    let observed = observe(canary, ctx, now).await?;
+    let decision = decide(&observed, now);
+    let applied = act(&observed, ctx, decision).await?;
+    record(&observed, ctx, applied).await
+}
+
+/// Everything one reconcile saw of a Canary: what [`decide`] and [`act`] work from.
+struct Observed<'a> {
+    canary: &'a Canary,
+    /// The status as read.
+    status: CanaryStatus,
+    /// What is wrong with the spec (empty when valid); an invalid Canary is not acted on.
+    problems: Vec<api::Problem>,
+    /// The Canary's router; `None` when the spec is invalid.
+    router: Option<&'a dyn Router>,
+    /// The target and `<target>-primary` Deployments (workload mode).
+    workloads: Workloads,
+    /// Whether the routing objects must be created or adopted first (a new spec, or the
+    /// first sight of the Canary).
+    needs_prepare: bool,
+    /// What `rollout::decide` consumes.
+    observations: Observations,
+}
+
+/// The Deployments of a Canary in workload mode, as read in this reconcile.
+#[derive(Default)]
+struct Workloads {
+    target: Option<Deployment>,
+    primary: Option<Deployment>,
+}
+
+/// Reads what the decision depends on: validity, the router, the workloads, due metric
+/// results and a pending command.
+#[tracing::instrument(skip_all)]
+async fn observe<'a>(
+    canary: &'a Canary,
+    ctx: &'a Context,
+    now: DateTime<Utc>,
+) -> Result<Observed<'a>, Error> {
+    let status = canary.status.clone().unwrap_or_default();
+    let problems = api::validate(&canary.spec);
+    let mut observed = Observed {
+        canary,
+        needs_prepare: status.observed_generation != canary.metadata.generation
+            || status.phase == Phase::Initializing,
+        status,
+        problems,
+        router: None,
+        workloads: Workloads::default(),
+        observations: Observations::default(),
+    };
+    if !observed.problems.is_empty() {
+        return Ok(observed);
+    }
+    observed.router = Some(ctx.routers.for_canary(canary)?);
+    if canary.spec.is_traffic_mode() {
+        observed.observations.canary = WorkloadState {
+            revision: canary.spec.backends.as_ref().map(|b| b.canary.clone()),
+            ready: true,
+        };
+    } else {
+        let (workloads, canary_state, primary_state) = observe_workloads(canary, ctx).await?;
+        observed.workloads = workloads;
+        observed.observations.canary = canary_state;
+        observed.observations.primary = primary_state;
+    }
+    if rollout::next_check_at(&canary.spec, &observed.status).is_some_and(|due| due <= now) {
+        let context = CanaryContext::of(canary, router::data_plane_arms(canary)?);
+        observed.observations.metrics = ctx.metrics_source.evaluate(&context, now).await;
+    }
+    observed.observations.command = command(canary);
+    Ok(observed)
+}
+
+/// Reads the target (the canary workload) and the primary, and remembers the target so its
+/// events reach this Canary.
+async fn observe_workloads(
+    canary: &Canary,
+    ctx: &Context,
+) -> Result<(Workloads, WorkloadState, WorkloadState), Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let Some(target_ref) = &canary.spec.target_ref else {
+        return Ok(Default::default());
+    };
+    index_dependencies(ctx, canary, [format!("deployment/{}", target_ref.name)]);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(target) = get_deployment(&deployments, &target_ref.name).await? else {
+        return Err(Error::TargetNotFound(format!("{ns}/{}", target_ref.name)));
+    };
+    let canary_state = WorkloadState {
+        revision: Some(target_revision(ctx, canary, &target).await?),
+        ready: workload::is_ready(&target),
+    };
+    let primary = get_deployment(&deployments, &arms::primary_name(&target_ref.name)).await?;
+    let primary_state = workload::primary_state(primary.as_ref());
+    let workloads = Workloads {
+        target: Some(target),
+        primary,
+    };
+    Ok((workloads, canary_state, primary_state))
+}
+
+async fn get_deployment(api: &Api<Deployment>, name: &str) -> Result<Option<Deployment>, Error> {
+    api.get_opt(name).await.map_err(|source| Error::Kube {
+        operation: "get",
+        kind: "Deployment",
+        name: name.to_string(),
+        source,
+    })
+}
+
+/// The target's revision: its pod template and the data of the configs it reads (which
+/// are indexed so their changes wake this Canary).
+async fn target_revision(
+    ctx: &Context,
+    canary: &Canary,
+    target: &Deployment,
+) -> Result<String, Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let template = target.spec.template.clone();
+    let refs = workload::referenced_configs(&template);
+    index_dependencies(ctx, canary, refs.iter().cloned());
+    let digests = workload::config_digests(&ctx.client, &ns, &refs).await?;
+    Ok(workload::revision(&template, &digests))
+}
+
+/// Parses the command annotation (`<kind>/<id>`; a bare kind uses the annotation value as id).
+fn command(canary: &Canary) -> Option<Command> {
+    let raw = canary.annotations().get(COMMAND_ANNOTATION)?;
+    let (kind, id) = raw.split_once('/').unwrap_or((raw.as_str(), raw.as_str()));
+    Some(Command {
+        kind: CommandKind::parse(kind.trim())?,
+        id: id.trim().to_string(),
+    })
+}
+
+/// The pure decision on what was observed.
+fn decide(observed: &Observed<'_>, now: DateTime<Utc>) -> Decision {
+    rollout::decide(Input {
+        spec: &observed.canary.spec,
+        generation: observed.canary.metadata.generation,
+        status: &observed.status,
+        problems: &observed.problems,
+        observations: &observed.observations,
+        now,
+    })
+}
+
+/// A decision whose actions all succeeded: only [`act`] makes one, so [`record`] writes
+/// what was done, never what was merely planned.
+struct Applied(Decision);
+
+/// Prepares the routing objects when needed, then carries out the decision's actions in
+/// order. Weights move from what status says was written.
+#[tracing::instrument(skip_all)]
+async fn act(observed: &Observed<'_>, ctx: &Context, decision: Decision) -> Result<Applied, Error> {
+    let Some(router) = observed.router else {
+        // An invalid Canary is never acted on; its decision holds only Events.
+        return Ok(Applied(decision));
+    };
+    if observed.needs_prepare {
+        prepare(observed, ctx, router).await?;
+    }
+    let mut current = Weights::with_canary(observed.status.canary_weight);
+    let mut read_back = observed.status.phase == Phase::Initializing;
+    for action in &decision.actions {
+        match action {
+            Action::SetWeights(desired) => {
+                if read_back {
+                    // First sight: the object's weights are whatever the user left there.
+                    current = router.weights(observed.canary).await?;
+                    read_back = false;
+                }
+                set_weights(observed.canary, router, current, *desired).await?;
+                current = *desired;
+            }
+            Action::PromoteWorkload { revision } => {
+                promote_workload(observed, ctx, revision).await?
+            }
+            Action::ScaleCanaryUp => {
+                let replicas = observed
+                    .workloads
+                    .primary
+                    .as_ref()
+                    .map(workload::replicas)
+                    .unwrap_or(1)
+                    .max(1);
+                scale_target(observed, ctx, replicas).await?;
+            }
+            Action::ScaleCanaryDown => scale_target(observed, ctx, 0).await?,
+            // Reported after the status is recorded (see `record`).
+            Action::Event(_) => {}
+        }
+    }
+    Ok(Applied(decision))
+}
+
+/// Creates or adopts what the Canary routes through: the finalizer when the router keeps
+/// state outside Kubernetes, the Services in front of the workload, the routing objects.
+async fn prepare(observed: &Observed<'_>, ctx: &Context, router: &dyn Router) -> Result<(), Error> {
+    let canary = observed.canary;
+    if router.needs_finalizer() && !canary.finalizers().iter().any(|f| f == FINALIZER) {
+        add_finalizer(canary, ctx).await?;
+    }
+    if let Some(target) = &observed.workloads.target {
+        let services: Api<Service> =
+            Api::namespaced(ctx.client.clone(), &canary.namespace().unwrap_or_default());
+        for svc in workload::build_services(canary, target) {
+            workload::apply(&services, &svc, "Service").await?;
+        }
+    }
+    router.prepare(canary).await?;
+    Ok(())
+}
+
+/// Moves the weights from `current` to `desired`.
+#[tracing::instrument(skip_all, fields(router = ?router.kind(), primary = desired.primary(), canary_weight = desired.canary()))]
+async fn set_weights(
+    canary: &Canary,
+    router: &dyn Router,
+    current: Weights,
+    desired: Weights,
+) -> Result<(), Error> {
+    let outcome = match router.set_weights(canary, current, desired).await {
+        Err(RouterError::WeightsChanged { .. }) if desired.canary() == 0 => {
+            // Moving all traffic to the primary is always safe: take it back even from a
+            // hand edit.
+            let found = router.weights(canary).await?;
+            router.set_weights(canary, found, desired).await?
+        }
+        other => other?,
+    };
+    if outcome == WriteOutcome::Written {
+        tracing::info!("weights set");
+    }
+    Ok(())
+}
+
+/// Scales the target (the canary workload) to `replicas`.
+async fn scale_target(observed: &Observed<'_>, ctx: &Context, replicas: i32) -> Result<(), Error> {
+    let Some(target_ref) = &observed.canary.spec.target_ref else {
+        return Ok(());
+    };
+    let deployments: Api<Deployment> = Api::namespaced(
+        ctx.client.clone(),
+        &observed.canary.namespace().unwrap_or_default(),
+    );
+    workload::scale(&deployments, &target_ref.name, replicas).await
+}
+
+/// Makes `<target>-primary` run `revision`: the pod template of the target as observed in
+/// this reconcile, provided that is still the revision the decision promotes.
+async fn promote_workload(
+    observed: &Observed<'_>,
+    ctx: &Context,
+    revision: &str,
+) -> Result<(), Error> {
+    let canary = observed.canary;
+    let ns = canary.namespace().unwrap_or_default();
+    let Some(target_ref) = &canary.spec.target_ref else {
+        return Ok(());
+    };
+    let Some(target) = &observed.workloads.target else {
+        return Err(Error::TargetNotFound(format!("{ns}/{}", target_ref.name)));
+    };
+    if observed.observations.canary.revision.as_deref() != Some(revision) {
+        return Err(Error::TargetChanged(format!("{ns}/{}", target_ref.name)));
+    }
+    let replicas = match &observed.workloads.primary {
+        Some(p) => workload::replicas(p),
+        None => workload::replicas(target).max(1),
+    };
+    let primary = workload::build_primary(canary, target, revision, replicas);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    workload::apply(&deployments, &primary, "Deployment").await?;
+    Ok(())
+}
+
+/// Writes the new status when it changed, then publishes the decision's Events, and says
+/// when to look again.
+#[tracing::instrument(skip_all)]
+async fn record(
+    observed: &Observed<'_>,
+    ctx: &Context,
+    applied: Applied,
+) -> Result<Requeue, Error> {
+    let Applied(decision) = applied;
+    let canary = observed.canary;
+    if decision.status != observed.status {
+        write_status(canary, ctx, &decision.status).await?;
+        ctx.metrics.observe_status(
+            &canary.namespace().unwrap_or_default(),
+            &canary.name_any(),
+            &observed.status,
+            &decision.status,
+        );
+    }
+    // Report only what was recorded: a reconcile that ran on a stale copy of the Canary
+    // made the same decision again and lost the compare-and-swap above, so its Events
+    // would be duplicates.
+    let reference = canary.object_ref(&());
+    for action in &decision.actions {
+        if let Action::Event(e) = action {
+            publish(ctx, &reference, e.type_, e.reason, e.message.clone()).await;
+        }
+    }
+    Ok(match decision.requeue_after {
+        Some(d) => Requeue::requeue(d.max(Duration::from_millis(200))),
+        None => Requeue::requeue(RESYNC),
+    })
+}
+
+/// Writes the status as a compare-and-swap on the Canary's resourceVersion.
+async fn write_status(canary: &Canary, ctx: &Context, status: &CanaryStatus) -> Result<(), Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let api: Api<Canary> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut updated = canary.clone();
+    updated.status = Some(status.clone());
+    updated.metadata.managed_fields = None;
+    match api
+        .replace_status(
+            &canary.name_any(),
+            &PostParams {
+                dry_run: false,
+                field_manager: Some(api::MANAGER.into()),
+            },
+            &updated,
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::StatusConflict(canary.name_any())),
+        Err(source) => Err(Error::Kube {
+            operation: "replace status",
+            kind: "Canary",
+            name: canary.name_any(),
+            source,
+        }),
+    }
+}
+
+/// Records a problem the user must fix as `Ready=False` (without touching rollout state)
+/// and one Warning Event per distinct message.
+async fn report_blocked(canary: &Canary, ctx: &Context, error: &Error) {
+    let mut status = canary.status.clone().unwrap_or_default();
+    let message = error.to_string();
+    let changed = api::set_condition(
+        &mut status.conditions,
+        api::READY,
+        ConditionStatus::False,
+        error.category(),
+        &message,
+        canary.metadata.generation,
+        Utc::now(),
+    );
+    if !changed {
+        return;
+    }
+    publish(
+        ctx,
+        &canary.object_ref(&()),
+        EventType::Warning,
+        error.category(),
+        message,
+    )
+    .await;
+    if let Err(e) = write_status(canary, ctx, &status).await {
+        tracing::debug!(error = %e, "could not record the blocked condition");
+    }
+}
+
+async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    // A recorder per Event: kube's Recorder merges Events that share type, reason and
+    // action into one series and keeps the first message, so "canary weight 50%" would be
+    // shown as a repeat of "canary weight 20%".
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let event = KubeEvent {
+        type_: match type_ {
+            EventType::Normal => KubeEventType::Normal,
+            EventType::Warning => KubeEventType::Warning,
+        },
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, reference).await {
+        tracing::warn!(error = %e, reason, "could not publish event");
+    }
+}
+
+async fn add_finalizer(canary: &Canary, ctx: &Context) -> Result<(), Error> {
+    let mut finalizers = canary.finalizers().to_vec();
+    finalizers.push(FINALIZER.into());
+    set_finalizers(canary, ctx, finalizers, "add finalizer to").await
+}
+
+/// Replaces the Canary's finalizers, guarded by its resourceVersion.
+async fn set_finalizers(
+    canary: &Canary,
+    ctx: &Context,
+    finalizers: Vec<String>,
+    operation: &'static str,
+) -> Result<(), Error> {
+    let api: Api<Canary> =
+        Api::namespaced(ctx.client.clone(), &canary.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": canary.resource_version()}});
+    api.patch(
+        &canary.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        operation,
+        kind: "Canary",
+        name: canary.name_any(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// A Canary being deleted: restore all traffic to the primary where that state lives
+/// outside Kubernetes, then release the finalizer.
+async fn finalize(canary: &Canary, ctx: &Context) -> Result<Requeue, Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    if canary.finalizers().iter().any(|f| f == FINALIZER) {
+        if let Ok(router) = ctx.routers.for_canary(canary) {
+            router.finalize(canary).await?;
+        }
+        let rest = canary
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        set_finalizers(canary, ctx, rest, "remove finalizer from").await?;
+    }
+    ctx.metrics.forget(&ns, &canary.name_any());
+    Ok(Requeue::await_change())
+}
+
+/// Checks that the Canary CRD is installed; the error says how to install it.
+pub async fn check_crd(client: &kube::Client) -> anyhow::Result<()> {
+    let api: Api<Canary> = Api::all(client.clone());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
+            "the Canary CRD (canaries.serin.dev) is not installed in this cluster; install it with:\n  serin crd | kubectl apply -f -\n(or kubectl apply -f crds/serin.dev_canaries.yaml)"
+        ),
+        Err(e) => Err(anyhow::anyhow!("cannot list Canaries: {e}")),
+    }
+}

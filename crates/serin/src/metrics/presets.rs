@@ -1,0 +1,295 @@
+//! Built-in queries for the data planes Serin routes, over the metrics those data planes
+//! really emit. The exact text of each is in `docs/metrics.md`.
+//!
+//! Error-rate presets do not ask the provider for a ratio: they fetch the request and error
+//! counts of both arms over the window, and Serin computes the canary's rate. That keeps the
+//! counts as evidence, makes "no requests" no data rather than 0% errors, and works on
+//! CloudWatch servers whose metric math is limited (moto).
+
+use crate::api::{CloudWatchMetric, Dimension, MetricDataQuery, MetricStat, Preset};
+use crate::arms::{Arm, DataPlaneArms};
+
+use super::CanaryContext;
+
+/// What a preset measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Percent of requests answered with 5xx.
+    ErrorRate,
+    /// 99th percentile latency in milliseconds.
+    LatencyP99,
+}
+
+/// The kind of a preset.
+pub fn kind(preset: Preset) -> Kind {
+    match preset {
+        Preset::AppmeshErrorRate
+        | Preset::GlooErrorRate
+        | Preset::GatewayErrorRate
+        | Preset::CloudwatchAppmeshErrorRate => Kind::ErrorRate,
+        Preset::AppmeshLatencyP99
+        | Preset::GlooLatencyP99
+        | Preset::GatewayLatencyP99
+        | Preset::CloudwatchAppmeshLatencyP99 => Kind::LatencyP99,
+    }
+}
+
+/// The PromQL label matcher that selects one arm's Envoy cluster. The names come from the
+/// router's resolution of the arms ([`DataPlaneArms`]), never from a second naming rule, so
+/// the series judged are the ones the weights move.
+fn cluster_matcher(preset: Preset, arms: &DataPlaneArms, arm: Arm) -> String {
+    let target = arms.get(arm);
+    let (name, namespace) = (&target.name, &target.namespace);
+    match preset {
+        // The caller's Envoy names the cluster of a virtual node target
+        // `cds_egress_<mesh>_<virtual node>_<protocol>_<port>`, and the App Mesh controller
+        // names a VirtualNode `<name>_<namespace>` in AWS.
+        Preset::AppmeshErrorRate | Preset::AppmeshLatencyP99 => format!(
+            r#"envoy_cluster_name=~"cds_egress_.+_{name}_{namespace}_(http|http2|grpc)_[0-9]+""#
+        ),
+        // Gloo names the cluster of an Upstream `<upstream name>_<upstream namespace>`.
+        Preset::GlooErrorRate | Preset::GlooLatencyP99 => {
+            format!(r#"envoy_cluster_name=~"{name}_.+""#)
+        }
+        // Envoy-based Gateway API implementations name a backend Service's cluster with its
+        // namespace, name and port as path or underscore components:
+        // Contour `<ns>/<service>/<port>/<hash>`, kgateway `kube_<ns>_<service>_<port>`.
+        _ => format!(r#"envoy_cluster_name=~".*{namespace}[/_]{name}[/_][0-9]+.*""#),
+    }
+}
+
+/// The PromQL templates of a Prometheus error-rate preset: (requests, errors) per arm,
+/// primary first.
+pub fn promql_error_rate(preset: Preset, canary: &CanaryContext) -> Vec<(Arm, String, String)> {
+    Arm::BOTH
+        .iter()
+        .map(|&arm| {
+            let m = cluster_matcher(preset, &canary.data_plane, arm);
+            (
+                arm,
+                format!("sum(increase(envoy_cluster_upstream_rq{{{m}}}[{{{{ interval }}}}]))"),
+                format!(
+                    r#"sum(increase(envoy_cluster_upstream_rq{{{m},envoy_response_code=~"5.."}}[{{{{ interval }}}}]))"#
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The PromQL templates of a Prometheus latency preset: (p99 in ms, request count) of the
+/// canary.
+pub fn promql_latency(preset: Preset, canary: &CanaryContext) -> (String, String) {
+    let m = cluster_matcher(preset, &canary.data_plane, Arm::Canary);
+    (
+        format!(
+            "histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket{{{m}}}[{{{{ interval }}}}])))"
+        ),
+        format!("sum(increase(envoy_cluster_upstream_rq_time_count{{{m}}}[{{{{ interval }}}}]))"),
+    )
+}
+
+/// CloudWatch namespace the CloudWatch agent (Container Insights, Prometheus support) writes
+/// EKS metrics to.
+pub const CLOUDWATCH_NAMESPACE: &str = "ContainerInsights/Prometheus";
+
+fn cw_query(
+    id: &str,
+    metric: &str,
+    app: &str,
+    extra: Option<(&str, &str)>,
+    stat: &str,
+    period: i32,
+) -> MetricDataQuery {
+    let mut dimensions = vec![
+        Dimension {
+            name: "Namespace".into(),
+            value: "{{ namespace }}".into(),
+        },
+        Dimension {
+            name: "app".into(),
+            value: app.into(),
+        },
+    ];
+    if let Some((name, value)) = extra {
+        dimensions.push(Dimension {
+            name: name.into(),
+            value: value.into(),
+        });
+    }
+    MetricDataQuery {
+        id: id.into(),
+        metric_stat: Some(MetricStat {
+            metric: CloudWatchMetric {
+                namespace: CLOUDWATCH_NAMESPACE.into(),
+                metric_name: metric.into(),
+                dimensions,
+            },
+            period,
+            stat: stat.into(),
+            unit: None,
+        }),
+        expression: None,
+        label: None,
+        return_data: Some(true),
+        period: None,
+    }
+}
+
+/// The GetMetricData queries (templates) of a CloudWatch preset, with `period` seconds.
+/// Error rate: `primary_requests`, `primary_errors`, `canary_requests`, `canary_errors`
+/// (sums). Latency: `canary_p99` and `canary_requests`. These metrics come from each pod's
+/// own Envoy, so they select an arm by its pods' `app` label
+/// ([`DataPlaneArms::pod_apps`]), not by a Service or VirtualNode name.
+pub fn cloudwatch_queries(
+    preset: Preset,
+    period: i32,
+    arms: &DataPlaneArms,
+) -> Vec<MetricDataQuery> {
+    match kind(preset) {
+        Kind::ErrorRate => Arm::BOTH
+            .iter()
+            .flat_map(|&arm| {
+                [
+                    cw_query(
+                        &format!("{}_requests", arm.as_str()),
+                        "envoy_http_downstream_rq_total",
+                        arms.pod_apps.get(arm),
+                        None,
+                        "Sum",
+                        period,
+                    ),
+                    cw_query(
+                        &format!("{}_errors", arm.as_str()),
+                        "envoy_http_downstream_rq_xx",
+                        arms.pod_apps.get(arm),
+                        Some(("envoy_response_code_class", "5")),
+                        "Sum",
+                        period,
+                    ),
+                ]
+            })
+            .collect(),
+        Kind::LatencyP99 => vec![
+            cw_query(
+                "canary_p99",
+                "envoy_http_downstream_rq_time",
+                &arms.pod_apps.canary,
+                None,
+                "p99",
+                period,
+            ),
+            cw_query(
+                "canary_requests",
+                "envoy_http_downstream_rq_total",
+                &arms.pod_apps.canary,
+                None,
+                "Sum",
+                period,
+            ),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arms::{DataPlaneArm, PerArm};
+    use crate::metrics::template::Vars;
+
+    /// A workload-mode Canary whose router resolved its arms to `primary`/`canary` objects
+    /// of `kind` in namespace `test`.
+    fn ctx(kind: &'static str, primary: &str, canary: &str) -> CanaryContext {
+        let spec: crate::api::CanarySpec = serde_norway::from_str(
+            r#"
+targetRef: {apiVersion: apps/v1, kind: Deployment, name: podinfo}
+service: {port: 9898}
+router: {appMesh: {mesh: global}}
+analysis:
+  interval: 1m
+  metrics:
+    - name: e
+      provider: {prometheus: {address: "http://p:9090"}}
+      preset: appmesh-error-rate
+      max: 1
+"#,
+        )
+        .unwrap();
+        let arm = |name: &str| DataPlaneArm {
+            name: name.into(),
+            namespace: "test".into(),
+        };
+        let data_plane = DataPlaneArms {
+            kind,
+            primary: arm(primary),
+            canary: arm(canary),
+            pod_apps: PerArm {
+                primary: "podinfo-primary".into(),
+                canary: "podinfo".into(),
+            },
+        };
+        CanaryContext::new("test", "podinfo", spec, data_plane)
+    }
+
+    /// The App Mesh preset selects the caller-side cluster of exactly one arm's VirtualNode.
+    #[test]
+    fn appmesh_error_rate_renders() {
+        let c = ctx("VirtualNode", "podinfo-primary", "podinfo-canary");
+        let vars = Vars::new(&c, std::time::Duration::from_secs(60));
+        let q = promql_error_rate(Preset::AppmeshErrorRate, &c);
+        assert_eq!(
+            vars.render(&q[1].2).unwrap(),
+            r#"sum(increase(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_podinfo-canary_test_(http|http2|grpc)_[0-9]+",envoy_response_code=~"5.."}[1m]))"#
+        );
+        assert!(
+            vars.render(&q[0].1)
+                .unwrap()
+                .contains("_podinfo-primary_test_")
+        );
+    }
+
+    /// Gloo presets select the upstream the router resolved for each arm, whatever its
+    /// naming rule.
+    #[test]
+    fn gloo_uses_the_resolved_upstreams() {
+        let c = ctx(
+            "Upstream",
+            "appmesh-demo-colorgateway-9080",
+            "appmesh-demo-colorgatewayv2-9080",
+        );
+        let vars = Vars::new(&c, std::time::Duration::from_secs(90));
+        let (p99, _) = promql_latency(Preset::GlooLatencyP99, &c);
+        assert_eq!(
+            vars.render(&p99).unwrap(),
+            r#"histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=~"appmesh-demo-colorgatewayv2-9080_.+"}[90s])))"#
+        );
+        let q = promql_error_rate(Preset::GlooErrorRate, &c);
+        assert!(
+            q[0].1
+                .contains(r#"envoy_cluster_name=~"appmesh-demo-colorgateway-9080_.+""#),
+            "{}",
+            q[0].1
+        );
+    }
+
+    /// CloudWatch presets select each arm by its pods' `app` label.
+    #[test]
+    fn cloudwatch_selects_pods() {
+        let c = ctx("VirtualNode", "podinfo-primary", "podinfo-canary");
+        let q = cloudwatch_queries(Preset::CloudwatchAppmeshErrorRate, 60, &c.data_plane);
+        let apps: Vec<&str> = q
+            .iter()
+            .map(|q| {
+                let dims = &q.metric_stat.as_ref().unwrap().metric.dimensions;
+                dims.iter()
+                    .find(|d| d.name == "app")
+                    .unwrap()
+                    .value
+                    .as_str()
+            })
+            .collect();
+        assert_eq!(
+            apps,
+            ["podinfo-primary", "podinfo-primary", "podinfo", "podinfo"]
+        );
+    }
+}

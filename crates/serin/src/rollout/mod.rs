@@ -1,0 +1,784 @@
+//! The rollout state machine: a pure function of (spec, status, observations, now) that
+//! returns the next status and the actions that get there.
+//!
+//! No I/O, no clock, no Kubernetes client: the controller observes, calls [`decide`],
+//! carries out the actions in order, and writes the status only when every action
+//! succeeded. Because all rollout state lives in `status` and every action is absolute
+//! (set these weights, promote this revision), calling [`decide`] again after a crash
+//! repeats nothing and skips nothing.
+//!
+//! # Rules
+//! - A rollout starts when the observed canary revision differs from the stable one (and is
+//!   not the revision that just failed, unless a `retry` command asks for it).
+//! - A check is due `analysis.interval` after the later of the step's start and the last
+//!   check (for Canaries with CloudWatch metrics, on the next minute boundary from then, as
+//!   CloudWatch's windows are whole minutes). Only metric results measured at or after that moment count (fresh); the rest
+//!   are stale. A step advances after `checksPerStep` passing checks; at most one step
+//!   advances per decision, because a step's first check is due one interval after it.
+//! - Any failing metric fails the check. A check without a failure but with any
+//!   inconclusive metric (no data, NaN, stale, too few samples, provider error) is
+//!   inconclusive: it never advances a step. With `inconclusivePolicy: Hold` (default) it
+//!   only counts toward `maxInconclusiveChecks` in a row; with `Fail` it also counts as a
+//!   failed check. A canary workload that is not ready at a check fails that check.
+//! - `failureThreshold` failed checks in one rollout roll back. Rollback sets the canary
+//!   weight to 0 as its first action, in the same decision.
+//! - Reaching the last step (100) promotes: the canary takes all traffic; in workload mode
+//!   the primary is updated to the new revision and, once it is ready, all traffic returns
+//!   to the primary and the canary is scaled to zero. In traffic mode the canary backend
+//!   keeps 100% and becomes the stable one.
+//! - A new revision mid-rollout resets the canary weight to 0, records the old rollout as
+//!   superseded, and starts the analysis again. During `Promoting` a new revision waits
+//!   until the promotion finishes.
+//! - `spec.paused` freezes everything except explicit commands; an invalid spec freezes
+//!   everything and is reported.
+
+mod types;
+
+pub use types::*;
+
+use chrono::{DateTime, Utc};
+
+use crate::analysis::{self, Outcome};
+use crate::api::{
+    self, CanarySpec, CanaryStatus, CheckRecord, ConditionStatus, HistoryEntry, InconclusivePolicy,
+    MetricResult, Phase, RolloutResult, Verdict,
+};
+use crate::arms::Weights;
+
+/// How long to wait before looking again while waiting for a workload to become ready.
+pub const READINESS_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Upper bound on transitions in one decision (a decision runs transitions until none
+/// applies; this only guards against a bug looping forever).
+const MAX_TRANSITIONS: usize = 8;
+
+/// Everything [`decide`] needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    /// The Canary's spec.
+    pub spec: &'a CanarySpec,
+    /// The Canary's `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The Canary's current status.
+    pub status: &'a CanaryStatus,
+    /// What is wrong with the spec (`api::validate`, computed once by the caller); a
+    /// non-empty list freezes the rollout and is reported.
+    pub problems: &'a [api::Problem],
+    /// What the controller observed.
+    pub observations: &'a Observations,
+    /// The time of the decision.
+    pub now: DateTime<Utc>,
+}
+
+/// Computes the next status and the actions that lead to it.
+pub fn decide(input: Input<'_>) -> Decision {
+    let mut m = Machine {
+        spec: input.spec,
+        obs: input.observations,
+        now: input.now,
+        generation: input.generation,
+        status: input.status.clone(),
+        actions: Vec::new(),
+        requeue: None,
+    };
+    m.status.observed_generation = input.generation;
+    if !input.problems.is_empty() {
+        m.invalid(input.problems);
+        return m.finish();
+    }
+    m.condition(api::INVALID, ConditionStatus::False, "SpecValid", "");
+    m.command();
+    for _ in 0..MAX_TRANSITIONS {
+        if !m.transition() {
+            break;
+        }
+    }
+    m.ready_condition();
+    m.finish()
+}
+
+/// When the next check of the current step is due, if a step is under analysis (while
+/// paused: when it will be due on resuming). The controller fetches metrics once this time
+/// has passed, so that [`decide`] sees fresh results.
+pub fn next_check_at(spec: &CanarySpec, status: &CanaryStatus) -> Option<DateTime<Utc>> {
+    if !matches!(status.phase, Phase::Progressing | Phase::Paused) {
+        return None;
+    }
+    let started = status.step_started_at?;
+    let interval = chrono::Duration::from_std(spec.analysis.interval.into()).ok()?;
+    let anchor = match &status.last_check {
+        Some(c) if c.time > started => c.time,
+        _ => started,
+    };
+    let due = anchor + interval;
+    let uses_cloudwatch = spec
+        .analysis
+        .metrics
+        .iter()
+        .any(|m| m.provider.cloud_watch.is_some());
+    if uses_cloudwatch {
+        // CloudWatch serves whole one-minute periods, and the provider's window ends on the
+        // last minute boundary before the query. Checking on a boundary at or after the due
+        // time keeps that window entirely after the step started.
+        Some(ceil_to_minute(due))
+    } else {
+        Some(due)
+    }
+}
+
+fn ceil_to_minute(t: DateTime<Utc>) -> DateTime<Utc> {
+    let ms = t.timestamp_millis();
+    let up = ms.div_euclid(60_000) * 60_000
+        + if ms.rem_euclid(60_000) == 0 {
+            0
+        } else {
+            60_000
+        };
+    DateTime::from_timestamp_millis(up).unwrap_or(t)
+}
+
+struct Machine<'a> {
+    spec: &'a CanarySpec,
+    obs: &'a Observations,
+    now: DateTime<Utc>,
+    generation: Option<i64>,
+    status: CanaryStatus,
+    actions: Vec<Action>,
+    requeue: Option<std::time::Duration>,
+}
+
+impl Machine<'_> {
+    fn finish(self) -> Decision {
+        Decision {
+            status: self.status,
+            actions: self.actions,
+            requeue_after: self.requeue,
+        }
+    }
+
+    fn event(&mut self, type_: EventType, reason: &'static str, message: String) {
+        self.actions.push(Action::Event(Event {
+            type_,
+            reason,
+            message,
+        }));
+    }
+
+    fn condition(
+        &mut self,
+        type_: &str,
+        status: ConditionStatus,
+        reason: &str,
+        message: &str,
+    ) -> bool {
+        api::set_condition(
+            &mut self.status.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            self.generation,
+            self.now,
+        )
+    }
+
+    fn set_weights(&mut self, canary: u8) {
+        let w = Weights::with_canary(canary);
+        self.status.canary_weight = w.canary();
+        self.actions.push(Action::SetWeights(w));
+    }
+
+    fn wait(&mut self, after: std::time::Duration) {
+        self.requeue = Some(match self.requeue {
+            Some(r) => r.min(after),
+            None => after,
+        });
+    }
+
+    fn steps(&self) -> &[i32] {
+        &self.spec.steps
+    }
+
+    fn step_weight(&self, step: usize) -> u8 {
+        self.steps()
+            .get(step)
+            .map(|w| (*w).clamp(0, 100) as u8)
+            .unwrap_or(100)
+    }
+
+    fn invalid(&mut self, problems: &[api::Problem]) {
+        let message = problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let changed = self.condition(api::INVALID, ConditionStatus::True, "InvalidSpec", &message);
+        self.condition(
+            api::READY,
+            ConditionStatus::False,
+            "InvalidSpec",
+            "the spec is invalid; see the Invalid condition. Nothing is changed until it is fixed",
+        );
+        if changed {
+            self.event(EventType::Warning, reasons::INVALID, message);
+        }
+    }
+
+    /// Handles an operator command once (by its id).
+    fn command(&mut self) {
+        let Some(cmd) = &self.obs.command else { return };
+        if self.status.last_command.as_deref() == Some(cmd.id.as_str()) {
+            return;
+        }
+        self.status.last_command = Some(cmd.id.clone());
+        let phase = self.status.phase;
+        let active = matches!(phase, Phase::Progressing | Phase::Paused);
+        match cmd.kind {
+            CommandKind::Abort if active => {
+                self.event(
+                    EventType::Normal,
+                    reasons::COMMAND,
+                    "abort requested".into(),
+                );
+                self.rollback(RolloutResult::Aborted, "aborted by user".into());
+            }
+            CommandKind::Promote if active => {
+                self.event(
+                    EventType::Normal,
+                    reasons::COMMAND,
+                    "promotion requested: skipping the remaining checks".into(),
+                );
+                self.promote("promoted by user".into());
+            }
+            CommandKind::Retry if phase == Phase::Failed => {
+                if let Some(rev) = self.obs.canary.revision.clone() {
+                    self.event(
+                        EventType::Normal,
+                        reasons::COMMAND,
+                        format!("retry requested for revision {rev}"),
+                    );
+                    self.start(rev);
+                } else {
+                    self.event(
+                        EventType::Warning,
+                        reasons::COMMAND_IGNORED,
+                        "retry ignored: the canary revision is unknown".into(),
+                    );
+                }
+            }
+            kind => self.event(
+                EventType::Warning,
+                reasons::COMMAND_IGNORED,
+                format!(
+                    "{} ignored: it does not apply in phase {}",
+                    kind.as_str(),
+                    phase.as_str()
+                ),
+            ),
+        }
+    }
+
+    /// Applies at most one transition; returns whether anything changed.
+    fn transition(&mut self) -> bool {
+        let before = (self.status.clone(), self.actions.len());
+        match self.status.phase {
+            Phase::Initializing => self.initializing(),
+            Phase::Waiting | Phase::Succeeded | Phase::Failed => self.idle(),
+            Phase::Progressing | Phase::Paused => self.progressing(),
+            Phase::Promoting => self.promoting(),
+        }
+        (self.status.clone(), self.actions.len()) != before
+    }
+
+    fn initializing(&mut self) {
+        if let Some(b) = &self.spec.backends {
+            // Traffic mode: the primary backend is the stable version as it stands.
+            self.status.stable_revision = Some(b.primary.clone());
+            self.set_weights(0);
+            self.status.phase = Phase::Waiting;
+            self.event(
+                EventType::Normal,
+                reasons::INITIALIZED,
+                format!("all traffic on {}", b.primary),
+            );
+            return;
+        }
+        let Some(rev) = self.obs.canary.revision.clone() else {
+            self.wait(READINESS_POLL);
+            return;
+        };
+        if self.obs.primary.revision.as_deref() != Some(rev.as_str()) {
+            if self.status.revision.as_deref() != Some(rev.as_str()) {
+                self.status.revision = Some(rev.clone());
+                self.actions.push(Action::PromoteWorkload { revision: rev });
+            }
+            self.wait(READINESS_POLL);
+            return;
+        }
+        if !self.obs.primary.ready {
+            self.status.revision = Some(rev);
+            self.wait(READINESS_POLL);
+            return;
+        }
+        self.status.revision = Some(rev.clone());
+        self.status.stable_revision = Some(rev.clone());
+        self.set_weights(0);
+        self.actions.push(Action::ScaleCanaryDown);
+        self.status.phase = Phase::Waiting;
+        self.event(
+            EventType::Normal,
+            reasons::INITIALIZED,
+            format!("primary ready at revision {rev}; all traffic on the primary"),
+        );
+    }
+
+    fn idle(&mut self) {
+        if self.spec.paused {
+            return;
+        }
+        let Some(rev) = self.obs.canary.revision.clone() else {
+            return;
+        };
+        if self.status.stable_revision.as_deref() == Some(rev.as_str()) {
+            return;
+        }
+        if self.status.phase == Phase::Failed
+            && self.status.revision.as_deref() == Some(rev.as_str())
+        {
+            return;
+        }
+        self.start(rev);
+    }
+
+    fn start(&mut self, rev: String) {
+        let s = &mut self.status;
+        s.phase = Phase::Progressing;
+        s.revision = Some(rev.clone());
+        s.step = 0;
+        s.passed_checks = 0;
+        s.failed_checks = 0;
+        s.inconclusive_checks = 0;
+        s.rollout_started_at = Some(self.now);
+        s.step_started_at = None;
+        s.last_check = None;
+        if s.canary_weight != 0 {
+            self.set_weights(0);
+        }
+        if !self.spec.is_traffic_mode() {
+            self.actions.push(Action::ScaleCanaryUp);
+        }
+        self.condition(
+            api::PROMOTED,
+            ConditionStatus::Unknown,
+            "Progressing",
+            &format!("revision {rev} is under analysis"),
+        );
+        self.event(
+            EventType::Normal,
+            reasons::ROLLOUT_STARTED,
+            format!("new revision {rev}: starting analysis"),
+        );
+    }
+
+    fn progressing(&mut self) {
+        // A new revision (or a revert to the stable one) replaces this rollout.
+        if let Some(rev) = self.obs.canary.revision.clone()
+            && self.status.revision.as_deref() != Some(rev.as_str())
+        {
+            self.supersede(rev);
+            return;
+        }
+        if self.spec.paused {
+            if self.status.phase != Phase::Paused {
+                self.status.phase = Phase::Paused;
+                self.event(
+                    EventType::Normal,
+                    reasons::PAUSED,
+                    format!("paused at canary weight {}%", self.status.canary_weight),
+                );
+            }
+            return;
+        }
+        if self.status.phase == Phase::Paused {
+            self.status.phase = Phase::Progressing;
+            self.event(
+                EventType::Normal,
+                reasons::RESUMED,
+                format!("resumed at canary weight {}%", self.status.canary_weight),
+            );
+        }
+        if self.status.step_started_at.is_none() {
+            // The first step waits for the canary workload.
+            if !self.obs.canary.ready {
+                self.wait(READINESS_POLL);
+                return;
+            }
+            self.enter_step(0);
+            return;
+        }
+        let Some(due) = next_check_at(self.spec, &self.status) else {
+            return;
+        };
+        if self.now < due {
+            self.wait((due - self.now).to_std().unwrap_or(READINESS_POLL));
+            return;
+        }
+        self.check(due);
+    }
+
+    fn enter_step(&mut self, step: usize) {
+        let weight = self.step_weight(step);
+        self.status.step = step as u32;
+        self.status.passed_checks = 0;
+        self.status.step_started_at = Some(self.now);
+        self.set_weights(weight);
+        self.event(
+            EventType::Normal,
+            reasons::STEP_ADVANCED,
+            format!(
+                "canary weight {weight}% (step {} of {})",
+                step + 1,
+                self.steps().len()
+            ),
+        );
+        self.wait(self.spec.analysis.interval.into());
+    }
+
+    /// Counts a check due at `due`: judges every metric, records the check, and passes,
+    /// fails or holds the step accordingly.
+    fn check(&mut self, due: DateTime<Utc>) {
+        let results = self.judge_metrics(due);
+        let verdict = analysis::combine(results.iter().map(|r| r.verdict));
+        let summary = results
+            .iter()
+            .filter(|r| r.verdict != Verdict::Pass)
+            .map(|r| format!("{}: {}", r.metric, r.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        self.status.last_check = Some(CheckRecord {
+            time: self.now,
+            verdict,
+            results,
+        });
+        match verdict {
+            Verdict::Pass => self.check_passed(),
+            Verdict::Fail => self.check_failed(&summary),
+            Verdict::Inconclusive => self.check_inconclusive(&summary),
+        }
+    }
+
+    /// One result per metric (fresh results judged, missing or stale ones inconclusive),
+    /// plus a failed `canary-ready` result when the canary workload is not ready.
+    fn judge_metrics(&self, due: DateTime<Utc>) -> Vec<MetricResult> {
+        let mut results: Vec<MetricResult> = self
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .map(|metric| {
+                let obs = self.obs.metrics.iter().find(|o| o.name == metric.name);
+                let (verdict, message, value) = self.judge_metric(metric, obs, due);
+                MetricResult {
+                    metric: metric.name.clone(),
+                    value,
+                    verdict,
+                    message,
+                }
+            })
+            .collect();
+        if !self.obs.canary.ready && !self.spec.is_traffic_mode() {
+            results.push(MetricResult {
+                metric: "canary-ready".into(),
+                value: None,
+                verdict: Verdict::Fail,
+                message: "the canary workload is not ready".into(),
+            });
+        }
+        results
+    }
+
+    /// The verdict, message and value of one metric's observation for a check due at `due`.
+    fn judge_metric(
+        &self,
+        metric: &api::MetricSpec,
+        obs: Option<&analysis::MetricObservation>,
+        due: DateTime<Utc>,
+    ) -> (Verdict, String, Option<f64>) {
+        match obs {
+            None => (
+                Verdict::Inconclusive,
+                "no result for this metric".to_string(),
+                None,
+            ),
+            Some(o) if o.at < due => (
+                Verdict::Inconclusive,
+                format!(
+                    "stale: measured at {}, before the check was due at {}",
+                    o.at.to_rfc3339(),
+                    due.to_rfc3339()
+                ),
+                None,
+            ),
+            Some(o) if o.at > self.now => (
+                Verdict::Inconclusive,
+                format!(
+                    "measured at {}, after the decision time: clock skew?",
+                    o.at.to_rfc3339()
+                ),
+                None,
+            ),
+            Some(o) => {
+                let (v, msg) = analysis::judge(metric, &o.outcome);
+                let value = match o.outcome {
+                    Outcome::Value { value, .. } if value.is_finite() => Some(value),
+                    _ => None,
+                };
+                (v, msg, value)
+            }
+        }
+    }
+
+    /// A passing check: the step advances once it has `checksPerStep` of them.
+    fn check_passed(&mut self) {
+        let a = &self.spec.analysis;
+        self.status.inconclusive_checks = 0;
+        self.status.passed_checks += 1;
+        if self.status.passed_checks >= a.checks_per_step {
+            self.advance();
+        } else {
+            self.wait(a.interval.into());
+        }
+    }
+
+    /// A failed check: reported, and counted toward `failureThreshold`.
+    fn check_failed(&mut self, summary: &str) {
+        self.status.inconclusive_checks = 0;
+        self.status.failed_checks += 1;
+        self.event(
+            EventType::Warning,
+            reasons::CHECK_FAILED,
+            format!(
+                "check failed ({} of {}): {summary}",
+                self.status.failed_checks, self.spec.analysis.failure_threshold
+            ),
+        );
+        self.after_failure(format!(
+            "{} failed checks: {summary}",
+            self.status.failed_checks
+        ));
+    }
+
+    /// An inconclusive check: reported and counted toward `maxInconclusiveChecks` (and, with
+    /// `inconclusivePolicy: Fail`, toward `failureThreshold`).
+    fn check_inconclusive(&mut self, summary: &str) {
+        let a = &self.spec.analysis;
+        self.status.inconclusive_checks += 1;
+        self.event(
+            EventType::Warning,
+            reasons::CHECK_INCONCLUSIVE,
+            format!(
+                "check inconclusive ({} in a row): {summary}",
+                self.status.inconclusive_checks
+            ),
+        );
+        if a.inconclusive_policy == InconclusivePolicy::Fail {
+            self.status.failed_checks += 1;
+        }
+        if a.max_inconclusive_checks > 0
+            && self.status.inconclusive_checks >= a.max_inconclusive_checks
+        {
+            self.rollback(
+                RolloutResult::RolledBack,
+                format!(
+                    "{} inconclusive checks in a row: {summary}",
+                    self.status.inconclusive_checks
+                ),
+            );
+        } else {
+            self.after_failure(format!(
+                "{} failed checks, the last inconclusive: {summary}",
+                self.status.failed_checks
+            ));
+        }
+    }
+
+    fn after_failure(&mut self, reason: String) {
+        if self.status.failed_checks >= self.spec.analysis.failure_threshold {
+            self.rollback(RolloutResult::RolledBack, reason);
+        } else {
+            self.wait(self.spec.analysis.interval.into());
+        }
+    }
+
+    fn advance(&mut self) {
+        let next = self.status.step as usize + 1;
+        if next + 1 >= self.steps().len() {
+            self.promote("all checks passed".into());
+        } else {
+            self.enter_step(next);
+        }
+    }
+
+    fn promote(&mut self, reason: String) {
+        let rev = self.status.revision.clone().unwrap_or_default();
+        let last = self.steps().len().saturating_sub(1);
+        self.status.step = last as u32;
+        self.status.passed_checks = 0;
+        self.status.step_started_at = Some(self.now);
+        if self.obs.canary.ready || self.spec.is_traffic_mode() {
+            self.set_weights(100);
+        }
+        if self.spec.is_traffic_mode() {
+            self.succeed(reason);
+            return;
+        }
+        self.status.phase = Phase::Promoting;
+        self.actions.push(Action::PromoteWorkload {
+            revision: rev.clone(),
+        });
+        self.event(
+            EventType::Normal,
+            reasons::PROMOTING,
+            format!("{reason}: promoting revision {rev} to the primary"),
+        );
+        self.wait(READINESS_POLL);
+    }
+
+    fn promoting(&mut self) {
+        let rev = self.status.revision.clone().unwrap_or_default();
+        if self.obs.primary.revision.as_deref() == Some(rev.as_str()) && self.obs.primary.ready {
+            self.set_weights(0);
+            self.actions.push(Action::ScaleCanaryDown);
+            self.succeed("primary updated".into());
+            return;
+        }
+        // PromoteWorkload was carried out before this status was written (the controller
+        // writes status only after every action succeeded), so there is nothing to repeat.
+        self.wait(READINESS_POLL);
+    }
+
+    fn succeed(&mut self, reason: String) {
+        let rev = self.status.revision.clone().unwrap_or_default();
+        self.record(RolloutResult::Promoted, 100, reason);
+        self.status.stable_revision = Some(rev.clone());
+        self.status.phase = Phase::Succeeded;
+        self.condition(
+            api::PROMOTED,
+            ConditionStatus::True,
+            "Promoted",
+            &format!("revision {rev} is the stable version"),
+        );
+        self.event(
+            EventType::Normal,
+            reasons::PROMOTED,
+            format!("revision {rev} promoted"),
+        );
+    }
+
+    fn rollback(&mut self, result: RolloutResult, reason: String) {
+        let reached = self.reached_weight();
+        // Safety rule: the canary weight goes to 0 before anything else.
+        self.set_weights(0);
+        if !self.spec.is_traffic_mode() {
+            self.actions.push(Action::ScaleCanaryDown);
+        }
+        self.record(result, reached, reason.clone());
+        self.status.phase = Phase::Failed;
+        let rev = self.status.revision.clone().unwrap_or_default();
+        self.condition(
+            api::PROMOTED,
+            ConditionStatus::False,
+            result.as_str(),
+            &format!("revision {rev}: {reason}"),
+        );
+        self.event(
+            EventType::Warning,
+            reasons::ROLLED_BACK,
+            format!("revision {rev} rolled back: {reason}"),
+        );
+    }
+
+    fn supersede(&mut self, rev: String) {
+        let reached = self.reached_weight();
+        let old = self.status.revision.clone().unwrap_or_default();
+        if self.status.canary_weight != 0 {
+            self.set_weights(0);
+        }
+        self.record(
+            RolloutResult::Superseded,
+            reached,
+            format!("replaced by revision {rev}"),
+        );
+        self.event(
+            EventType::Normal,
+            reasons::SUPERSEDED,
+            format!("revision {old} replaced by {rev}: restarting analysis"),
+        );
+        if self.status.stable_revision.as_deref() == Some(rev.as_str()) {
+            // Reverted to the stable version: nothing left to roll out.
+            if !self.spec.is_traffic_mode() {
+                self.actions.push(Action::ScaleCanaryDown);
+            }
+            self.status.revision = Some(rev);
+            self.status.phase = Phase::Waiting;
+            return;
+        }
+        self.start(rev);
+    }
+
+    fn reached_weight(&self) -> u8 {
+        if self.status.step_started_at.is_none() {
+            return 0;
+        }
+        self.step_weight(self.status.step as usize)
+    }
+
+    fn record(&mut self, result: RolloutResult, reached_weight: u8, reason: String) {
+        let limit = self.spec.history_limit();
+        let entry = HistoryEntry {
+            revision: self.status.revision.clone().unwrap_or_default(),
+            started_at: self.status.rollout_started_at,
+            finished_at: self.now,
+            result,
+            reached_weight,
+            reason,
+        };
+        self.status.history.insert(0, entry);
+        self.status.history.truncate(limit);
+        self.status.rollout_started_at = None;
+    }
+
+    fn ready_condition(&mut self) {
+        let phase = self.status.phase;
+        let (status, reason, message) = match phase {
+            Phase::Initializing => (
+                ConditionStatus::False,
+                "Initializing",
+                "waiting for the primary to be ready".to_string(),
+            ),
+            _ => (
+                ConditionStatus::True,
+                phase.as_str(),
+                ready_message(&self.status),
+            ),
+        };
+        self.condition(api::READY, status, reason, &message);
+    }
+}
+
+fn ready_message(s: &CanaryStatus) -> String {
+    match s.phase {
+        Phase::Progressing | Phase::Paused | Phase::Promoting => format!(
+            "revision {} at canary weight {}%",
+            s.revision.as_deref().unwrap_or("?"),
+            s.canary_weight
+        ),
+        _ => format!(
+            "stable revision {}",
+            s.stable_revision.as_deref().unwrap_or("?")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,867 @@
+//! Transition tests and property tests of the safety rules.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use proptest::prelude::*;
+
+use super::*;
+use crate::analysis::{MetricObservation, Outcome};
+use crate::api::{CanarySpec, CanaryStatus, ConditionStatus, Phase, RolloutResult, find_condition};
+
+const WORKLOAD: &str = r#"
+targetRef: {apiVersion: apps/v1, kind: Deployment, name: podinfo}
+service: {port: 9898}
+router: {appMesh: {mesh: global}}
+steps: [20, 50, 100]
+analysis:
+  interval: 1m
+  checksPerStep: 1
+  failureThreshold: 2
+  metrics:
+    - name: error-rate
+      provider: {prometheus: {address: "http://prometheus:9090"}}
+      preset: appmesh-error-rate
+      max: 1
+    - name: latency
+      provider: {prometheus: {address: "http://prometheus:9090"}}
+      preset: appmesh-latency-p99
+      max: 500
+"#;
+
+const TRAFFIC: &str = r#"
+backends: {primary: colorgateway, canary: colorgatewayv2}
+service: {port: 9080}
+router: {gloo: {upstreamGroup: {name: upstreamgroup-gateway, namespace: gloo-system}}}
+analysis:
+  interval: 30s
+  metrics:
+    - name: error-rate
+      provider: {prometheus: {address: "http://prometheus:9090"}}
+      preset: gloo-error-rate
+      max: 1
+"#;
+
+fn spec(yaml: &str) -> CanarySpec {
+    serde_norway::from_str(yaml).unwrap()
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap()
+}
+
+/// A Canary, its status and the world around it, advanced one decision at a time.
+struct World {
+    spec: CanarySpec,
+    status: CanaryStatus,
+    obs: Observations,
+    now: DateTime<Utc>,
+}
+
+impl World {
+    fn new(spec: CanarySpec) -> Self {
+        World {
+            spec,
+            status: CanaryStatus::default(),
+            obs: Observations::default(),
+            now: t0(),
+        }
+    }
+
+    /// Workload mode, initialised with `rev1` as the stable revision.
+    fn stable_workload() -> Self {
+        let mut w = World::new(spec(WORKLOAD));
+        w.canary("rev1", false);
+        w.primary("rev1", true);
+        w.decide();
+        assert_eq!(w.status.phase, Phase::Waiting);
+        w
+    }
+
+    fn canary(&mut self, rev: &str, ready: bool) {
+        self.obs.canary = WorkloadState {
+            revision: Some(rev.into()),
+            ready,
+        };
+    }
+
+    fn primary(&mut self, rev: &str, ready: bool) {
+        self.obs.primary = WorkloadState {
+            revision: Some(rev.into()),
+            ready,
+        };
+    }
+
+    fn decide(&mut self) -> Decision {
+        let problems = api::validate(&self.spec);
+        let d = decide(Input {
+            spec: &self.spec,
+            generation: Some(1),
+            status: &self.status,
+            problems: &problems,
+            observations: &self.obs,
+            now: self.now,
+        });
+        self.status = d.status.clone();
+        d
+    }
+
+    fn advance(&mut self, secs: i64) {
+        self.now += Duration::seconds(secs);
+    }
+
+    /// Every metric reports `value` measured now.
+    fn metrics(&mut self, value: f64) {
+        let at = self.now;
+        self.obs.metrics = self
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .map(|m| MetricObservation {
+                name: m.name.clone(),
+                outcome: Outcome::Value {
+                    value,
+                    sample_size: None,
+                },
+                at,
+            })
+            .collect();
+    }
+
+    fn outcome(&mut self, outcome: Outcome) {
+        let at = self.now;
+        self.obs.metrics = self
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .map(|m| MetricObservation {
+                name: m.name.clone(),
+                outcome: outcome.clone(),
+                at,
+            })
+            .collect();
+    }
+
+    /// Waits one interval and reports passing metrics.
+    fn pass_interval(&mut self) -> Decision {
+        self.advance(self.interval_secs());
+        self.metrics(0.1);
+        self.decide()
+    }
+
+    fn interval_secs(&self) -> i64 {
+        std::time::Duration::from(self.spec.analysis.interval).as_secs() as i64
+    }
+
+    /// Starts a rollout of `rev` with the canary ready; returns after the first weight.
+    fn start(&mut self, rev: &str) -> Decision {
+        self.canary(rev, false);
+        self.decide();
+        self.canary(rev, true);
+        self.decide()
+    }
+}
+
+fn weights(d: &Decision) -> Vec<u8> {
+    d.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SetWeights(w) => Some(w.canary()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reasons(d: &Decision) -> Vec<&'static str> {
+    d.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Event(e) => Some(e.reason),
+            _ => None,
+        })
+        .collect()
+}
+
+/// On first sight in workload mode the primary is created from the target, and traffic
+/// goes to it only once it is ready.
+#[test]
+fn workload_initialisation_waits_for_primary() {
+    let mut w = World::new(spec(WORKLOAD));
+    w.canary("rev1", false);
+    let d = w.decide();
+    assert_eq!(
+        d.actions,
+        vec![Action::PromoteWorkload {
+            revision: "rev1".into()
+        }]
+    );
+    assert_eq!(w.status.phase, Phase::Initializing);
+    assert_eq!(d.requeue_after, Some(READINESS_POLL));
+
+    w.primary("rev1", false);
+    assert!(w.decide().actions.is_empty());
+
+    w.primary("rev1", true);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![0]);
+    assert!(d.actions.contains(&Action::ScaleCanaryDown));
+    assert_eq!(w.status.phase, Phase::Waiting);
+    assert_eq!(w.status.stable_revision.as_deref(), Some("rev1"));
+    let ready = find_condition(&w.status.conditions, api::READY).unwrap();
+    assert_eq!(ready.status, ConditionStatus::True);
+}
+
+/// A new pod template starts a rollout: the canary scales up, and its first weight is set
+/// once it is ready.
+#[test]
+fn new_revision_starts_rollout() {
+    let mut w = World::stable_workload();
+    w.canary("rev2", false);
+    let d = w.decide();
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert_eq!(w.status.revision.as_deref(), Some("rev2"));
+    assert!(d.actions.contains(&Action::ScaleCanaryUp));
+    assert_eq!(reasons(&d), vec![reasons::ROLLOUT_STARTED]);
+    assert!(
+        weights(&d).is_empty(),
+        "no traffic before the canary is ready"
+    );
+
+    w.canary("rev2", true);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![20]);
+    assert_eq!(w.status.canary_weight, 20);
+    assert_eq!(w.status.step_started_at, Some(w.now));
+    assert_eq!(d.requeue_after, Some(std::time::Duration::from_secs(60)));
+}
+
+/// Before a check is due nothing happens; the requeue says when it is due.
+#[test]
+fn waits_for_the_interval() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.advance(20);
+    w.metrics(0.1);
+    let d = w.decide();
+    assert!(d.actions.is_empty());
+    assert_eq!(d.requeue_after, Some(std::time::Duration::from_secs(40)));
+    assert_eq!(w.status.passed_checks, 0);
+}
+
+/// A step advances after checksPerStep fresh passing checks, one step per decision.
+#[test]
+fn advances_after_checks_per_step() {
+    let mut w = World::stable_workload();
+    w.spec.analysis.checks_per_step = 2;
+    w.start("rev2");
+    let d = w.pass_interval();
+    assert!(weights(&d).is_empty());
+    assert_eq!(w.status.passed_checks, 1);
+    let d = w.pass_interval();
+    assert_eq!(weights(&d), vec![50]);
+    assert_eq!(w.status.step, 1);
+    assert_eq!(w.status.passed_checks, 0);
+    assert_eq!(reasons(&d), vec![reasons::STEP_ADVANCED]);
+}
+
+/// Results measured before the check was due are stale: they never pass a check.
+#[test]
+fn stale_results_do_not_count() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.metrics(0.1); // measured when the step started, before the check is due
+    w.advance(60);
+    let d = w.decide();
+    assert!(weights(&d).is_empty());
+    assert_eq!(w.status.inconclusive_checks, 1);
+    let check = w.status.last_check.as_ref().unwrap();
+    assert_eq!(check.verdict, Verdict::Inconclusive);
+    assert!(
+        check.results[0].message.contains("stale"),
+        "{:?}",
+        check.results
+    );
+}
+
+/// failureThreshold failed checks roll back: canary weight 0 is the first action.
+#[test]
+fn rolls_back_at_failure_threshold() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.advance(60);
+    w.metrics(5.0);
+    let d = w.decide();
+    assert_eq!(w.status.failed_checks, 1);
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert_eq!(reasons(&d), vec![reasons::CHECK_FAILED]);
+    w.advance(60);
+    w.metrics(5.0);
+    let d = w.decide();
+    let first = d.actions.iter().find(|a| !matches!(a, Action::Event(_)));
+    assert_eq!(
+        first,
+        Some(&Action::SetWeights(Weights::STABLE)),
+        "{:?}",
+        d.actions
+    );
+    assert!(d.actions.contains(&Action::ScaleCanaryDown));
+    assert_eq!(w.status.phase, Phase::Failed);
+    assert_eq!(w.status.canary_weight, 0);
+    let h = &w.status.history[0];
+    assert_eq!(
+        (h.result, h.reached_weight, h.revision.as_str()),
+        (RolloutResult::RolledBack, 20, "rev2")
+    );
+    let promoted = find_condition(&w.status.conditions, api::PROMOTED).unwrap();
+    assert_eq!(promoted.status, ConditionStatus::False);
+    assert_eq!(w.status.stable_revision.as_deref(), Some("rev1"));
+
+    // The failed revision is not retried by itself...
+    w.advance(600);
+    assert!(w.decide().actions.is_empty());
+    // ...but a newer one starts again.
+    w.canary("rev3", false);
+    w.decide();
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert_eq!(w.status.failed_checks, 0);
+}
+
+/// No data, NaN and provider errors never advance; with Hold they only count toward
+/// maxInconclusiveChecks, which then rolls back.
+#[test]
+fn inconclusive_checks_hold_then_roll_back() {
+    let mut w = World::stable_workload();
+    w.spec.analysis.max_inconclusive_checks = 3;
+    w.start("rev2");
+    let outcomes = [
+        Outcome::NoData {
+            reason: "no series".into(),
+        },
+        Outcome::Value {
+            value: f64::NAN,
+            sample_size: None,
+        },
+        Outcome::Error {
+            category: "timeout",
+            message: "timed out".into(),
+        },
+    ];
+    for (i, o) in outcomes.into_iter().enumerate() {
+        w.advance(60);
+        w.outcome(o);
+        let d = w.decide();
+        assert_eq!(w.status.inconclusive_checks, i as u32 + 1);
+        assert_eq!(w.status.failed_checks, 0);
+        if i < 2 {
+            assert!(weights(&d).is_empty());
+            assert_eq!(w.status.step, 0);
+        } else {
+            assert_eq!(weights(&d), vec![0]);
+            assert_eq!(w.status.phase, Phase::Failed);
+        }
+    }
+}
+
+/// With inconclusivePolicy Fail, an inconclusive check counts toward failureThreshold.
+#[test]
+fn inconclusive_policy_fail_counts_as_failure() {
+    let mut w = World::stable_workload();
+    w.spec.analysis.inconclusive_policy = InconclusivePolicy::Fail;
+    w.start("rev2");
+    for _ in 0..2 {
+        w.advance(60);
+        w.outcome(Outcome::NoData {
+            reason: "none".into(),
+        });
+        w.decide();
+    }
+    assert_eq!(w.status.failed_checks, 2);
+    assert_eq!(w.status.phase, Phase::Failed);
+}
+
+/// A passing check does not reset failures: failureThreshold counts per rollout.
+#[test]
+fn failures_accumulate_across_steps() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.advance(60);
+    w.metrics(5.0);
+    w.decide();
+    w.pass_interval();
+    assert_eq!(w.status.canary_weight, 50);
+    w.advance(60);
+    w.metrics(5.0);
+    w.decide();
+    assert_eq!(w.status.phase, Phase::Failed);
+    assert_eq!(w.status.history[0].reached_weight, 50);
+}
+
+/// A full workload rollout: 20 → 50 → 100, the primary is updated, then traffic returns
+/// to it and the canary scales down.
+#[test]
+fn workload_promotion() {
+    let mut w = World::stable_workload();
+    let mut seen = weights(&w.start("rev2"));
+    seen.extend(weights(&w.pass_interval()));
+    let d = w.pass_interval();
+    seen.extend(weights(&d));
+    assert_eq!(seen, vec![20, 50, 100]);
+    assert_eq!(w.status.phase, Phase::Promoting);
+    assert!(d.actions.contains(&Action::PromoteWorkload {
+        revision: "rev2".into()
+    }));
+
+    w.primary("rev2", false);
+    assert!(w.decide().actions.is_empty());
+    w.primary("rev2", true);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![0]);
+    assert!(d.actions.contains(&Action::ScaleCanaryDown));
+    assert_eq!(w.status.phase, Phase::Succeeded);
+    assert_eq!(w.status.stable_revision.as_deref(), Some("rev2"));
+    assert_eq!(w.status.history[0].result, RolloutResult::Promoted);
+    assert_eq!(w.status.history[0].reached_weight, 100);
+    let promoted = find_condition(&w.status.conditions, api::PROMOTED).unwrap();
+    assert_eq!(promoted.status, ConditionStatus::True);
+    // Idle afterwards.
+    w.advance(3600);
+    assert!(w.decide().actions.is_empty());
+}
+
+/// Traffic mode: the rollout starts at once, weights go 0 → 20 → 50 → 100 on the canary
+/// backend, which then becomes the stable one.
+#[test]
+fn traffic_mode_promotion() {
+    let mut w = World::new(spec(TRAFFIC));
+    w.canary("colorgatewayv2", true);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![0, 20]);
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert_eq!(w.status.stable_revision.as_deref(), Some("colorgateway"));
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::ScaleCanaryUp | Action::ScaleCanaryDown))
+    );
+    assert_eq!(weights(&w.pass_interval()), vec![50]);
+    assert_eq!(weights(&w.pass_interval()), vec![100]);
+    assert_eq!(w.status.phase, Phase::Succeeded);
+    assert_eq!(w.status.stable_revision.as_deref(), Some("colorgatewayv2"));
+    assert_eq!(w.status.canary_weight, 100);
+
+    // Swapping the backends for the next release starts from all traffic on the new primary.
+    w.spec.backends = Some(api::Backends {
+        primary: "colorgatewayv2".into(),
+        canary: "colorgatewayv3".into(),
+    });
+    w.canary("colorgatewayv3", true);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![0, 20]);
+}
+
+/// A new revision mid-rollout sets the canary weight to 0, records the old rollout as
+/// superseded and restarts the analysis.
+#[test]
+fn new_revision_restarts_analysis() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.pass_interval();
+    assert_eq!(w.status.canary_weight, 50);
+    w.canary("rev3", false);
+    let d = w.decide();
+    assert_eq!(d.actions[0], Action::SetWeights(Weights::STABLE));
+    assert_eq!(w.status.revision.as_deref(), Some("rev3"));
+    assert_eq!(
+        (
+            w.status.step,
+            w.status.passed_checks,
+            w.status.failed_checks
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(w.status.history[0].result, RolloutResult::Superseded);
+    assert_eq!(w.status.history[0].reached_weight, 50);
+    assert!(reasons(&d).contains(&reasons::SUPERSEDED));
+    w.canary("rev3", true);
+    assert_eq!(weights(&w.decide()), vec![20]);
+}
+
+/// Reverting the target to the stable revision mid-rollout ends the rollout.
+#[test]
+fn revert_to_stable_ends_rollout() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.canary("rev1", false);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![0]);
+    assert!(d.actions.contains(&Action::ScaleCanaryDown));
+    assert_eq!(w.status.phase, Phase::Waiting);
+}
+
+/// spec.paused freezes the rollout: due checks are not counted; resuming continues.
+#[test]
+fn pause_and_resume() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.spec.paused = true;
+    let d = w.decide();
+    assert_eq!(w.status.phase, Phase::Paused);
+    assert_eq!(reasons(&d), vec![reasons::PAUSED]);
+    w.advance(600);
+    w.metrics(0.1);
+    let d = w.decide();
+    assert!(d.actions.is_empty());
+    assert_eq!(w.status.passed_checks, 0);
+    w.spec.paused = false;
+    let d = w.decide();
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert_eq!(reasons(&d), vec![reasons::RESUMED, reasons::STEP_ADVANCED]);
+    assert_eq!(w.status.canary_weight, 50);
+}
+
+/// A paused Canary does not start a new rollout.
+#[test]
+fn paused_does_not_start() {
+    let mut w = World::stable_workload();
+    w.spec.paused = true;
+    w.canary("rev2", true);
+    assert!(w.decide().actions.is_empty());
+    assert_eq!(w.status.phase, Phase::Waiting);
+}
+
+/// Abort rolls back at once, and the same command id is not carried out twice.
+#[test]
+fn abort_command() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.obs.command = Some(Command {
+        kind: CommandKind::Abort,
+        id: "1".into(),
+    });
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![0]);
+    assert_eq!(w.status.phase, Phase::Failed);
+    assert_eq!(w.status.history[0].result, RolloutResult::Aborted);
+    assert_eq!(w.status.last_command.as_deref(), Some("1"));
+    assert!(w.decide().actions.is_empty());
+}
+
+/// Promote skips the remaining checks.
+#[test]
+fn promote_command() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.obs.command = Some(Command {
+        kind: CommandKind::Promote,
+        id: "p".into(),
+    });
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![100]);
+    assert!(d.actions.contains(&Action::PromoteWorkload {
+        revision: "rev2".into()
+    }));
+    assert_eq!(w.status.phase, Phase::Promoting);
+}
+
+/// Retry restarts the failed revision; commands that do not apply are reported, not run.
+#[test]
+fn retry_command() {
+    let mut w = World::stable_workload();
+    w.obs.command = Some(Command {
+        kind: CommandKind::Retry,
+        id: "r0".into(),
+    });
+    let d = w.decide();
+    assert_eq!(reasons(&d), vec![reasons::COMMAND_IGNORED]);
+    w.obs.command = None;
+    w.start("rev2");
+    w.obs.command = Some(Command {
+        kind: CommandKind::Abort,
+        id: "a".into(),
+    });
+    w.decide();
+    assert_eq!(w.status.phase, Phase::Failed);
+    w.obs.command = Some(Command {
+        kind: CommandKind::Retry,
+        id: "r1".into(),
+    });
+    let d = w.decide();
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert_eq!(w.status.revision.as_deref(), Some("rev2"));
+    assert_eq!(weights(&d), vec![20]);
+}
+
+/// An invalid spec is never acted on: one Warning Event, an Invalid condition naming the
+/// field, and no router or workload action.
+#[test]
+fn invalid_spec_is_reported_once_and_not_acted_on() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.spec.steps = vec![50, 20, 100];
+    w.advance(60);
+    w.metrics(0.1);
+    let d = w.decide();
+    assert_eq!(d.actions.len(), 1);
+    match &d.actions[0] {
+        Action::Event(e) => {
+            assert_eq!((e.type_, e.reason), (EventType::Warning, reasons::INVALID));
+            assert!(e.message.contains("spec.steps[1]"), "{}", e.message);
+        }
+        a => panic!("unexpected action {a:?}"),
+    }
+    let invalid = find_condition(&w.status.conditions, api::INVALID).unwrap();
+    assert_eq!(invalid.status, ConditionStatus::True);
+    assert!(w.decide().actions.is_empty(), "the Event is emitted once");
+    w.spec.steps = vec![20, 50, 100];
+    w.decide();
+    let invalid = find_condition(&w.status.conditions, api::INVALID).unwrap();
+    assert_eq!(invalid.status, ConditionStatus::False);
+}
+
+/// A canary workload that is not ready at a check fails the check.
+#[test]
+fn unready_canary_fails_check() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.canary("rev2", false);
+    w.advance(60);
+    w.metrics(0.1);
+    w.decide();
+    assert_eq!(w.status.failed_checks, 1);
+    assert_eq!(w.status.last_check.as_ref().unwrap().verdict, Verdict::Fail);
+}
+
+/// History is newest first and bounded by spec.historyLimit.
+#[test]
+fn history_is_bounded() {
+    let mut w = World::stable_workload();
+    w.spec.history_limit = Some(2);
+    for i in 2..6 {
+        w.start(&format!("rev{i}"));
+        w.obs.command = Some(Command {
+            kind: CommandKind::Abort,
+            id: format!("a{i}"),
+        });
+        w.decide();
+        w.obs.command = None;
+    }
+    let revs: Vec<&str> = w
+        .status
+        .history
+        .iter()
+        .map(|h| h.revision.as_str())
+        .collect();
+    assert_eq!(revs, vec!["rev5", "rev4"]);
+}
+
+/// next_check_at anchors on the later of the step start and the last check.
+#[test]
+fn next_check_is_anchored_in_status() {
+    let mut w = World::stable_workload();
+    w.spec.analysis.checks_per_step = 3;
+    w.start("rev2");
+    assert_eq!(
+        next_check_at(&w.spec, &w.status),
+        Some(t0() + Duration::seconds(60))
+    );
+    w.pass_interval();
+    assert_eq!(
+        next_check_at(&w.spec, &w.status),
+        Some(t0() + Duration::seconds(120))
+    );
+}
+
+/// With a CloudWatch metric, checks fall on minute boundaries, so the provider's
+/// whole-minute window lies after the step started.
+#[test]
+fn cloudwatch_checks_fall_on_minute_boundaries() {
+    let mut w = World::stable_workload();
+    w.spec.analysis.metrics[1].provider = api::ProviderSpec {
+        prometheus: None,
+        cloud_watch: Some(api::AwsConnection {
+            region: "us-west-2".into(),
+            role_arn: None,
+            endpoint: None,
+        }),
+    };
+    w.spec.analysis.metrics[1].preset = Some(api::Preset::CloudwatchAppmeshLatencyP99);
+    w.advance(25); // 10:00:25
+    w.start("rev2");
+    let due = next_check_at(&w.spec, &w.status).unwrap();
+    assert_eq!(
+        due,
+        t0() + Duration::seconds(120),
+        "10:01:25 rounds up to 10:02:00"
+    );
+    w.advance(60); // 10:01:25: the interval has passed, but not the boundary
+    w.metrics(0.1);
+    let d = w.decide();
+    assert!(d.actions.is_empty());
+    assert_eq!(w.status.passed_checks, 0);
+    assert_eq!(d.requeue_after, Some(std::time::Duration::from_secs(35)));
+}
+
+// ---- property tests of the safety rules ----
+
+#[derive(Clone, Debug)]
+enum Step {
+    Wait(i64),
+    Metrics { value: f64, fresh: bool },
+    NoData,
+    ProviderError,
+    CanaryRevision(u8, bool),
+    PrimaryFollows(bool),
+    Command(u8),
+    Pause(bool),
+}
+
+fn step_strategy() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (1i64..200).prop_map(Step::Wait),
+        4 => (prop_oneof![Just(0.1), Just(0.9), Just(2.0), Just(f64::NAN), Just(700.0)], any::<bool>())
+            .prop_map(|(value, fresh)| Step::Metrics { value, fresh }),
+        1 => Just(Step::NoData),
+        1 => Just(Step::ProviderError),
+        2 => (1u8..4, any::<bool>()).prop_map(|(r, ready)| Step::CanaryRevision(r, ready)),
+        2 => any::<bool>().prop_map(Step::PrimaryFollows),
+        1 => (0u8..3).prop_map(Step::Command),
+        1 => any::<bool>().prop_map(Step::Pause),
+    ]
+}
+
+fn apply(w: &mut World, step: &Step, n: usize) {
+    match step {
+        Step::Wait(s) => w.advance(*s),
+        Step::Metrics { value, fresh } => {
+            w.metrics(*value);
+            if !fresh {
+                for m in &mut w.obs.metrics {
+                    m.at -= Duration::seconds(90);
+                }
+            }
+        }
+        Step::NoData => w.outcome(Outcome::NoData {
+            reason: "none".into(),
+        }),
+        Step::ProviderError => w.outcome(Outcome::Error {
+            category: "unreachable",
+            message: "refused".into(),
+        }),
+        Step::CanaryRevision(r, ready) => w.canary(&format!("rev{r}"), *ready),
+        Step::PrimaryFollows(ready) => {
+            // The primary runs whatever was last promoted to it.
+            if let Some(rev) = w.status.revision.clone() {
+                w.primary(&rev, *ready);
+            }
+        }
+        Step::Command(k) => {
+            let kind = [CommandKind::Promote, CommandKind::Abort, CommandKind::Retry][*k as usize];
+            w.obs.command = Some(Command {
+                kind,
+                id: format!("c{n}"),
+            });
+        }
+        Step::Pause(p) => w.spec.paused = *p,
+    }
+}
+
+fn check_invariants(w: &World, before: &CanaryStatus, d: &Decision) -> Result<(), TestCaseError> {
+    // Weights always sum to 100, each within 0..=100; status records the last one written.
+    let set: Vec<Weights> = d
+        .actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::SetWeights(w) = a {
+                Some(*w)
+            } else {
+                None
+            }
+        })
+        .collect();
+    for ws in &set {
+        prop_assert_eq!(ws.primary() as u32 + ws.canary() as u32, 100);
+        prop_assert!(ws.canary() <= 100);
+    }
+    if let Some(last) = set.last() {
+        prop_assert_eq!(last.canary(), d.status.canary_weight);
+    } else {
+        prop_assert_eq!(before.canary_weight, d.status.canary_weight);
+    }
+
+    let same_rollout = before.revision == d.status.revision
+        && before.rollout_started_at == d.status.rollout_started_at;
+    let commanded = d
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::Event(e) if e.reason == reasons::COMMAND));
+
+    // Never two steps in one decision (promote-now is the user's explicit jump).
+    if same_rollout && d.status.step > before.step && !commanded {
+        prop_assert_eq!(d.status.step, before.step + 1, "two steps in one decision");
+    }
+
+    // No advance without a fresh passing check of every metric.
+    let advanced = before.step_started_at.is_some()
+        && same_rollout
+        && (d.status.step > before.step
+            || (before.phase == Phase::Progressing && d.status.phase == Phase::Promoting))
+        || (before.phase == Phase::Progressing && d.status.phase == Phase::Succeeded);
+    if advanced && !commanded {
+        let check = d.status.last_check.as_ref();
+        prop_assert!(
+            check.is_some_and(|c| c.time == w.now && c.verdict == Verdict::Pass),
+            "advanced without a passing check now"
+        );
+        let due = next_check_at(&w.spec, before).expect("a step was under analysis");
+        for m in &w.spec.analysis.metrics {
+            let o = w.obs.metrics.iter().find(|o| o.name == m.name);
+            prop_assert!(
+                o.is_some_and(|o| o.at >= due && o.at <= w.now),
+                "metric {} not fresh",
+                m.name
+            );
+            let (verdict, _) = crate::analysis::judge(m, &o.unwrap().outcome);
+            prop_assert_eq!(verdict, Verdict::Pass);
+        }
+    }
+
+    // Rollback sets the canary weight to 0 first, in the same decision.
+    let rolled_back = before.phase.in_rollout() && d.status.phase == Phase::Failed;
+    if rolled_back {
+        let first = d.actions.iter().find(|a| !matches!(a, Action::Event(_)));
+        prop_assert_eq!(first, Some(&Action::SetWeights(Weights::STABLE)));
+        prop_assert_eq!(d.status.canary_weight, 0);
+    }
+
+    // History is bounded.
+    prop_assert!(d.status.history.len() <= w.spec.history_limit());
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Over random sequences of time, metric results, revisions, readiness, commands and
+    /// pauses, every decision keeps the safety rules, is deterministic, and is idempotent:
+    /// deciding again on the same observations changes nothing and acts on nothing.
+    #[test]
+    fn safety_rules_hold(traffic in any::<bool>(), steps in proptest::collection::vec(step_strategy(), 1..60)) {
+        let mut w = World::new(spec(if traffic { TRAFFIC } else { WORKLOAD }));
+        w.spec.history_limit = Some(3);
+        w.canary("rev1", true);
+        w.primary("rev1", true);
+        for (n, step) in steps.iter().enumerate() {
+            apply(&mut w, step, n);
+            let before = w.status.clone();
+            let problems = api::validate(&w.spec);
+            let input = Input { spec: &w.spec, generation: Some(1), status: &before, problems: &problems, observations: &w.obs, now: w.now };
+            let d = decide(input);
+            prop_assert_eq!(&d, &decide(input), "not deterministic");
+            check_invariants(&w, &before, &d)?;
+            let again = decide(Input { status: &d.status, ..input });
+            prop_assert!(again.actions.is_empty(), "not idempotent: {:?}", again.actions);
+            prop_assert_eq!(&again.status, &d.status);
+            w.status = d.status;
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The values that go into and come out of [`decide`](super::decide).
+
+use crate::analysis::MetricObservation;
+use crate::api::CanaryStatus;
+use crate::arms::Weights;
+
+/// What the controller observed before deciding.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observations {
+    /// The new version: in workload mode the target Deployment (revision = hash of its pod
+    /// template and referenced config); in traffic mode the canary backend (revision = its
+    /// name, ready = it exists).
+    pub canary: WorkloadState,
+    /// The stable version: `<target>-primary` in workload mode (unused in traffic mode).
+    pub primary: WorkloadState,
+    /// The latest result of each metric, fetched when a check was due.
+    pub metrics: Vec<MetricObservation>,
+    /// An operator command, if one is pending.
+    pub command: Option<Command>,
+}
+
+/// A workload's revision and readiness.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadState {
+    /// The revision it runs or is rolling out to; `None` when it does not exist.
+    pub revision: Option<String>,
+    /// True when it runs `revision` and is available.
+    pub ready: bool,
+}
+
+/// An operator command. The id makes it happen once: a command whose id equals
+/// `status.lastCommand` is ignored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    /// What to do.
+    pub kind: CommandKind,
+    /// Any value unique per request, for example a timestamp.
+    pub id: String,
+}
+
+/// Operator commands (pausing is `spec.paused`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandKind {
+    /// Skip the remaining checks and promote now.
+    Promote,
+    /// Roll back now.
+    Abort,
+    /// Start the failed revision's rollout again.
+    Retry,
+}
+
+impl CommandKind {
+    /// The name users write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Promote => "promote",
+            CommandKind::Abort => "abort",
+            CommandKind::Retry => "retry",
+        }
+    }
+
+    /// Parses a command name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "promote" => Some(CommandKind::Promote),
+            "abort" => Some(CommandKind::Abort),
+            "retry" => Some(CommandKind::Retry),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of a decision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The status to write once every action succeeded.
+    pub status: CanaryStatus,
+    /// What to do, in order.
+    pub actions: Vec<Action>,
+    /// When to look again without a watch event (a timed check, or a readiness poll).
+    pub requeue_after: Option<std::time::Duration>,
+}
+
+/// One thing the controller must do. Every action is absolute, so repeating it is harmless.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write these weights to the router.
+    SetWeights(Weights),
+    /// Make the primary run `revision` (copy the target's pod template to the primary).
+    PromoteWorkload {
+        /// The revision the primary must run.
+        revision: String,
+    },
+    /// Scale the canary workload up to its desired replicas.
+    ScaleCanaryUp,
+    /// Scale the canary workload to zero.
+    ScaleCanaryDown,
+    /// Emit a Kubernetes Event.
+    Event(Event),
+}
+
+/// A Kubernetes Event to emit about the Canary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Normal or Warning.
+    pub type_: EventType,
+    /// A constant CamelCase reason (see [`reasons`]).
+    pub reason: &'static str,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// Event type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    /// Routine progress.
+    Normal,
+    /// Something needs attention.
+    Warning,
+}
+
+/// Event reasons.
+pub mod reasons {
+    /// The spec is invalid.
+    pub const INVALID: &str = "Invalid";
+    /// The stable version is set up.
+    pub const INITIALIZED: &str = "Initialized";
+    /// A rollout started.
+    pub const ROLLOUT_STARTED: &str = "RolloutStarted";
+    /// The canary weight moved to the next step.
+    pub const STEP_ADVANCED: &str = "StepAdvanced";
+    /// A check failed.
+    pub const CHECK_FAILED: &str = "CheckFailed";
+    /// A check had no usable data.
+    pub const CHECK_INCONCLUSIVE: &str = "CheckInconclusive";
+    /// Promotion started.
+    pub const PROMOTING: &str = "Promoting";
+    /// Promotion finished.
+    pub const PROMOTED: &str = "Promoted";
+    /// The rollout was rolled back or aborted.
+    pub const ROLLED_BACK: &str = "RolledBack";
+    /// A newer revision replaced the rollout.
+    pub const SUPERSEDED: &str = "Superseded";
+    /// `spec.paused` took effect.
+    pub const PAUSED: &str = "Paused";
+    /// `spec.paused` was cleared.
+    pub const RESUMED: &str = "Resumed";
+    /// An operator command was carried out.
+    pub const COMMAND: &str = "Command";
+    /// An operator command did not apply.
+    pub const COMMAND_IGNORED: &str = "CommandIgnored";
+}

@@ -1,0 +1,456 @@
+//! The terminal view of a rollout: a frame per Canary redrawn in place with ANSI escapes when
+//! standard output is a terminal, or one plain line per change (no escape codes) when it is
+//! not (tests, CI, pipes). `serin demo` draws it; a kubectl plugin can draw the same.
+//!
+//! It only formats what its caller observed; it reads nothing itself.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::Write;
+use std::time::Instant;
+
+use crate::api::{CheckRecord, Phase, Verdict};
+use crate::arms::{PerArm, Weights};
+
+/// Width of the weight bar, in cells.
+const BAR: usize = 30;
+/// Events shown in the frame.
+const EVENTS_SHOWN: usize = 5;
+
+/// A metric of the Canary: its name, unit and bounds.
+#[derive(Clone, Debug)]
+pub struct MetricInfo {
+    /// `spec.analysis.metrics[].name`.
+    pub name: String,
+    /// `%` or `ms`.
+    pub unit: &'static str,
+    /// Lower bound.
+    pub min: Option<f64>,
+    /// Upper bound.
+    pub max: Option<f64>,
+}
+
+/// What was seen of one Canary at one poll.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    /// `namespace/name`.
+    pub canary: String,
+    /// Status phase.
+    pub phase: Phase,
+    /// Status step (index into the steps).
+    pub step: u32,
+    /// `spec.steps`.
+    pub steps: Vec<i32>,
+    /// The weights on the VirtualRouter, as the data plane reads them.
+    pub weights: Option<Weights>,
+    /// Failed checks in this rollout.
+    pub failed_checks: u32,
+    /// `analysis.failureThreshold`.
+    pub failure_threshold: u32,
+    /// The last counted check.
+    pub last_check: Option<CheckRecord>,
+    /// The Canary's metrics.
+    pub metrics: Vec<MetricInfo>,
+    /// Requests and errors each arm has served, when known (the demo's simulator counts
+    /// them).
+    pub traffic: Option<PerArm<Served>>,
+}
+
+/// Requests an arm served, and how many of them failed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Requests.
+    pub requests: u64,
+    /// Requests answered with an error (5xx).
+    pub errors: u64,
+}
+
+/// One Kubernetes Event about the Canary.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventLine {
+    /// Identity (uid and count), so each is shown once.
+    pub key: String,
+    /// `HH:MM:SS`.
+    pub time: String,
+    /// Normal or Warning.
+    pub type_: String,
+    /// Reason.
+    pub reason: String,
+    /// Message.
+    pub message: String,
+}
+
+/// The view.
+pub struct View {
+    tty: bool,
+    /// Terminal width: frame lines are cut to fit, since a wrapped line would throw off the
+    /// redraw.
+    width: usize,
+    started: Instant,
+    title: String,
+    drawn: usize,
+    last_line: String,
+    seen: HashSet<String>,
+    events: VecDeque<EventLine>,
+    last: Option<Observed>,
+}
+
+impl View {
+    /// A view that redraws in place when `tty`.
+    pub fn new(tty: bool) -> Self {
+        View {
+            tty,
+            width: if tty { terminal_width() } else { usize::MAX },
+            started: Instant::now(),
+            title: String::new(),
+            drawn: 0,
+            last_line: String::new(),
+            seen: HashSet::new(),
+            events: VecDeque::new(),
+            last: None,
+        }
+    }
+
+    fn elapsed(&self) -> String {
+        format!("{:>6.1}s", self.started.elapsed().as_secs_f64())
+    }
+
+    /// Prints a line that stays (above the frame on a terminal).
+    pub fn note(&mut self, text: &str) {
+        let mut out = std::io::stdout().lock();
+        if self.tty {
+            self.redraw(&mut out, Some(text));
+        } else {
+            let _ = writeln!(out, "[{}] {text}", self.elapsed());
+        }
+        let _ = out.flush();
+    }
+
+    /// Sets the frame's title (the scenario) and prints it once.
+    pub fn title(&mut self, title: &str) {
+        self.title = title.to_string();
+        self.note(&format!("== {title}"));
+    }
+
+    /// Shows a new observation and any new Events.
+    pub fn update(&mut self, observed: Observed, events: Vec<EventLine>) {
+        let mut fresh = Vec::new();
+        for e in events {
+            if self.seen.insert(e.key.clone()) {
+                fresh.push(e.clone());
+                self.events.push_back(e);
+                while self.events.len() > EVENTS_SHOWN {
+                    self.events.pop_front();
+                }
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        if self.tty {
+            self.last = Some(observed);
+            self.redraw(&mut out, None);
+        } else {
+            let line = status_line(&observed);
+            if line != self.last_line {
+                let _ = writeln!(out, "[{}] {line}", self.elapsed());
+                self.last_line = line;
+            }
+            for e in fresh {
+                let _ = writeln!(
+                    out,
+                    "[{}] event {} {}: {}",
+                    self.elapsed(),
+                    e.type_,
+                    e.reason,
+                    e.message
+                );
+            }
+            self.last = Some(observed);
+        }
+        let _ = out.flush();
+    }
+
+    /// Leaves the frame as it is and moves below it.
+    pub fn finish(&mut self) {
+        self.drawn = 0;
+    }
+
+    /// Overwrites the frame in place (line by line, so it does not flicker), with `note`
+    /// printed above it to stay.
+    fn redraw(&mut self, out: &mut impl Write, note: Option<&str>) {
+        if self.drawn > 0 {
+            // Back to the frame's first line.
+            let _ = write!(out, "\x1b[{}F", self.drawn);
+        }
+        if let Some(note) = note {
+            let _ = writeln!(out, "{note}\x1b[K");
+        }
+        let lines = match &self.last {
+            Some(o) => frame(
+                &self.title,
+                self.started.elapsed().as_secs_f64(),
+                o,
+                &self.events,
+            ),
+            None => Vec::new(),
+        };
+        for l in &lines {
+            let _ = writeln!(out, "{}\x1b[K", fit(l, self.width));
+        }
+        // Clear what is left of a longer previous frame.
+        let _ = write!(out, "\x1b[J");
+        self.drawn = lines.len();
+    }
+}
+
+/// The terminal's width from `stty size` (80 when unknown).
+fn terminal_width() -> usize {
+    std::process::Command::new("stty")
+        .arg("size")
+        .stdin(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .filter(|w: &usize| *w >= 20)
+        .unwrap_or(80)
+}
+
+/// Cuts `line` to `width − 1` visible characters; escape sequences do not count.
+fn fit(line: &str, width: usize) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut visible = 0;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            out.push(c);
+            for e in chars.by_ref() {
+                out.push(e);
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        if visible + 1 >= width {
+            out.push_str("\x1b[0m");
+            break;
+        }
+        out.push(c);
+        visible += 1;
+    }
+    out
+}
+
+fn weights_text(w: Option<Weights>) -> String {
+    match w {
+        Some(w) => format!("primary {}% / canary {}%", w.primary(), w.canary()),
+        None => "weights unknown".into(),
+    }
+}
+
+fn bar(w: Option<Weights>) -> String {
+    let canary = w.map(|w| usize::from(w.canary())).unwrap_or(0);
+    let cells = (canary * BAR + 50) / 100;
+    format!(
+        "primary {}{} canary",
+        "█".repeat(BAR - cells),
+        "░".repeat(cells)
+    )
+}
+
+fn value_text(v: Option<f64>, unit: &str) -> String {
+    match v {
+        Some(v) if unit == "%" => format!("{v:.2} %"),
+        Some(v) => format!("{v:.1} {unit}"),
+        None => "no value".into(),
+    }
+}
+
+fn bounds_text(m: &MetricInfo) -> String {
+    match (m.min, m.max) {
+        (Some(lo), Some(hi)) => format!("in [{lo}, {hi}]"),
+        (None, Some(hi)) => format!("max {hi}"),
+        (Some(lo), None) => format!("min {lo}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// The metrics of the last check: `name value (bound) verdict`.
+fn metric_results(o: &Observed) -> Vec<(String, String, String, Option<Verdict>)> {
+    o.metrics
+        .iter()
+        .map(|m| {
+            let result = o
+                .last_check
+                .as_ref()
+                .and_then(|c| c.results.iter().find(|r| r.metric == m.name));
+            (
+                m.name.clone(),
+                result
+                    .map(|r| value_text(r.value, m.unit))
+                    .unwrap_or_else(|| "-".into()),
+                bounds_text(m),
+                result.map(|r| r.verdict),
+            )
+        })
+        .collect()
+}
+
+fn step_text(o: &Observed) -> String {
+    let steps: Vec<String> = o.steps.iter().map(i32::to_string).collect();
+    format!(
+        "step {}/{} ({})",
+        (o.step as usize + 1).min(o.steps.len()),
+        o.steps.len(),
+        steps.join(" → ")
+    )
+}
+
+/// The one-line form, for output that is not a terminal.
+pub fn status_line(o: &Observed) -> String {
+    let metrics: Vec<String> = metric_results(o)
+        .into_iter()
+        .map(|(name, value, bound, verdict)| {
+            let verdict = verdict.map(Verdict::as_str).unwrap_or("-");
+            format!("{name} {value} ({bound}) {verdict}")
+        })
+        .collect();
+    format!(
+        "{} {} {} | {} | failed checks {}/{} | {}",
+        o.canary,
+        o.phase.as_str(),
+        step_text(o),
+        weights_text(o.weights),
+        o.failed_checks,
+        o.failure_threshold,
+        metrics.join(", ")
+    )
+}
+
+fn colour(verdict: Option<Verdict>) -> (&'static str, &'static str) {
+    match verdict {
+        Some(Verdict::Pass) => ("\x1b[32m", "Pass"),
+        Some(Verdict::Fail) => ("\x1b[31m", "Fail"),
+        Some(Verdict::Inconclusive) => ("\x1b[33m", "Inconclusive"),
+        None => ("", "-"),
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// The terminal frame.
+fn frame(title: &str, elapsed: f64, o: &Observed, events: &VecDeque<EventLine>) -> Vec<String> {
+    let mut lines = vec![
+        format!("\x1b[1m{}\x1b[0m  {elapsed:.1}s", truncate(title, 100)),
+        format!(
+            "{}  \x1b[1m{}\x1b[0m  {}",
+            o.canary,
+            o.phase.as_str(),
+            step_text(o)
+        ),
+        format!("  {}   {}", bar(o.weights), weights_text(o.weights)),
+        format!(
+            "  failed checks {} of {} allowed{}",
+            o.failed_checks,
+            o.failure_threshold,
+            o.last_check
+                .as_ref()
+                .map(|c| format!(
+                    "   last check {} {}",
+                    c.time.format("%H:%M:%S"),
+                    c.verdict.as_str()
+                ))
+                .unwrap_or_default()
+        ),
+    ];
+    for (name, value, bound, verdict) in metric_results(o) {
+        let (c, v) = colour(verdict);
+        lines.push(format!(
+            "  {name:<14} {value:>10}   {bound:<10} {c}{v}\x1b[0m"
+        ));
+    }
+    if let Some(t) = &o.traffic {
+        lines.push(format!(
+            "  traffic  primary {} req / {} err   canary {} req / {} err",
+            t.primary.requests, t.primary.errors, t.canary.requests, t.canary.errors
+        ));
+    }
+    lines.push("  events".into());
+    for e in events {
+        let (on, off) = if e.type_ == "Warning" {
+            ("\x1b[33m", "\x1b[0m")
+        } else {
+            ("", "")
+        };
+        lines.push(format!(
+            "    {} {on}{:<7}{off} {:<16} {}",
+            e.time,
+            e.type_,
+            e.reason,
+            truncate(&e.message, 80)
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observed() -> Observed {
+        Observed {
+            canary: "appmesh-demo/colorteller".into(),
+            phase: Phase::Progressing,
+            step: 1,
+            steps: vec![20, 50, 100],
+            weights: Some(Weights::with_canary(50)),
+            failed_checks: 0,
+            failure_threshold: 2,
+            last_check: None,
+            metrics: vec![MetricInfo {
+                name: "error-rate".into(),
+                unit: "%",
+                min: None,
+                max: Some(1.0),
+            }],
+            traffic: None,
+        }
+    }
+
+    /// The plain line names the phase, the step and both weights, without escape codes.
+    #[test]
+    fn status_line_is_plain() {
+        let line = status_line(&observed());
+        assert!(line.contains("Progressing step 2/3"), "{line}");
+        assert!(line.contains("primary 50% / canary 50%"), "{line}");
+        assert!(!line.contains('\x1b'), "{line}");
+    }
+
+    /// Frame lines are cut to the terminal's width without counting escape codes.
+    #[test]
+    fn fit_ignores_escape_codes() {
+        assert_eq!(fit("\x1b[1mabcdef\x1b[0m", 5), "\x1b[1mabcd\x1b[0m");
+        assert_eq!(fit("abc", 80), "abc");
+    }
+
+    /// The bar splits its cells by the weights.
+    #[test]
+    fn bar_follows_the_weights() {
+        let b = bar(Some(Weights::with_canary(20)));
+        assert_eq!(b.matches('░').count(), 6);
+        assert_eq!(b.matches('█').count(), 24);
+    }
+}

@@ -1,0 +1,584 @@
+//! The closed-loop harness of the end-to-end tests: the embedded API server with Serin's
+//! and the upstream CRDs, the Deployment status simulator, the traffic simulator reading
+//! the weights Serin writes, a real Prometheus scraping it, and the real `serin run`
+//! binary as a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Guarded, free_port, listening, require, wait_for_blocking};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Namespace};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::runtime::watcher;
+use kube_sandbox::{ApiServer, Options};
+use serde_json::{Value, json};
+use serin::api::{Canary, Phase};
+use serin::demo::traffic::{Behaviour, RouterWeights, ServiceConfig, TrafficSimulator};
+use serin::router::{AppMeshKubeRouter, Routers};
+use std::time::Instant;
+
+pub const NS: &str = "e2e";
+pub const INTERVAL_SECS: u64 = 3;
+
+pub fn upstream_crds() -> Option<PathBuf> {
+    let dir =
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("../shared/upstream-crds");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "NOTICE: {} is absent (a user's clone): skipping, as these tests need the upstream App Mesh/Gloo CRDs",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// A real Prometheus scraping one target every second; it can be stopped and started
+/// again on the same port and data directory (an outage).
+pub struct ScrapingPrometheus {
+    pub url: String,
+    port: u16,
+    process: Option<Guarded>,
+    dir: tempfile::TempDir,
+}
+
+impl ScrapingPrometheus {
+    pub fn start(target: &str) -> Self {
+        require("prometheus");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1h\nscrape_configs:\n  - job_name: envoy\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let mut p = ScrapingPrometheus {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            process: None,
+            dir,
+        };
+        p.resume();
+        p
+    }
+
+    /// Stops the server (the data directory stays).
+    pub fn stop(&mut self) {
+        self.process = None;
+        wait_for_blocking("prometheus to stop", Duration::from_secs(10), || {
+            !listening(self.port)
+        });
+    }
+
+    /// Starts the server again on the same port and data.
+    pub fn resume(&mut self) {
+        let d = self.dir.path();
+        self.process = Some(Guarded::spawn(
+            "prometheus",
+            &[
+                format!("--config.file={}", d.join("prometheus.yml").display()),
+                format!("--storage.tsdb.path={}", d.join("data").display()),
+                format!("--web.listen-address=127.0.0.1:{}", self.port),
+                "--log.level=warn".into(),
+            ],
+            &d.join("prometheus.log"),
+        ));
+        let port = self.port;
+        wait_for_blocking("prometheus to listen", Duration::from_secs(20), || {
+            listening(port)
+        });
+        // Its first scrape comes a few seconds after start-up; checks before it would see
+        // no data at all.
+        wait_for_blocking(
+            "prometheus to scrape its target",
+            Duration::from_secs(30),
+            || http_get(port, "/api/v1/query?query=up%3D%3D1").contains("\"value\""),
+        );
+    }
+}
+
+/// A blocking HTTP/1.0 GET on 127.0.0.1:`port`; the whole response, or "" on failure.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return String::new();
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf
+}
+
+/// The operator as a child process; killed (SIGKILL) on drop.
+pub struct Operator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(kubeconfig: &Path, log: PathBuf, extra: &[&str]) -> Self {
+        Self::start_with_env(kubeconfig, log, extra, &[])
+    }
+
+    /// Like [`Operator::start`], with extra environment variables (AWS credentials).
+    pub fn start_with_env(
+        kubeconfig: &Path,
+        log: PathBuf,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_serin"))
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info,serin=debug")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("start serin run");
+        Operator { child, log }
+    }
+
+    /// kill -9: no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Env {
+    pub server: ApiServer,
+    pub client: kube::Client,
+    pub kubeconfig: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub prometheus: ScrapingPrometheus,
+    pub sim: Arc<TrafficSimulator>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub fn gvk(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+pub fn virtual_routers() -> ApiResource {
+    gvk(
+        "appmesh.k8s.aws",
+        "v1beta2",
+        "VirtualRouter",
+        "virtualrouters",
+    )
+}
+
+pub async fn create(client: &kube::Client, ar: &ApiResource, namespace: Option<&str>, obj: Value) {
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+        None => Api::all_with(client.clone(), ar),
+    };
+    let obj: DynamicObject = serde_json::from_value(obj).unwrap();
+    api.create(&PostParams::default(), &obj).await.unwrap();
+}
+
+/// The traffic simulator's clusters follow the App Mesh preset's naming:
+/// `cds_egress_<mesh>_<virtual node>_<namespace>_http_<port>`.
+pub fn appmesh_service(
+    client: &kube::Client,
+    canary: Behaviour,
+    routers: Routers,
+    name: &str,
+) -> ServiceConfig {
+    ServiceConfig {
+        primary_cluster: format!("cds_egress_global_{name}-primary_{NS}_http_9898"),
+        canary_cluster: format!("cds_egress_global_{name}-canary_{NS}_http_9898"),
+        rps: 200.0,
+        primary: Behaviour::HEALTHY,
+        canary: vec![(Duration::ZERO, canary)],
+        weights: Arc::new(RouterWeights::new(client.clone(), routers, NS, name)),
+    }
+}
+
+pub async fn env(services: impl FnOnce(&kube::Client) -> Vec<ServiceConfig>) -> Option<Env> {
+    let crds = upstream_crds()?;
+    let server = ApiServer::start(Options::default()).await.unwrap();
+    let crd: Value = serde_norway::from_str(&serin::api::crd_yaml().unwrap()).unwrap();
+    server.apply_crd(crd).unwrap();
+    for sub in ["appmesh", "gloo", "gateway-api"] {
+        server.load_crd_dir(&crds.join(sub)).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let client = server.client().unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let sim = TrafficSimulator::new(services(&client), 11);
+    let (addr, serve_task) = sim.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let prometheus = ScrapingPrometheus::start(&addr.to_string());
+    let tasks = vec![
+        serve_task,
+        sim.run(Duration::from_millis(100)),
+        kube_sandbox::workloads::simulate_deployments(client.clone(), Duration::from_millis(300)),
+    ];
+    Some(Env {
+        server,
+        client,
+        kubeconfig,
+        dir,
+        prometheus,
+        sim,
+        tasks,
+    })
+}
+
+pub fn deployment(name: &str, image: &str) -> Deployment {
+    let mut d = deployment_value(name, image);
+    d["spec"]["template"]["spec"]["containers"][0]["envFrom"] =
+        json!([{"configMapRef": {"name": format!("{name}-config"), "optional": true}}]);
+    serde_json::from_value(d).unwrap()
+}
+
+pub fn deployment_value(name: &str, image: &str) -> Value {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": image, "ports": [{"containerPort": 9898}]}]}
+            }
+        }
+    }))
+    .unwrap()
+}
+
+/// GETs `path` from the operator's metrics/health server, whose address it logs.
+pub async fn operator_http(op: &Operator, path: &str) -> (u16, String) {
+    let log = op.log();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("serving /metrics"))
+        .and_then(|l| l.split("address=").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .expect("the operator logs its metrics address")
+        .to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).await.unwrap();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+pub fn workload_canary(name: &str, prometheus: &str) -> Value {
+    json!({
+        "apiVersion": "serin.dev/v1alpha1",
+        "kind": "Canary",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "service": {"port": 9898},
+            "router": {"appMesh": {"mesh": "global"}},
+            "steps": [20, 50, 100],
+            "analysis": {
+                "interval": format!("{INTERVAL_SECS}s"),
+                "failureThreshold": 2,
+                "metrics": [{
+                    "name": "error-rate",
+                    "provider": {"prometheus": {"address": prometheus}},
+                    "preset": "appmesh-error-rate",
+                    "max": 1.0
+                }]
+            }
+        }
+    })
+}
+
+pub async fn setup_appmesh(env: &Env, name: &str) {
+    create(
+        &env.client,
+        &gvk("appmesh.k8s.aws", "v1beta2", "Mesh", "meshes"),
+        None,
+        json!({"apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "Mesh", "metadata": {"name": "global"},
+               "spec": {"namespaceSelector": {"matchLabels": {"mesh": "global"}}}}),
+    )
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), NS);
+    deployments
+        .create(&PostParams::default(), &deployment(name, "podinfo:1"))
+        .await
+        .unwrap();
+    let canaries: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        NS,
+        &gvk("serin.dev", "v1alpha1", "Canary", "canaries"),
+    );
+    let obj: DynamicObject =
+        serde_json::from_value(workload_canary(name, &env.prometheus.url)).unwrap();
+    canaries.create(&PostParams::default(), &obj).await.unwrap();
+}
+
+/// Every distinct (primary, canary) weight pair, in order.
+/// Every distinct (primary, canary) weight pair a routing object goes through, in order,
+/// with when it was seen.
+#[derive(Clone, Default)]
+pub struct WeightLog(Arc<Mutex<Vec<(Pair, Instant)>>>);
+
+/// (primary, canary) weights.
+pub type Pair = (i64, i64);
+
+impl WeightLog {
+    /// The pairs, in order.
+    pub fn pairs(&self) -> Vec<(i64, i64)> {
+        self.0.lock().unwrap().iter().map(|(p, _)| *p).collect()
+    }
+
+    /// How many pairs were seen.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// When the `i`-th pair was seen.
+    pub fn seen_at(&self, i: usize) -> Option<Instant> {
+        self.0.lock().unwrap().get(i).map(|(_, t)| *t)
+    }
+
+    fn push(&self, pair: (i64, i64)) {
+        let mut v = self.0.lock().unwrap();
+        if v.last().map(|(p, _)| *p) != Some(pair) {
+            v.push((pair, Instant::now()));
+        }
+    }
+}
+
+/// Records the weights of the VirtualRouter `name`'s first route.
+pub fn record_weights(
+    client: &kube::Client,
+    name: &str,
+) -> (WeightLog, tokio::task::JoinHandle<()>) {
+    record_weights_of(
+        client,
+        virtual_routers(),
+        name,
+        "/spec/routes/0/httpRoute/action/weightedTargets",
+    )
+}
+
+/// Records the weights of object `name` of kind `ar`, from the weight list at `pointer`.
+pub fn record_weights_of(
+    client: &kube::Client,
+    ar: ApiResource,
+    name: &str,
+    pointer: &'static str,
+) -> (WeightLog, tokio::task::JoinHandle<()>) {
+    let seen = WeightLog::default();
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &ar);
+    let name = name.to_string();
+    let out = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+        while let Some(Ok(ev)) = stream.next().await {
+            let objs = match ev {
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) => vec![o],
+                _ => vec![],
+            };
+            for o in objs
+                .into_iter()
+                .filter(|o| o.metadata.name.as_deref() == Some(&name))
+            {
+                if let Some(Value::Array(t)) = o.data.pointer(pointer).cloned() {
+                    let w = |i: usize| t.get(i).and_then(|x| x["weight"].as_i64()).unwrap_or(-1);
+                    out.push((w(0), w(1)));
+                }
+            }
+        }
+    });
+    (seen, task)
+}
+
+pub async fn canary(env: &Env, name: &str) -> Canary {
+    let api: Api<Canary> = Api::namespaced(env.client.clone(), NS);
+    api.get(name).await.unwrap()
+}
+
+pub async fn wait_phase(
+    env: &Env,
+    op: &Operator,
+    name: &str,
+    phase: Phase,
+    timeout: Duration,
+) -> Canary {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let c = canary(env, name).await;
+        if c.status.as_ref().is_some_and(|s| s.phase == phase) {
+            return c;
+        }
+        if std::time::Instant::now() > deadline {
+            dump(env, op, name).await;
+            panic!("timed out after {timeout:?} waiting for phase {phase:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn dump(env: &Env, op: &Operator, name: &str) {
+    let c = canary(env, name).await;
+    eprintln!(
+        "--- Canary\n{}",
+        serde_norway::to_string(&c).unwrap_or_default()
+    );
+    let vr: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), NS, &virtual_routers());
+    if let Ok(Some(v)) = vr.get_opt(name).await {
+        eprintln!(
+            "--- VirtualRouter\n{}",
+            serde_norway::to_string(&v.data).unwrap_or_default()
+        );
+    }
+    eprintln!("--- simulator totals {:?}", env.sim.totals(0));
+    let log = op.log();
+    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+    eprintln!(
+        "--- operator log (last 60 lines)\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+}
+
+pub async fn set_image(env: &Env, name: &str, image: &str) {
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), NS);
+    let patch =
+        json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": image}]}}}});
+    deployments
+        .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .unwrap();
+}
+
+/// (reason, message) of the core/v1 Events about object `name`, oldest first.
+pub async fn event_messages(env: &Env, name: &str) -> Vec<(String, String)> {
+    let api: Api<Event> = Api::namespaced(env.client.clone(), NS);
+    let mut list: Vec<Event> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name))
+        .collect();
+    list.sort_by_key(|e| {
+        e.metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+    });
+    list.into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
+/// Waits until the recorded weights reach `len` entries, with a deadline.
+pub async fn wait_weights(env: &Env, op: &Operator, seen: &WeightLog, len: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < len {
+        if std::time::Instant::now() > deadline {
+            dump(env, op, "podinfo").await;
+            panic!(
+                "timed out waiting for weight change {len}: {:?}",
+                seen.pairs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The common start of the App Mesh tests: an environment with the workload Canary
+/// `podinfo` (its canary behaving as `canary`) and its VirtualRouter's weights recorded
+/// from the beginning.
+pub async fn podinfo_env(canary: Behaviour) -> Option<(Env, WeightLog)> {
+    let routers =
+        |c: &kube::Client| Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
+    let mut env = env(|c| vec![appmesh_service(c, canary, routers(c), "podinfo")]).await?;
+    setup_appmesh(&env, "podinfo").await;
+    let (weights, recorder) = record_weights(&env.client, "podinfo");
+    env.tasks.push(recorder);
+    Some((env, weights))
+}
+
+/// Starts the operator and waits until Canary `name` is initialised (`Waiting`).
+pub async fn ready_operator(env: &Env, name: &str) -> Operator {
+    let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
+    wait_phase(env, &op, name, Phase::Waiting, Duration::from_secs(30)).await;
+    op
+}
+
+/// Waits (with a deadline) until an Event with `reason` about `name` exists, then returns
+/// all of them. The operator publishes Events after it records the status, so a test that
+/// has seen the new phase may be a moment ahead of the Events.
+pub async fn events_after(env: &Env, name: &str, reason: &str) -> Vec<(String, String)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = event_messages(env, name).await;
+        if events.iter().any(|(r, _)| r == reason) {
+            return events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {reason} Event about {name}: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
