@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tracing::Instrument as _;
 
 use crate::analysis::{MetricObservation, Outcome};
 use crate::api::{Canary, CanarySpec, MetricSpec, ProviderKind};
@@ -456,7 +457,9 @@ impl Evaluator {
                 at: now,
             };
         };
-        let m = provider.measure(canary, metric, now).await;
+        let span =
+            tracing::info_span!("measure", provider = provider.name(), metric = %metric.name);
+        let m = provider.measure(canary, metric, now).instrument(span).await;
         MetricEvaluation {
             name: metric.name.clone(),
             provider: provider.name(),
