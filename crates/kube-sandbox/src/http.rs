@@ -21,7 +21,7 @@ use super::store::{
     EventType, FieldValidation, Propagation, Proposal, Store, WatchEvent, WriteOpts, present,
 };
 use super::table;
-use super::types::{self, ResourceType};
+use super::types::{self, ResourceType, ScalePaths};
 
 /// Shared state of the HTTP layer.
 pub struct App {
@@ -90,6 +90,56 @@ struct Target {
     sub: Option<String>,
 }
 
+impl Target {
+    /// The namespace of the URL, `""` when it has none.
+    fn ns(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("")
+    }
+}
+
+/// What a request path addresses.
+enum Route<'a> {
+    /// `/healthz`, `/readyz`, `/livez` and anything below them.
+    Health,
+    /// A discovery, version or OpenAPI document.
+    Document(Document<'a>),
+    /// A resource URL below `/api/v1` or `/apis/GROUP/VERSION`.
+    Resource(ResourcePath<'a>),
+}
+
+/// A read-only document path.
+enum Document<'a> {
+    /// `/`: the root paths.
+    Root,
+    /// `/version`.
+    Version,
+    /// `/api`: the core API versions.
+    CoreVersions,
+    /// `/api/v1`: the core resources.
+    CoreResources,
+    /// `/apis`: every API group.
+    Groups,
+    /// `/openapi/v3`: the OpenAPI v3 index.
+    OpenApiRoot,
+    /// `/openapi/v3/api/VERSION` (group `""`) or `/openapi/v3/apis/GROUP/VERSION`.
+    OpenApi { group: &'a str, version: &'a str },
+    /// `/apis/GROUP`.
+    Group(&'a str),
+    /// `/apis/GROUP/VERSION`: the resources of a group version.
+    GroupResources { group: &'a str, version: &'a str },
+}
+
+/// A resource URL split into its parts, before its type is looked up.
+struct ResourcePath<'a> {
+    group: &'a str,
+    version: &'a str,
+    namespace: Option<String>,
+    plural: &'a str,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+/// Routes a request path: health, discovery and OpenAPI documents, or a resource URL.
 async fn route(
     app: &App,
     method: &Method,
@@ -99,89 +149,50 @@ async fn route(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let store = &app.store;
-    let types = store.types();
-    let type_refs: Vec<&ResourceType> = types.iter().map(|t| t.as_ref()).collect();
-    let get_only = |v: Value| -> Result<Response, ApiError> {
-        if method == Method::GET {
-            Ok(json_response(200, &v, &[]))
-        } else {
-            Err(ApiError::method_not_allowed(method.as_str(), "", ""))
+    match parse_route(&segs).ok_or_else(|| ApiError::no_route(path))? {
+        Route::Health => Ok(health_response()),
+        Route::Document(doc) => {
+            let value = document(app, doc).ok_or_else(|| ApiError::no_route(path))?;
+            get_only(method, value)
         }
-    };
-    match segs.as_slice() {
-        [] => {
-            return get_only(
-                json!({"paths": ["/api", "/api/v1", "/apis", "/version", "/healthz"]}),
-            );
+        Route::Resource(resource) => {
+            let target = resolve_target(&app.store, method, path, resource)?;
+            dispatch(app, method, &target, query, headers, body).await
         }
-        ["healthz" | "readyz" | "livez", ..] => {
-            let mut r = Response::new(Body::from("ok"));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-            return Ok(r);
-        }
-        ["version"] => {
-            return get_only(json!({
-                "major": "1", "minor": "32", "gitVersion": "v1.32.0-serin-embedded", "gitCommit": "", "gitTreeState": "clean",
-                "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64",
-            }));
-        }
-        ["api"] => {
-            return get_only(json!({"kind": "APIVersions", "versions": ["v1"],
-                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": app.address}]}));
-        }
-        ["api", "v1"] => {
-            let core: Vec<&ResourceType> = type_refs
-                .iter()
-                .copied()
-                .filter(|t| t.group.is_empty())
-                .collect();
-            return get_only(types::resource_list(&core, "", "v1"));
-        }
-        ["apis"] => return get_only(types::group_list(&type_refs)),
-        ["openapi", "v3"] => return get_only(openapi::root(&type_refs, store.revision())),
-        ["openapi", "v3", "api", version] => {
-            return openapi::group_version(&type_refs, "", version)
-                .map_or_else(|| Err(ApiError::no_route(path)), get_only);
-        }
-        ["openapi", "v3", "apis", group, version] => {
-            return openapi::group_version(&type_refs, group, version)
-                .map_or_else(|| Err(ApiError::no_route(path)), get_only);
-        }
-        ["apis", group] => {
-            let list = types::group_list(&type_refs);
-            let found = list["groups"]
-                .as_array()
-                .and_then(|g| g.iter().find(|g| g["name"] == *group))
-                .cloned();
-            return match found {
-                Some(mut g) => {
-                    g["kind"] = json!("APIGroup");
-                    g["apiVersion"] = json!("v1");
-                    get_only(g)
-                }
-                None => Err(ApiError::no_route(path)),
-            };
-        }
-        ["apis", group, version] => {
-            let in_group: Vec<&ResourceType> = type_refs
-                .iter()
-                .copied()
-                .filter(|t| t.group == *group && t.version(version).is_some())
-                .collect();
-            if in_group.is_empty() {
-                return Err(ApiError::no_route(path));
-            }
-            return get_only(types::resource_list(&in_group, group, version));
-        }
-        _ => {}
     }
-    let (group, version, rest) = match segs.as_slice() {
-        ["api", "v1", rest @ ..] => ("", "v1", rest),
-        ["apis", g, v, rest @ ..] => (*g, *v, rest),
-        _ => return Err(ApiError::no_route(path)),
+}
+
+/// Parses the segments of a request path into what they address; `None` for an unknown path.
+fn parse_route<'a>(segs: &[&'a str]) -> Option<Route<'a>> {
+    let doc = match *segs {
+        [] => Document::Root,
+        ["healthz" | "readyz" | "livez", ..] => return Some(Route::Health),
+        ["version"] => Document::Version,
+        ["api"] => Document::CoreVersions,
+        ["api", "v1"] => Document::CoreResources,
+        ["apis"] => Document::Groups,
+        ["openapi", "v3"] => Document::OpenApiRoot,
+        ["openapi", "v3", "api", version] => Document::OpenApi { group: "", version },
+        ["openapi", "v3", "apis", group, version] => Document::OpenApi { group, version },
+        ["apis", group] => Document::Group(group),
+        ["apis", group, version] => Document::GroupResources { group, version },
+        ["api", "v1", ref rest @ ..] => {
+            return parse_resource_path("", "v1", rest).map(Route::Resource);
+        }
+        ["apis", group, version, ref rest @ ..] => {
+            return parse_resource_path(group, version, rest).map(Route::Resource);
+        }
+        _ => return None,
     };
+    Some(Route::Document(doc))
+}
+
+/// Splits the path after the group version into namespace, plural, name and subresource.
+fn parse_resource_path<'a>(
+    group: &'a str,
+    version: &'a str,
+    rest: &[&'a str],
+) -> Option<ResourcePath<'a>> {
     let (namespace, rest): (Option<String>, &[&str]) = match rest {
         ["namespaces", ns, tail @ ..] if !namespace_subresource(group, tail) => {
             (Some(ns.to_string()), tail)
@@ -192,8 +203,39 @@ async fn route(
         [p] => (*p, None, None),
         [p, n] => (*p, Some(n.to_string()), None),
         [p, n, s] => (*p, Some(n.to_string()), Some(s.to_string())),
-        _ => return Err(ApiError::no_route(path)),
+        _ => return None,
     };
+    Some(ResourcePath {
+        group,
+        version,
+        namespace,
+        plural,
+        name,
+        sub,
+    })
+}
+
+/// `/api/v1/namespaces/NAME/status` and `/finalize` address a namespace, not a namespaced kind.
+fn namespace_subresource(group: &str, tail: &[&str]) -> bool {
+    tail.is_empty()
+        || (group.is_empty() && tail.len() == 1 && matches!(tail[0], "status" | "finalize"))
+}
+
+/// Looks up the type of a resource URL and checks that the URL fits it (scope, subresource).
+fn resolve_target(
+    store: &Store,
+    method: &Method,
+    path: &str,
+    resource: ResourcePath<'_>,
+) -> Result<Target, ApiError> {
+    let ResourcePath {
+        group,
+        version,
+        namespace,
+        plural,
+        name,
+        sub,
+    } = resource;
     let rt = store
         .find_type(group, version, plural)
         .ok_or_else(|| ApiError::no_route(path))?;
@@ -203,32 +245,97 @@ async fn route(
     if rt.namespaced && namespace.is_none() && (name.is_some() || *method != Method::GET) {
         return Err(ApiError::no_route(path));
     }
-    if let Some(s) = &sub {
-        let v = rt.version(version);
-        let ok = match s.as_str() {
-            "status" => v.is_some_and(|v| v.status),
-            "scale" => v.is_some_and(|v| v.scale.is_some()),
-            "finalize" => rt.plural == "namespaces",
-            _ => false,
-        };
-        if !ok {
-            return Err(ApiError::no_route(path));
-        }
+    if let Some(s) = &sub
+        && !serves_subresource(&rt, version, s)
+    {
+        return Err(ApiError::no_route(path));
     }
-    let target = Target {
+    Ok(Target {
         rt,
         version: version.to_string(),
         namespace,
         name,
         sub,
-    };
-    dispatch(app, method, &target, query, headers, body).await
+    })
 }
 
-/// `/api/v1/namespaces/NAME/status` and `/finalize` address a namespace, not a namespaced kind.
-fn namespace_subresource(group: &str, tail: &[&str]) -> bool {
-    tail.is_empty()
-        || (group.is_empty() && tail.len() == 1 && matches!(tail[0], "status" | "finalize"))
+/// Does the type serve the subresource `sub` in `version`?
+fn serves_subresource(rt: &ResourceType, version: &str, sub: &str) -> bool {
+    let v = rt.version(version);
+    match sub {
+        "status" => v.is_some_and(|v| v.status),
+        "scale" => v.is_some_and(|v| v.scale.is_some()),
+        "finalize" => rt.plural == "namespaces",
+        _ => false,
+    }
+}
+
+/// The plain-text `ok` of the health endpoints.
+fn health_response() -> Response {
+    let mut r = Response::new(Body::from("ok"));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// Answers GET with `value`; other methods are not allowed on read-only paths.
+fn get_only(method: &Method, value: Value) -> Result<Response, ApiError> {
+    if method == Method::GET {
+        Ok(json_response(200, &value, &[]))
+    } else {
+        Err(ApiError::method_not_allowed(method.as_str(), "", ""))
+    }
+}
+
+/// The body of a document path; `None` when its group or version is not served.
+fn document(app: &App, doc: Document<'_>) -> Option<Value> {
+    let types = app.store.types();
+    let type_refs: Vec<&ResourceType> = types.iter().map(|t| t.as_ref()).collect();
+    let value = match doc {
+        Document::Root => json!({"paths": ["/api", "/api/v1", "/apis", "/version", "/healthz"]}),
+        Document::Version => json!({
+            "major": "1", "minor": "32", "gitVersion": "v1.32.0-serin-embedded", "gitCommit": "", "gitTreeState": "clean",
+            "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64",
+        }),
+        Document::CoreVersions => json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": app.address}]}),
+        Document::CoreResources => {
+            let core: Vec<&ResourceType> = type_refs
+                .iter()
+                .copied()
+                .filter(|t| t.group.is_empty())
+                .collect();
+            types::resource_list(&core, "", "v1")
+        }
+        Document::Groups => types::group_list(&type_refs),
+        Document::OpenApiRoot => openapi::root(&type_refs, app.store.revision()),
+        Document::OpenApi { group, version } => openapi::group_version(&type_refs, group, version)?,
+        Document::Group(group) => api_group(&type_refs, group)?,
+        Document::GroupResources { group, version } => resources_in(&type_refs, group, version)?,
+    };
+    Some(value)
+}
+
+/// The APIGroup document of `group`; `None` when no served type is in it.
+fn api_group(type_refs: &[&ResourceType], group: &str) -> Option<Value> {
+    let list = types::group_list(type_refs);
+    let mut g = list["groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["name"] == group))
+        .cloned()?;
+    g["kind"] = json!("APIGroup");
+    g["apiVersion"] = json!("v1");
+    Some(g)
+}
+
+/// The APIResourceList of a group version; `None` when it serves no type.
+fn resources_in(type_refs: &[&ResourceType], group: &str, version: &str) -> Option<Value> {
+    let in_group: Vec<&ResourceType> = type_refs
+        .iter()
+        .copied()
+        .filter(|t| t.group == group && t.version(version).is_some())
+        .collect();
+    (!in_group.is_empty()).then(|| types::resource_list(&in_group, group, version))
 }
 
 fn accept_table(headers: &HeaderMap) -> bool {
@@ -296,6 +403,7 @@ fn written_response(
     json_response(code, &present(obj, rt, version), warnings)
 }
 
+/// Dispatches a resource request on its shape (collection, object or subresource) and method.
 async fn dispatch(
     app: &App,
     method: &Method,
@@ -305,127 +413,177 @@ async fn dispatch(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let store = &app.store;
-    let rt = &t.rt;
-    let ns = t.namespace.clone().unwrap_or_default();
-    let v = t.version.as_str();
     match (&t.name, t.sub.as_deref()) {
-        (None, _) => match *method {
-            Method::GET if is_watch(query) => watch(app, t, query, headers),
-            Method::GET => list(store, t, query, headers),
-            Method::POST => {
-                let opts = write_opts(query, headers, false)?;
-                let w = store.create(&rt.group, &rt.plural, v, &ns, parse_body(body)?, &opts)?;
-                Ok(written_response(rt, v, &w.object, 201, &w.warnings))
-            }
-            Method::DELETE => {
-                let (items, _) = select(store, t, query)?;
-                let mut deleted = Vec::new();
-                for item in items {
-                    let name = item
-                        .pointer("/metadata/name")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    let d = store.delete(
-                        &rt.group,
-                        &rt.plural,
-                        &ns,
-                        name,
-                        Propagation::Background,
-                        None,
-                        is_dry_run(query),
-                    )?;
-                    deleted.push(present(&d.object, rt, v));
-                }
-                Ok(json_response(
-                    200,
-                    &list_object(rt, v, deleted, store.revision(), None, None),
-                    &[],
-                ))
-            }
-            _ => Err(ApiError::method_not_allowed(
-                method.as_str(),
-                &rt.plural,
-                &rt.group,
-            )),
-        },
-        (Some(name), None | Some("status")) => {
-            let status = t.sub.is_some();
-            match *method {
-                Method::GET => {
-                    let obj = present(&store.get(&rt.group, &rt.plural, &ns, name)?, rt, v);
-                    if accept_table(headers) {
-                        let include = query
-                            .get("includeObject")
-                            .map(String::as_str)
-                            .unwrap_or("Metadata");
-                        return Ok(json_response(
-                            200,
-                            &table::table(rt, v, &[obj], json!({}), include),
-                            &[],
-                        ));
-                    }
-                    Ok(json_response(200, &obj, &[]))
-                }
-                Method::PUT => {
-                    let opts = write_opts(query, headers, status)?;
-                    let body = parse_body(body)?;
-                    let w = store.write(&rt.group, &rt.plural, v, &ns, name, &opts, |_, _| {
-                        Ok(Proposal::Object(body))
-                    })?;
-                    Ok(written_response(rt, v, &w.object, 200, &w.warnings))
-                }
-                Method::PATCH => {
-                    let opts = write_opts(query, headers, status)?;
-                    let content_type = content_type(headers);
-                    let patch_body = body.clone();
-                    let force = query.get("force").is_some_and(|f| f == "true");
-                    if content_type.starts_with("application/apply-patch")
-                        && query.get("fieldManager").is_none()
-                    {
-                        return Err(ApiError::bad_request(
-                            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
-                        ));
-                    }
-                    let w = store.write(
-                        &rt.group,
-                        &rt.plural,
-                        v,
-                        &ns,
-                        name,
-                        &opts,
-                        |current, rt| compute_patch(rt, current, &content_type, &patch_body, force),
-                    )?;
-                    Ok(written_response(
-                        rt,
-                        v,
-                        &w.object,
-                        if w.created { 201 } else { 200 },
-                        &w.warnings,
-                    ))
-                }
-                Method::DELETE if !status => delete(store, t, name, query, body),
-                _ => Err(ApiError::method_not_allowed(
-                    method.as_str(),
-                    &rt.plural,
-                    &rt.group,
-                )),
-            }
-        }
+        (None, _) => collection(app, method, t, query, headers, body),
+        (Some(name), None | Some("status")) => object(store, method, t, name, query, headers, body),
         (Some(name), Some("scale")) => scale(store, t, method, name, query, headers, body),
-        (Some(name), Some("finalize")) => {
-            let opts = write_opts(query, headers, false)?;
-            let body = parse_body(body)?;
-            let w = store.write(&rt.group, &rt.plural, v, &ns, name, &opts, |_, _| {
-                Ok(Proposal::Object(body))
-            })?;
-            Ok(written_response(rt, v, &w.object, 200, &w.warnings))
-        }
-        _ => Err(ApiError::method_not_allowed(
-            method.as_str(),
-            &rt.plural,
-            &rt.group,
-        )),
+        (Some(name), Some("finalize")) => replace(store, t, name, query, headers, body, false),
+        _ => Err(not_allowed(method, &t.rt)),
     }
+}
+
+/// 405 for a method the resource does not serve.
+fn not_allowed(method: &Method, rt: &ResourceType) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), &rt.plural, &rt.group)
+}
+
+/// Serves a collection URL: watch, list, create, or delete the selected objects.
+fn collection(
+    app: &App,
+    method: &Method,
+    t: &Target,
+    query: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    match *method {
+        Method::GET if is_watch(query) => watch(app, t, query, headers),
+        Method::GET => list(&app.store, t, query, headers),
+        Method::POST => create(&app.store, t, query, headers, body),
+        Method::DELETE => delete_collection(&app.store, t, query),
+        _ => Err(not_allowed(method, &t.rt)),
+    }
+}
+
+/// Serves a named object or its status: get, replace, patch, or (not on status) delete.
+fn object(
+    store: &Store,
+    method: &Method,
+    t: &Target,
+    name: &str,
+    query: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let status = t.sub.is_some();
+    match *method {
+        Method::GET => get_object(store, t, name, query, headers),
+        Method::PUT => replace(store, t, name, query, headers, body, status),
+        Method::PATCH => patch_object(store, t, name, query, headers, body, status),
+        Method::DELETE if !status => delete(store, t, name, query, body),
+        _ => Err(not_allowed(method, &t.rt)),
+    }
+}
+
+/// POST to a collection: creates an object from the body.
+fn create(
+    store: &Store,
+    t: &Target,
+    query: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let (rt, v) = (&t.rt, t.version.as_str());
+    let opts = write_opts(query, headers, false)?;
+    let w = store.create(&rt.group, &rt.plural, v, t.ns(), parse_body(body)?, &opts)?;
+    Ok(written_response(rt, v, &w.object, 201, &w.warnings))
+}
+
+/// DELETE on a collection: deletes every selected object and lists them.
+fn delete_collection(store: &Store, t: &Target, query: &Query) -> Result<Response, ApiError> {
+    let (rt, v) = (&t.rt, t.version.as_str());
+    let (items, _) = select(store, t, query)?;
+    let mut deleted = Vec::new();
+    for item in items {
+        let name = item
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let d = store.delete(
+            &rt.group,
+            &rt.plural,
+            t.ns(),
+            name,
+            Propagation::Background,
+            None,
+            is_dry_run(query),
+        )?;
+        deleted.push(present(&d.object, rt, v));
+    }
+    Ok(json_response(
+        200,
+        &list_object(rt, v, deleted, store.revision(), None, None),
+        &[],
+    ))
+}
+
+/// GET of a named object, as JSON or as a Table.
+fn get_object(
+    store: &Store,
+    t: &Target,
+    name: &str,
+    query: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let (rt, v) = (&t.rt, t.version.as_str());
+    let obj = present(&store.get(&rt.group, &rt.plural, t.ns(), name)?, rt, v);
+    if accept_table(headers) {
+        return Ok(json_response(
+            200,
+            &table::table(rt, v, &[obj], json!({}), include_object(query)),
+            &[],
+        ));
+    }
+    Ok(json_response(200, &obj, &[]))
+}
+
+/// PUT of a named object, its status or a namespace's finalizers: replaces it with the body.
+fn replace(
+    store: &Store,
+    t: &Target,
+    name: &str,
+    query: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+    status: bool,
+) -> Result<Response, ApiError> {
+    let (rt, v) = (&t.rt, t.version.as_str());
+    let opts = write_opts(query, headers, status)?;
+    let body = parse_body(body)?;
+    let w = store.write(&rt.group, &rt.plural, v, t.ns(), name, &opts, |_, _| {
+        Ok(Proposal::Object(body))
+    })?;
+    Ok(written_response(rt, v, &w.object, 200, &w.warnings))
+}
+
+/// PATCH of a named object or its status, in any of the four patch formats.
+fn patch_object(
+    store: &Store,
+    t: &Target,
+    name: &str,
+    query: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+    status: bool,
+) -> Result<Response, ApiError> {
+    let (rt, v) = (&t.rt, t.version.as_str());
+    let opts = write_opts(query, headers, status)?;
+    let content_type = content_type(headers);
+    let force = query.get("force").is_some_and(|f| f == "true");
+    if content_type.starts_with("application/apply-patch") && query.get("fieldManager").is_none() {
+        return Err(ApiError::bad_request(
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+        ));
+    }
+    let w = store.write(
+        &rt.group,
+        &rt.plural,
+        v,
+        t.ns(),
+        name,
+        &opts,
+        |current, rt| compute_patch(rt, current, &content_type, body, force),
+    )?;
+    let code = if w.created { 201 } else { 200 };
+    Ok(written_response(rt, v, &w.object, code, &w.warnings))
+}
+
+/// `includeObject` of a Table request (default `Metadata`).
+fn include_object(query: &Query) -> &str {
+    query
+        .get("includeObject")
+        .map(String::as_str)
+        .unwrap_or("Metadata")
 }
 
 fn content_type(headers: &HeaderMap) -> String {
@@ -602,6 +760,7 @@ fn unhex(s: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
+/// GET on a collection: the selected objects, one page at a time, as a list or a Table.
 fn list(
     store: &Store,
     t: &Target,
@@ -609,21 +768,52 @@ fn list(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let (items, rev) = select(store, t, query)?;
-    let key = |o: &Value| {
-        format!(
-            "{}\u{0}{}",
-            o.pointer("/metadata/namespace")
-                .and_then(Value::as_str)
-                .unwrap_or(""),
-            o.pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-        )
-    };
+    let (items, cont, remaining) = paginate(items, query)?;
+    let items: Vec<Value> = items
+        .iter()
+        .map(|o| present(o, &t.rt, &t.version))
+        .collect();
+    if accept_table(headers) {
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if let Some(c) = &cont {
+            meta["continue"] = json!(c);
+        }
+        return Ok(json_response(
+            200,
+            &table::table(&t.rt, &t.version, &items, meta, include_object(query)),
+            &[],
+        ));
+    }
+    Ok(json_response(
+        200,
+        &list_object(&t.rt, &t.version, items, rev, cont, remaining),
+        &[],
+    ))
+}
+
+/// The sort key of a listed object (namespace, then name); continue tokens encode it.
+fn list_key(o: &Value) -> String {
+    format!(
+        "{}\u{0}{}",
+        o.pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        o.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    )
+}
+
+/// One page of `items` per `continue` and `limit`, with the next continue token and the count left.
+#[allow(clippy::type_complexity)]
+fn paginate(
+    items: Vec<Value>,
+    query: &Query,
+) -> Result<(Vec<Value>, Option<String>, Option<usize>), ApiError> {
     let mut items: Vec<Value> = match query.get("continue").filter(|c| !c.is_empty()) {
         Some(c) => {
             let after = unhex(c).ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
-            items.into_iter().filter(|o| key(o) > after).collect()
+            items.into_iter().filter(|o| list_key(o) > after).collect()
         }
         None => items,
     };
@@ -635,40 +825,18 @@ fn list(
     let (cont, remaining) = if items.len() > limit {
         let remaining = items.len() - limit;
         items.truncate(limit);
-        (items.last().map(|o| hex(&key(o))), Some(remaining))
+        (items.last().map(|o| hex(&list_key(o))), Some(remaining))
     } else {
         (None, None)
     };
-    let items: Vec<Value> = items
-        .iter()
-        .map(|o| present(o, &t.rt, &t.version))
-        .collect();
-    if accept_table(headers) {
-        let mut meta = json!({"resourceVersion": rev.to_string()});
-        if let Some(c) = &cont {
-            meta["continue"] = json!(c);
-        }
-        let include = query
-            .get("includeObject")
-            .map(String::as_str)
-            .unwrap_or("Metadata");
-        return Ok(json_response(
-            200,
-            &table::table(&t.rt, &t.version, &items, meta, include),
-            &[],
-        ));
-    }
-    Ok(json_response(
-        200,
-        &list_object(&t.rt, &t.version, items, rev, cont, remaining),
-        &[],
-    ))
+    Ok((items, cont, remaining))
 }
 
 fn replicas_path(p: &str) -> String {
     p.replace('.', "/")
 }
 
+/// Serves the scale subresource: get, replace or patch the replica count.
 fn scale(
     store: &Store,
     t: &Target,
@@ -679,47 +847,14 @@ fn scale(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let rt = &t.rt;
-    let ns = t.namespace.clone().unwrap_or_default();
     let paths = rt
         .version(&t.version)
         .and_then(|v| v.scale.clone())
         .ok_or_else(|| ApiError::no_route(&rt.plural))?;
-    let to_scale = |obj: &Value| -> Value {
-        let spec = obj
-            .pointer(&replicas_path(&paths.spec_replicas))
-            .cloned()
-            .unwrap_or(json!(0));
-        let status = obj
-            .pointer(&replicas_path(&paths.status_replicas))
-            .cloned()
-            .unwrap_or(json!(0));
-        let selector = match &paths.label_selector {
-            Some(p) => obj
-                .pointer(&replicas_path(p))
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            None => obj
-                .pointer("/spec/selector/matchLabels")
-                .and_then(Value::as_object)
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .unwrap_or_default(),
-        };
-        let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
-        json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
-            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
-                "resourceVersion": meta["resourceVersion"], "creationTimestamp": meta["creationTimestamp"]},
-            "spec": {"replicas": spec}, "status": {"replicas": status, "selector": selector}})
-    };
     match *method {
         Method::GET => Ok(json_response(
             200,
-            &to_scale(&store.get(&rt.group, &rt.plural, &ns, name)?),
+            &scale_view(&paths, &store.get(&rt.group, &rt.plural, t.ns(), name)?),
             &[],
         )),
         Method::PUT | Method::PATCH => {
@@ -730,68 +865,124 @@ fn scale(
                 &rt.group,
                 &rt.plural,
                 &t.version,
-                &ns,
+                t.ns(),
                 name,
                 &opts,
                 |current, rt| {
                     let current =
                         current.ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))?;
-                    let old_scale = to_scale(current);
                     let new_scale = if is_put {
                         parse_body(body)?
                     } else {
-                        match compute_patch(rt, Some(&old_scale), &ct, body, false)? {
-                            Proposal::Object(s) => s,
-                            Proposal::Apply { config, .. } => {
-                                let mut s = old_scale.clone();
-                                patch::apply_merge(&mut s, &config);
-                                s
-                            }
-                        }
+                        patched_scale(rt, &scale_view(&paths, current), &ct, body)?
                     };
-                    let rv = new_scale
-                        .pointer("/metadata/resourceVersion")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    let mut obj = current.clone();
-                    if !rv.is_empty()
-                        && Some(rv)
-                            != current
-                                .pointer("/metadata/resourceVersion")
-                                .and_then(Value::as_str)
-                    {
-                        return Err(ApiError::conflict(&rt.group, &rt.plural, name));
-                    }
-                    let replicas = new_scale
-                        .pointer("/spec/replicas")
-                        .cloned()
-                        .unwrap_or(json!(0));
-                    if let Some(slot) = obj.pointer_mut(&replicas_path(&paths.spec_replicas)) {
-                        *slot = replicas;
-                    } else {
-                        let segs: Vec<String> = paths
-                            .spec_replicas
-                            .split('.')
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_string)
-                            .collect();
-                        let mut cfg = replicas;
-                        for s in segs.iter().rev() {
-                            cfg = json!({ s.clone(): cfg });
-                        }
-                        patch::apply_merge(&mut obj, &cfg);
-                    }
-                    Ok(Proposal::Object(obj))
+                    scaled_object(rt, &paths, current, name, &new_scale).map(Proposal::Object)
                 },
             )?;
-            Ok(json_response(200, &to_scale(&w.object), &w.warnings))
+            Ok(json_response(
+                200,
+                &scale_view(&paths, &w.object),
+                &w.warnings,
+            ))
         }
-        _ => Err(ApiError::method_not_allowed(
-            method.as_str(),
-            &rt.plural,
-            &rt.group,
-        )),
+        _ => Err(not_allowed(method, rt)),
     }
+}
+
+/// The autoscaling/v1 Scale view of an object.
+fn scale_view(paths: &ScalePaths, obj: &Value) -> Value {
+    let spec = obj
+        .pointer(&replicas_path(&paths.spec_replicas))
+        .cloned()
+        .unwrap_or(json!(0));
+    let status = obj
+        .pointer(&replicas_path(&paths.status_replicas))
+        .cloned()
+        .unwrap_or(json!(0));
+    let selector = match &paths.label_selector {
+        Some(p) => obj
+            .pointer(&replicas_path(p))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        None => obj
+            .pointer("/spec/selector/matchLabels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default(),
+    };
+    let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
+    json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+            "resourceVersion": meta["resourceVersion"], "creationTimestamp": meta["creationTimestamp"]},
+        "spec": {"replicas": spec}, "status": {"replicas": status, "selector": selector}})
+}
+
+/// A Scale patched by the request body (an apply configuration is merged into it).
+fn patched_scale(
+    rt: &ResourceType,
+    old_scale: &Value,
+    content_type: &str,
+    body: &Bytes,
+) -> Result<Value, ApiError> {
+    Ok(
+        match compute_patch(rt, Some(old_scale), content_type, body, false)? {
+            Proposal::Object(s) => s,
+            Proposal::Apply { config, .. } => {
+                let mut s = old_scale.clone();
+                patch::apply_merge(&mut s, &config);
+                s
+            }
+        },
+    )
+}
+
+/// The object with the replica count of `new_scale`, after checking its resourceVersion.
+fn scaled_object(
+    rt: &ResourceType,
+    paths: &ScalePaths,
+    current: &Value,
+    name: &str,
+    new_scale: &Value,
+) -> Result<Value, ApiError> {
+    let rv = new_scale
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mut obj = current.clone();
+    if !rv.is_empty()
+        && Some(rv)
+            != current
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+    {
+        return Err(ApiError::conflict(&rt.group, &rt.plural, name));
+    }
+    let replicas = new_scale
+        .pointer("/spec/replicas")
+        .cloned()
+        .unwrap_or(json!(0));
+    if let Some(slot) = obj.pointer_mut(&replicas_path(&paths.spec_replicas)) {
+        *slot = replicas;
+    } else {
+        let segs: Vec<String> = paths
+            .spec_replicas
+            .split('.')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        let mut cfg = replicas;
+        for s in segs.iter().rev() {
+            cfg = json!({ s.clone(): cfg });
+        }
+        patch::apply_merge(&mut obj, &cfg);
+    }
+    Ok(obj)
 }
 
 fn encode_event(kind: &str, object: &Value) -> Bytes {
@@ -859,13 +1050,63 @@ impl WatchFilter {
     }
 }
 
+/// The result of [`Store::watch`]: backlog, receiver for later events, current revision.
+type Watched = Result<
+    (
+        Vec<Arc<WatchEvent>>,
+        broadcast::Receiver<Arc<WatchEvent>>,
+        u64,
+    ),
+    ApiError,
+>;
+
+/// How a watch stream behaves, from its query and the server options.
+struct WatchPlan {
+    send_initial: bool,
+    bookmarks: bool,
+    bookmark_interval: Duration,
+    timeout: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Serves a watch: a stream of JSON event lines.
 fn watch(app: &App, t: &Target, query: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
-    let (labels, fields) = selectors(query)?;
-    let mut fields = fields;
+    let filter = watch_filter(t, query, headers)?;
+    let send_initial = query.get("sendInitialEvents").is_some_and(|s| s == "true");
+    let since = watch_since(query, send_initial)?;
+    let plan = WatchPlan {
+        send_initial,
+        bookmarks: query
+            .get("allowWatchBookmarks")
+            .is_some_and(|b| b == "true"),
+        bookmark_interval: app.bookmark_interval,
+        timeout: query
+            .get("timeoutSeconds")
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::from_secs(1800)),
+        shutdown: app.shutdown.clone(),
+    };
+    let watched = app.store.watch(&t.rt.group, &t.rt.plural, since);
+    let mut resp = Response::new(Body::from_stream(watch_stream(filter, watched, plan)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
+    Ok(resp)
+}
+
+/// The event filter of a watch: its selectors (a named URL selects by name) and output format.
+fn watch_filter(t: &Target, query: &Query, headers: &HeaderMap) -> Result<WatchFilter, ApiError> {
+    let (labels, mut fields) = selectors(query)?;
     if let Some(name) = &t.name {
         fields = FieldSelector::parse(&format!("metadata.name={name}"))?;
     }
-    let filter = WatchFilter {
+    Ok(WatchFilter {
         rt: t.rt.clone(),
         version: t.version.clone(),
         namespace: t.namespace.clone(),
@@ -876,32 +1117,37 @@ fn watch(app: &App, t: &Target, query: &Query, headers: &HeaderMap) -> Result<Re
             .get("includeObject")
             .cloned()
             .unwrap_or_else(|| "Metadata".to_string()),
-    };
-    let send_initial = query.get("sendInitialEvents").is_some_and(|s| s == "true");
+    })
+}
+
+/// The revision a watch resumes after; `None` starts with the current state.
+fn watch_since(query: &Query, send_initial: bool) -> Result<Option<u64>, ApiError> {
     let rv = query
         .get("resourceVersion")
         .map(String::as_str)
         .unwrap_or("");
-    let since = if send_initial || rv.is_empty() || rv == "0" {
-        None
-    } else {
-        Some(
-            rv.parse::<u64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))?,
-        )
-    };
-    let bookmarks = query
-        .get("allowWatchBookmarks")
-        .is_some_and(|b| b == "true");
-    let timeout = query
-        .get("timeoutSeconds")
-        .and_then(|s| s.parse::<u64>().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(1800));
-    let mut shutdown = app.shutdown.clone();
-    let bookmark_interval = app.bookmark_interval;
-    let watched = app.store.watch(&t.rt.group, &t.rt.plural, since);
-    let stream = async_stream::stream! {
+    if send_initial || rv.is_empty() || rv == "0" {
+        return Ok(None);
+    }
+    rv.parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))
+}
+
+/// The event lines of a watch: backlog, initial bookmark, then live events until it ends.
+fn watch_stream(
+    filter: WatchFilter,
+    watched: Watched,
+    plan: WatchPlan,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let WatchPlan {
+        send_initial,
+        bookmarks,
+        bookmark_interval,
+        timeout,
+        mut shutdown,
+    } = plan;
+    async_stream::stream! {
         let (backlog, mut rx, current) = match watched {
             Ok(w) => w,
             Err(e) => {
@@ -947,15 +1193,5 @@ fn watch(app: &App, t: &Target, query: &Query, headers: &HeaderMap) -> Result<Re
                 _ = shutdown.changed() => break,
             }
         }
-    };
-    let mut resp = Response::new(Body::from_stream(stream));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, private"),
-    );
-    Ok(resp)
+    }
 }

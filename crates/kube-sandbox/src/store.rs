@@ -386,11 +386,7 @@ impl Store {
         if inner.find(&rt, ns, &name).is_some() {
             return Err(ApiError::already_exists(group, plural, &name));
         }
-        let object = if opts.dry_run {
-            obj
-        } else {
-            self.commit(&mut inner, &rt, obj, EventType::Added, None)
-        };
+        let object = self.store_new(&mut inner, &rt, obj, opts.dry_run);
         Ok(Written {
             object,
             created: true,
@@ -419,30 +415,7 @@ impl Store {
         let Some(old) = current else {
             return match proposal {
                 Proposal::Apply { config, .. } if !opts.status => {
-                    let mut body = config.clone();
-                    let meta = meta_mut(&mut body);
-                    meta.insert("name".into(), Value::String(name.to_string()));
-                    let (mut obj, warnings) =
-                        self.prepare_create(&mut inner, &rt, version, ns, body, opts)?;
-                    let fields = patch::leaf_paths(&config);
-                    set_managed(
-                        &mut obj,
-                        &opts.field_manager,
-                        "Apply",
-                        &rt.api_version(version),
-                        false,
-                        &fields,
-                    );
-                    let object = if opts.dry_run {
-                        obj
-                    } else {
-                        self.commit(&mut inner, &rt, obj, EventType::Added, None)
-                    };
-                    Ok(Written {
-                        object,
-                        created: true,
-                        warnings,
-                    })
+                    self.create_by_apply(&mut inner, &rt, version, ns, name, &config, opts)
                 }
                 _ => Err(ApiError::not_found(group, plural, name)),
             };
@@ -461,19 +434,73 @@ impl Store {
             }
         };
         let (obj, warnings) = prepare_update(&rt, version, &old, new, opts, apply_fields)?;
-        let Some(obj) = obj else {
-            return Ok(Written {
-                object: old,
-                created: false,
-                warnings,
-            });
+        let object = match obj {
+            None => old,
+            Some(obj) => self.store_update(&mut inner, &rt, ns, name, old, obj, opts.dry_run),
         };
-        if opts.dry_run {
-            return Ok(Written {
-                object: obj,
-                created: false,
-                warnings,
-            });
+        Ok(Written {
+            object,
+            created: false,
+            warnings,
+        })
+    }
+
+    /// Creates a missing object from a server-side apply configuration.
+    #[allow(clippy::too_many_arguments)]
+    fn create_by_apply(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        version: &str,
+        ns: &str,
+        name: &str,
+        config: &Value,
+        opts: &WriteOpts,
+    ) -> Result<Written, ApiError> {
+        let mut body = config.clone();
+        let meta = meta_mut(&mut body);
+        meta.insert("name".into(), Value::String(name.to_string()));
+        let (mut obj, warnings) = self.prepare_create(inner, rt, version, ns, body, opts)?;
+        let fields = patch::leaf_paths(config);
+        set_managed(
+            &mut obj,
+            &opts.field_manager,
+            "Apply",
+            &rt.api_version(version),
+            false,
+            &fields,
+        );
+        let object = self.store_new(inner, rt, obj, opts.dry_run);
+        Ok(Written {
+            object,
+            created: true,
+            warnings,
+        })
+    }
+
+    /// Stores a new object (or, for a dry run, only returns it).
+    fn store_new(&self, inner: &mut Inner, rt: &ResourceType, obj: Value, dry_run: bool) -> Value {
+        if dry_run {
+            obj
+        } else {
+            self.commit(inner, rt, obj, EventType::Added, None)
+        }
+    }
+
+    /// Stores an updated object, or removes it once deleted and finalized; a dry run only returns it.
+    #[allow(clippy::too_many_arguments)]
+    fn store_update(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        old: Value,
+        obj: Value,
+        dry_run: bool,
+    ) -> Value {
+        if dry_run {
+            return obj;
         }
         let finalized = obj.pointer("/metadata/deletionTimestamp").is_some()
             && obj
@@ -481,26 +508,9 @@ impl Store {
                 .and_then(Value::as_array)
                 .is_none_or(Vec::is_empty);
         if finalized {
-            let object = self.remove(
-                &mut inner,
-                &rt,
-                ns,
-                name,
-                Some(obj),
-                Propagation::Background,
-            );
-            return Ok(Written {
-                object,
-                created: false,
-                warnings,
-            });
+            return self.remove(inner, rt, ns, name, Some(obj), Propagation::Background);
         }
-        let object = self.commit(&mut inner, &rt, obj, EventType::Modified, Some(old));
-        Ok(Written {
-            object,
-            created: false,
-            warnings,
-        })
+        self.commit(inner, rt, obj, EventType::Modified, Some(old))
     }
 
     /// Deletes an object: marks it when finalizers remain, otherwise removes it and cascades.
@@ -521,21 +531,7 @@ impl Store {
             .find(&rt, ns, name)
             .cloned()
             .ok_or_else(|| ApiError::not_found(group, plural, name))?;
-        if let Some(rv) = precondition_rv
-            && rv != meta_str(&current, "resourceVersion")
-        {
-            return Err(ApiError::conflict_message(
-                group,
-                plural,
-                name,
-                format!(
-                    "Operation cannot be fulfilled on {} \"{name}\": the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({}). The object might have been modified",
-                    super::error::qualified(plural, group),
-                    meta_str(&current, "resourceVersion")
-                ),
-                Vec::new(),
-            ));
-        }
+        check_delete_precondition(group, plural, name, &current, precondition_rv)?;
         let has_finalizers = current
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
@@ -570,6 +566,7 @@ impl Store {
         })
     }
 
+    /// Builds the object to store for a create: checks, server metadata, validation, kind defaults.
     fn prepare_create(
         &self,
         inner: &mut Inner,
@@ -579,152 +576,29 @@ impl Store {
         mut obj: Value,
         opts: &WriteOpts,
     ) -> Result<(Value, Vec<String>), ApiError> {
-        if !obj.is_object() {
-            return Err(ApiError::bad_request(
-                "the body of the request was not a JSON object",
-            ));
-        }
+        require_object(&obj)?;
         check_type_meta(rt, version, &obj)?;
-        let body_ns = meta_str(&obj, "namespace").to_string();
         if rt.namespaced {
-            if !body_ns.is_empty() && body_ns != ns {
-                return Err(ApiError::bad_request(
-                    "the namespace of the provided object does not match the namespace sent on the request",
-                ));
-            }
-            if inner.find_key("", "namespaces", "", ns).is_none() {
-                return Err(ApiError::not_found("", "namespaces", ns));
-            }
-            if inner
-                .find_key("", "namespaces", "", ns)
-                .is_some_and(|n| n.pointer("/metadata/deletionTimestamp").is_some())
-            {
-                return Err(ApiError {
-                    code: 403,
-                    reason: "Forbidden",
-                    message: format!(
-                        "{} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
-                        rt.plural
-                    ),
-                    details: Value::Null,
-                });
-            }
+            check_create_namespace(inner, rt, ns, &obj)?;
         }
-        let mut name = meta_str(&obj, "name").to_string();
-        if name.is_empty() {
-            let prefix = meta_str(&obj, "generateName").to_string();
-            if prefix.is_empty() {
-                return Err(ApiError::invalid(
-                    &rt.group,
-                    &rt.kind,
-                    "",
-                    vec![Cause {
-                        reason: "FieldValueRequired",
-                        field: "metadata.name".into(),
-                        message: "Required value: name or generateName is required".into(),
-                    }],
-                ));
-            }
-            name = format!("{prefix}{}", inner.random_suffix());
-        }
+        let name = create_name(inner, rt, &obj)?;
         let v = rt
             .version(version)
             .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, &name))?;
-        {
-            let meta = meta_mut(&mut obj);
-            meta.insert("name".into(), Value::String(name.clone()));
-            if rt.namespaced {
-                meta.insert("namespace".into(), Value::String(ns.to_string()));
-            } else {
-                meta.remove("namespace");
-            }
-            for f in [
-                "uid",
-                "resourceVersion",
-                "deletionTimestamp",
-                "deletionGracePeriodSeconds",
-                "selfLink",
-                "managedFields",
-            ] {
-                meta.remove(f);
-            }
-            meta.insert("uid".into(), Value::String(inner.new_uid()));
-            meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
-            if rt.tracks_generation {
-                meta.insert("generation".into(), json!(1));
-            } else {
-                meta.remove("generation");
-            }
-        }
+        init_server_metadata(inner, rt, ns, &name, &mut obj);
         if v.status
             && !opts.status
             && rt.plural != "namespaces"
             && let Some(m) = obj.as_object_mut()
         {
+            // With a status subresource, a create cannot set `.status`.
             m.remove("status");
         }
-        let warnings = validate_custom(rt, version, &mut obj, opts)?;
-        validate_meta(rt, &obj)?;
-        obj["apiVersion"] = Value::String(rt.api_version(&rt.storage_version));
-        obj["kind"] = Value::String(rt.kind.clone());
-        match (rt.group.as_str(), rt.plural.as_str()) {
-            ("", "namespaces") => {
-                let meta = meta_mut(&mut obj);
-                let labels = meta.entry("labels").or_insert_with(|| json!({}));
-                labels["kubernetes.io/metadata.name"] = Value::String(name.clone());
-                obj["spec"] = json!({"finalizers": ["kubernetes"]});
-                obj["status"] = json!({"phase": "Active"});
-            }
-            ("", "services") => {
-                let no_ip = obj
-                    .pointer("/spec/clusterIP")
-                    .and_then(Value::as_str)
-                    .is_none_or(str::is_empty);
-                let external =
-                    obj.pointer("/spec/type").and_then(Value::as_str) == Some("ExternalName");
-                if no_ip && !external {
-                    let n = inner.next_ip;
-                    inner.next_ip += 1;
-                    let ip = format!("10.96.{}.{}", (n >> 8) & 0xff, n & 0xff);
-                    obj["spec"]["clusterIP"] = Value::String(ip.clone());
-                    obj["spec"]["clusterIPs"] = json!([ip]);
-                }
-                if obj.pointer("/spec/type").is_none()
-                    && obj.get("spec").is_some_and(Value::is_object)
-                {
-                    obj["spec"]["type"] = json!("ClusterIP");
-                }
-            }
-            ("apiextensions.k8s.io", "customresourcedefinitions") => {
-                let served = types::from_crd(&obj)?;
-                let key = (served.group.clone(), served.plural.clone());
-                if inner.types.get(&key).is_some_and(|t| !t.custom) {
-                    return Err(ApiError::invalid(
-                        &rt.group,
-                        &rt.kind,
-                        &name,
-                        vec![Cause {
-                            reason: "FieldValueInvalid",
-                            field: "spec.names.plural".into(),
-                            message: "Invalid value: the name conflicts with a built-in resource"
-                                .into(),
-                        }],
-                    ));
-                }
-                obj["status"] = crd_status(&obj, &served);
-            }
-            _ => {}
-        }
+        let warnings = validate_for_storage(rt, version, &mut obj, opts)?;
+        apply_kind_defaults(inner, rt, &name, &mut obj)?;
         if !opts.field_manager.is_empty() {
             let fields = patch::leaf_paths(&obj);
-            set_managed(
-                &mut obj,
-                &opts.field_manager,
-                "Update",
-                &rt.api_version(version),
-                opts.status,
-                &fields,
-            );
+            set_update_manager(&mut obj, rt, version, opts, &fields);
         }
         Ok((obj, warnings))
     }
@@ -1058,6 +932,235 @@ fn check_type_meta(rt: &ResourceType, version: &str, obj: &Value) -> Result<(), 
     Ok(())
 }
 
+/// Checks a delete's resourceVersion precondition, when given, against the stored object.
+fn check_delete_precondition(
+    group: &str,
+    plural: &str,
+    name: &str,
+    current: &Value,
+    precondition_rv: Option<&str>,
+) -> Result<(), ApiError> {
+    if let Some(rv) = precondition_rv
+        && rv != meta_str(current, "resourceVersion")
+    {
+        return Err(ApiError::conflict_message(
+            group,
+            plural,
+            name,
+            format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({}). The object might have been modified",
+                super::error::qualified(plural, group),
+                meta_str(current, "resourceVersion")
+            ),
+            Vec::new(),
+        ));
+    }
+    Ok(())
+}
+
+/// Rejects a request body that is not a JSON object.
+fn require_object(obj: &Value) -> Result<(), ApiError> {
+    if obj.is_object() {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "the body of the request was not a JSON object",
+        ))
+    }
+}
+
+/// Checks a namespaced create's namespace: matches the body, exists, is not terminating.
+fn check_create_namespace(
+    inner: &Inner,
+    rt: &ResourceType,
+    ns: &str,
+    obj: &Value,
+) -> Result<(), ApiError> {
+    let body_ns = meta_str(obj, "namespace");
+    if !body_ns.is_empty() && body_ns != ns {
+        return Err(ApiError::bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        ));
+    }
+    if inner.find_key("", "namespaces", "", ns).is_none() {
+        return Err(ApiError::not_found("", "namespaces", ns));
+    }
+    if inner
+        .find_key("", "namespaces", "", ns)
+        .is_some_and(|n| n.pointer("/metadata/deletionTimestamp").is_some())
+    {
+        return Err(ApiError {
+            code: 403,
+            reason: "Forbidden",
+            message: format!(
+                "{} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                rt.plural
+            ),
+            details: Value::Null,
+        });
+    }
+    Ok(())
+}
+
+/// The name of a new object: `metadata.name`, or `generateName` plus a random suffix.
+fn create_name(inner: &mut Inner, rt: &ResourceType, obj: &Value) -> Result<String, ApiError> {
+    let name = meta_str(obj, "name");
+    if !name.is_empty() {
+        return Ok(name.to_string());
+    }
+    let prefix = meta_str(obj, "generateName");
+    if prefix.is_empty() {
+        return Err(ApiError::invalid(
+            &rt.group,
+            &rt.kind,
+            "",
+            vec![Cause {
+                reason: "FieldValueRequired",
+                field: "metadata.name".into(),
+                message: "Required value: name or generateName is required".into(),
+            }],
+        ));
+    }
+    Ok(format!("{prefix}{}", inner.random_suffix()))
+}
+
+/// Sets the server-owned metadata of a new object (name, namespace, uid, creation, generation).
+fn init_server_metadata(
+    inner: &mut Inner,
+    rt: &ResourceType,
+    ns: &str,
+    name: &str,
+    obj: &mut Value,
+) {
+    let meta = meta_mut(obj);
+    meta.insert("name".into(), Value::String(name.to_string()));
+    if rt.namespaced {
+        meta.insert("namespace".into(), Value::String(ns.to_string()));
+    } else {
+        meta.remove("namespace");
+    }
+    for f in [
+        "uid",
+        "resourceVersion",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+        "managedFields",
+    ] {
+        meta.remove(f);
+    }
+    meta.insert("uid".into(), Value::String(inner.new_uid()));
+    meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
+    if rt.tracks_generation {
+        meta.insert("generation".into(), json!(1));
+    } else {
+        meta.remove("generation");
+    }
+}
+
+/// Defaults, prunes and validates an object, then labels it with the storage version (create and update).
+fn validate_for_storage(
+    rt: &ResourceType,
+    version: &str,
+    obj: &mut Value,
+    opts: &WriteOpts,
+) -> Result<Vec<String>, ApiError> {
+    let warnings = validate_custom(rt, version, obj, opts)?;
+    validate_meta(rt, obj)?;
+    obj["apiVersion"] = Value::String(rt.api_version(&rt.storage_version));
+    obj["kind"] = Value::String(rt.kind.clone());
+    Ok(warnings)
+}
+
+/// Fills in what the server sets on a new namespace, service or CRD.
+fn apply_kind_defaults(
+    inner: &mut Inner,
+    rt: &ResourceType,
+    name: &str,
+    obj: &mut Value,
+) -> Result<(), ApiError> {
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "namespaces") => default_namespace(name, obj),
+        ("", "services") => default_service(inner, obj),
+        ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            init_crd_status(inner, rt, name, obj)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A new namespace gets its name label, the `kubernetes` finalizer and phase Active.
+fn default_namespace(name: &str, obj: &mut Value) {
+    let meta = meta_mut(obj);
+    let labels = meta.entry("labels").or_insert_with(|| json!({}));
+    labels["kubernetes.io/metadata.name"] = Value::String(name.to_string());
+    obj["spec"] = json!({"finalizers": ["kubernetes"]});
+    obj["status"] = json!({"phase": "Active"});
+}
+
+/// A new service gets a cluster IP (unless set or ExternalName) and type ClusterIP when missing.
+fn default_service(inner: &mut Inner, obj: &mut Value) {
+    let no_ip = obj
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty);
+    let external = obj.pointer("/spec/type").and_then(Value::as_str) == Some("ExternalName");
+    if no_ip && !external {
+        let n = inner.next_ip;
+        inner.next_ip += 1;
+        let ip = format!("10.96.{}.{}", (n >> 8) & 0xff, n & 0xff);
+        obj["spec"]["clusterIP"] = Value::String(ip.clone());
+        obj["spec"]["clusterIPs"] = json!([ip]);
+    }
+    if obj.pointer("/spec/type").is_none() && obj.get("spec").is_some_and(Value::is_object) {
+        obj["spec"]["type"] = json!("ClusterIP");
+    }
+}
+
+/// A new CRD: rejects names of built-in resources and sets the accepted/established status.
+fn init_crd_status(
+    inner: &Inner,
+    rt: &ResourceType,
+    name: &str,
+    obj: &mut Value,
+) -> Result<(), ApiError> {
+    let served = types::from_crd(obj)?;
+    let key = (served.group.clone(), served.plural.clone());
+    if inner.types.get(&key).is_some_and(|t| !t.custom) {
+        return Err(ApiError::invalid(
+            &rt.group,
+            &rt.kind,
+            name,
+            vec![Cause {
+                reason: "FieldValueInvalid",
+                field: "spec.names.plural".into(),
+                message: "Invalid value: the name conflicts with a built-in resource".into(),
+            }],
+        ));
+    }
+    obj["status"] = crd_status(obj, &served);
+    Ok(())
+}
+
+/// Records `fields` as the request's field manager's (operation `Update`; create and update).
+fn set_update_manager(
+    obj: &mut Value,
+    rt: &ResourceType,
+    version: &str,
+    opts: &WriteOpts,
+    fields: &BTreeSet<FieldPath>,
+) {
+    set_managed(
+        obj,
+        &opts.field_manager,
+        "Update",
+        &rt.api_version(version),
+        opts.status,
+        fields,
+    );
+}
+
 /// The core/v1 view of an events.k8s.io/v1 Event.
 fn core_event(e: &Value) -> Value {
     let first = e
@@ -1318,77 +1421,17 @@ fn apply_config(
     force: bool,
     opts: &WriteOpts,
 ) -> Result<(Value, BTreeSet<FieldPath>), ApiError> {
-    let mut config = config.clone();
-    if let Some(m) = config.as_object_mut() {
-        if opts.status {
-            m.retain(|k, _| matches!(k.as_str(), "status" | "apiVersion" | "kind" | "metadata"));
-        } else if rt.version(&rt.storage_version).is_some_and(|v| v.status) {
-            m.remove("status");
-        }
-    }
+    let config = scope_apply_config(rt, config, opts);
     let fields = patch::leaf_paths(&config);
     let manager = opts.field_manager.as_str();
     let others = managers(current);
-    let mut conflicts: Vec<(String, FieldPath)> = Vec::new();
-    for path in &fields {
-        if patch::get_path(current, path) == patch::get_path(&config, path) {
-            continue;
-        }
-        for (m, _, owned) in others.iter().filter(|(m, _, _)| m != manager) {
-            if owned.iter().any(|o| patch::overlaps(o, path)) {
-                conflicts.push((m.clone(), path.clone()));
-            }
-        }
-    }
+    let conflicts = apply_conflicts(current, &config, &fields, manager, &others);
     if !conflicts.is_empty() && !force {
-        let name = meta_str(current, "name");
-        let causes: Vec<Cause> = conflicts
-            .iter()
-            .map(|(m, p)| Cause {
-                reason: "FieldManagerConflict",
-                field: patch::render_path(p),
-                message: format!("conflict with \"{m}\""),
-            })
-            .collect();
-        let lines: Vec<String> = conflicts
-            .iter()
-            .map(|(m, p)| format!("- {}: conflict with \"{m}\"", patch::render_path(p)))
-            .collect();
-        let message = format!(
-            "Apply failed with {} conflict{}: {}",
-            conflicts.len(),
-            if conflicts.len() == 1 { "" } else { "s" },
-            lines.join("\n")
-        );
-        return Err(ApiError::conflict_message(
-            &rt.group, &rt.plural, name, message, causes,
-        ));
+        return Err(apply_conflict_error(rt, current, &conflicts));
     }
     let mut merged = current.clone();
-    let previously: BTreeSet<FieldPath> = others
-        .iter()
-        .filter(|(m, op, _)| m == manager && op == "Apply")
-        .flat_map(|(_, _, f)| f.iter().cloned())
-        .collect();
-    for stale in previously.difference(&fields) {
-        let shared = others
-            .iter()
-            .filter(|(m, _, _)| m != manager)
-            .any(|(_, _, owned)| owned.iter().any(|o| patch::overlaps(o, stale)));
-        if !shared {
-            patch::remove_path(&mut merged, stale);
-        }
-    }
-    let mut body = config.clone();
-    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.retain(|k, _| {
-            matches!(
-                k.as_str(),
-                "labels" | "annotations" | "finalizers" | "ownerReferences"
-            )
-        });
-    }
-    patch::apply_merge(&mut merged, &body);
+    remove_unapplied(&mut merged, &others, manager, &fields);
+    patch::apply_merge(&mut merged, &apply_body(&config));
     if force {
         let contested: BTreeSet<FieldPath> = conflicts.into_iter().map(|(_, p)| p).collect();
         take_ownership(&mut merged, manager, &contested);
@@ -1404,34 +1447,162 @@ fn apply_config(
     Ok((merged, fields))
 }
 
+/// Limits an apply configuration to what the request may set (status or not status).
+fn scope_apply_config(rt: &ResourceType, config: &Value, opts: &WriteOpts) -> Value {
+    let mut config = config.clone();
+    if let Some(m) = config.as_object_mut() {
+        if opts.status {
+            m.retain(|k, _| matches!(k.as_str(), "status" | "apiVersion" | "kind" | "metadata"));
+        } else if rt.version(&rt.storage_version).is_some_and(|v| v.status) {
+            m.remove("status");
+        }
+    }
+    config
+}
+
+/// The applied fields that would change a value owned by another manager, with that manager.
+fn apply_conflicts(
+    current: &Value,
+    config: &Value,
+    fields: &BTreeSet<FieldPath>,
+    manager: &str,
+    others: &[(String, String, BTreeSet<FieldPath>)],
+) -> Vec<(String, FieldPath)> {
+    let mut conflicts: Vec<(String, FieldPath)> = Vec::new();
+    for path in fields {
+        if patch::get_path(current, path) == patch::get_path(config, path) {
+            continue;
+        }
+        for (m, _, owned) in others.iter().filter(|(m, _, _)| m != manager) {
+            if owned.iter().any(|o| patch::overlaps(o, path)) {
+                conflicts.push((m.clone(), path.clone()));
+            }
+        }
+    }
+    conflicts
+}
+
+/// The 409 answer to an apply with conflicts and without `force`.
+fn apply_conflict_error(
+    rt: &ResourceType,
+    current: &Value,
+    conflicts: &[(String, FieldPath)],
+) -> ApiError {
+    let name = meta_str(current, "name");
+    let causes: Vec<Cause> = conflicts
+        .iter()
+        .map(|(m, p)| Cause {
+            reason: "FieldManagerConflict",
+            field: patch::render_path(p),
+            message: format!("conflict with \"{m}\""),
+        })
+        .collect();
+    let lines: Vec<String> = conflicts
+        .iter()
+        .map(|(m, p)| format!("- {}: conflict with \"{m}\"", patch::render_path(p)))
+        .collect();
+    let message = format!(
+        "Apply failed with {} conflict{}: {}",
+        conflicts.len(),
+        if conflicts.len() == 1 { "" } else { "s" },
+        lines.join("\n")
+    );
+    ApiError::conflict_message(&rt.group, &rt.plural, name, message, causes)
+}
+
+/// Removes the fields the manager applied before but no longer applies and nobody else owns.
+fn remove_unapplied(
+    merged: &mut Value,
+    others: &[(String, String, BTreeSet<FieldPath>)],
+    manager: &str,
+    fields: &BTreeSet<FieldPath>,
+) {
+    let previously: BTreeSet<FieldPath> = others
+        .iter()
+        .filter(|(m, op, _)| m == manager && op == "Apply")
+        .flat_map(|(_, _, f)| f.iter().cloned())
+        .collect();
+    for stale in previously.difference(fields) {
+        let shared = others
+            .iter()
+            .filter(|(m, _, _)| m != manager)
+            .any(|(_, _, owned)| owned.iter().any(|o| patch::overlaps(o, stale)));
+        if !shared {
+            patch::remove_path(merged, stale);
+        }
+    }
+}
+
+/// The configuration to merge: of metadata only labels, annotations, finalizers, owner references.
+fn apply_body(config: &Value) -> Value {
+    let mut body = config.clone();
+    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.retain(|k, _| {
+            matches!(
+                k.as_str(),
+                "labels" | "annotations" | "finalizers" | "ownerReferences"
+            )
+        });
+    }
+    body
+}
+
 /// Builds the object to store for an update, or `None` when nothing changes.
 fn prepare_update(
     rt: &ResourceType,
     version: &str,
     old: &Value,
-    mut new: Value,
+    new: Value,
     opts: &WriteOpts,
     apply_fields: Option<BTreeSet<FieldPath>>,
 ) -> Result<(Option<Value>, Vec<String>), ApiError> {
-    if !new.is_object() {
-        return Err(ApiError::bad_request(
-            "the body of the request was not a JSON object",
-        ));
-    }
+    require_object(&new)?;
     check_type_meta(rt, version, &new)?;
+    let name = check_update_target(rt, old, &new, apply_fields.is_some())?;
+    let mut new = merge_status(rt, version, old, new, opts);
+    carry_server_metadata(old, &name, &mut new);
+    let warnings = validate_for_storage(rt, version, &mut new, opts)?;
+    if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
+        refresh_crd_status(old, &mut new)?;
+    }
+    if unchanged(&new, old) && apply_fields.is_none() {
+        return Ok((None, warnings));
+    }
+    bump_generation(rt, old, &mut new);
+    if apply_fields.is_some() {
+        // Re-applying the same configuration: nothing to store, keep the old timestamps.
+        if unchanged(&new, old) && managers(&new) == managers(old) {
+            return Ok((None, warnings));
+        }
+    } else if !opts.field_manager.is_empty() {
+        record_update_fields(rt, version, old, &mut new, opts);
+    }
+    if unchanged(&new, old) {
+        return Ok((None, warnings));
+    }
+    Ok((Some(new), warnings))
+}
+
+/// Checks an update's name and resourceVersion against the stored object; returns the name.
+fn check_update_target(
+    rt: &ResourceType,
+    old: &Value,
+    new: &Value,
+    applied: bool,
+) -> Result<String, ApiError> {
     let name = meta_str(old, "name").to_string();
-    let body_name = meta_str(&new, "name");
+    let body_name = meta_str(new, "name");
     if !body_name.is_empty() && body_name != name {
         return Err(ApiError::bad_request(format!(
             "the name of the object ({body_name}) does not match the name on the URL ({name})"
         )));
     }
-    let body_rv = meta_str(&new, "resourceVersion").to_string();
+    let body_rv = meta_str(new, "resourceVersion");
     if !body_rv.is_empty() {
         if body_rv != meta_str(old, "resourceVersion") {
             return Err(ApiError::conflict(&rt.group, &rt.plural, &name));
         }
-    } else if rt.custom && apply_fields.is_none() {
+    } else if rt.custom && !applied {
         return Err(ApiError::invalid(
             &rt.group,
             &rt.kind,
@@ -1443,6 +1614,17 @@ fn prepare_update(
             }],
         ));
     }
+    Ok(name)
+}
+
+/// Keeps only `.status` of a status write, or the stored `.status` for a main-resource write.
+fn merge_status(
+    rt: &ResourceType,
+    version: &str,
+    old: &Value,
+    mut new: Value,
+    opts: &WriteOpts,
+) -> Value {
     let has_status = rt.version(version).is_some_and(|v| v.status);
     if opts.status {
         // Status writes change only `.status` (and nothing of metadata but the managers).
@@ -1455,8 +1637,9 @@ fn prepare_update(
                 }
             }
         }
-        new = merged;
-    } else if has_status {
+        return merged;
+    }
+    if has_status {
         match old.get("status") {
             Some(s) => new["status"] = s.clone(),
             None => {
@@ -1466,91 +1649,85 @@ fn prepare_update(
             }
         }
     }
+    new
+}
+
+/// Copies the server-owned metadata (uid, timestamps, generation, resourceVersion) from the stored object.
+fn carry_server_metadata(old: &Value, name: &str, new: &mut Value) {
+    let old_meta = old.get("metadata").cloned().unwrap_or(json!({}));
+    let meta = meta_mut(new);
+    meta.insert("name".into(), Value::String(name.to_string()));
+    for f in [
+        "namespace",
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "generation",
+    ] {
+        match old_meta.get(f) {
+            Some(v) => meta.insert(f.into(), v.clone()),
+            None => meta.remove(f),
+        };
+    }
+    if !meta.contains_key("managedFields")
+        && let Some(mf) = old_meta.get("managedFields")
     {
-        let old_meta = old.get("metadata").cloned().unwrap_or(json!({}));
-        let meta = meta_mut(&mut new);
-        meta.insert("name".into(), Value::String(name.clone()));
-        for f in [
-            "namespace",
-            "uid",
-            "creationTimestamp",
-            "deletionTimestamp",
-            "deletionGracePeriodSeconds",
-            "generation",
-        ] {
-            match old_meta.get(f) {
-                Some(v) => meta.insert(f.into(), v.clone()),
-                None => meta.remove(f),
-            };
-        }
-        if !meta.contains_key("managedFields")
-            && let Some(mf) = old_meta.get("managedFields")
-        {
-            meta.insert("managedFields".into(), mf.clone());
-        }
-        meta.remove("resourceVersion");
-        if let Some(rv) = old_meta.get("resourceVersion") {
-            meta.insert("resourceVersion".into(), rv.clone());
-        }
+        meta.insert("managedFields".into(), mf.clone());
     }
-    let warnings = validate_custom(rt, version, &mut new, opts)?;
-    validate_meta(rt, &new)?;
-    new["apiVersion"] = Value::String(rt.api_version(&rt.storage_version));
-    new["kind"] = Value::String(rt.kind.clone());
-    if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
-        let served = types::from_crd(&new)?;
-        new["status"] = crd_status(&new, &served);
-        if let Some(old_status) = old.get("status")
-            && without_time(old_status) == without_time(&new["status"])
-        {
-            new["status"] = old_status.clone();
-        }
+    meta.remove("resourceVersion");
+    if let Some(rv) = old_meta.get("resourceVersion") {
+        meta.insert("resourceVersion".into(), rv.clone());
     }
-    if without_volatile(&new) == without_volatile(old) && apply_fields.is_none() {
-        return Ok((None, warnings));
+}
+
+/// Recomputes an updated CRD's status, keeping the stored one when only times would differ.
+fn refresh_crd_status(old: &Value, new: &mut Value) -> Result<(), ApiError> {
+    let served = types::from_crd(new)?;
+    new["status"] = crd_status(new, &served);
+    if let Some(old_status) = old.get("status")
+        && without_time(old_status) == without_time(&new["status"])
+    {
+        new["status"] = old_status.clone();
     }
-    if rt.tracks_generation && spec_part(&new) != spec_part(old) {
+    Ok(())
+}
+
+/// Is `new` the same object as `old`, ignoring managedFields and resourceVersion?
+fn unchanged(new: &Value, old: &Value) -> bool {
+    without_volatile(new) == without_volatile(old)
+}
+
+/// Increments `metadata.generation` when the spec (everything but metadata and status) changed.
+fn bump_generation(rt: &ResourceType, old: &Value, new: &mut Value) {
+    if rt.tracks_generation && spec_part(new) != spec_part(old) {
         let generation = old
             .pointer("/metadata/generation")
             .and_then(Value::as_i64)
             .unwrap_or(0)
             + 1;
-        meta_mut(&mut new).insert("generation".into(), json!(generation));
+        meta_mut(new).insert("generation".into(), json!(generation));
     }
-    match apply_fields {
-        // Re-applying the same configuration: nothing to store, keep the old timestamps.
-        Some(_)
-            if without_volatile(&new) == without_volatile(old)
-                && managers(&new) == managers(old) =>
-        {
-            return Ok((None, warnings));
-        }
-        Some(_) => {}
-        None if !opts.field_manager.is_empty() => {
-            let (changed, removed) = patch::changed_paths(old, &new);
-            let mut owned: BTreeSet<FieldPath> = managers(old)
-                .into_iter()
-                .filter(|(m, op, _)| m == &opts.field_manager && op == "Update")
-                .flat_map(|(_, _, f)| f)
-                .collect();
-            owned.extend(changed.iter().cloned());
-            owned.retain(|p| !removed.contains(p));
-            take_ownership(&mut new, &opts.field_manager, &changed);
-            set_managed(
-                &mut new,
-                &opts.field_manager,
-                "Update",
-                &rt.api_version(version),
-                opts.status,
-                &owned,
-            );
-        }
-        None => {}
-    }
-    if without_volatile(&new) == without_volatile(old) {
-        return Ok((None, warnings));
-    }
-    Ok((Some(new), warnings))
+}
+
+/// Gives the request's manager the fields it changed (operation `Update`), taking them from others.
+fn record_update_fields(
+    rt: &ResourceType,
+    version: &str,
+    old: &Value,
+    new: &mut Value,
+    opts: &WriteOpts,
+) {
+    let (changed, removed) = patch::changed_paths(old, new);
+    let mut owned: BTreeSet<FieldPath> = managers(old)
+        .into_iter()
+        .filter(|(m, op, _)| m == &opts.field_manager && op == "Update")
+        .flat_map(|(_, _, f)| f)
+        .collect();
+    owned.extend(changed.iter().cloned());
+    owned.retain(|p| !removed.contains(p));
+    take_ownership(new, &opts.field_manager, &changed);
+    set_update_manager(new, rt, version, opts, &owned);
 }
 
 fn without_time(status: &Value) -> Value {

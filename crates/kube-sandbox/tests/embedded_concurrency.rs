@@ -5,8 +5,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
-use serde_json::json;
 use kube_sandbox::{ApiServer, Options};
+use serde_json::json;
 
 const WRITERS: usize = 8;
 const UPDATES: usize = 50;

@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::watcher;
-use serde_json::{Value, json};
 use kube_sandbox::{ApiServer, Options};
+use serde_json::{Value, json};
 
 const CRD: &str = r#"
 apiVersion: apiextensions.k8s.io/v1

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use serde_json::{Value, json};
 use kube_sandbox::{ApiServer, Options};
+use serde_json::{Value, json};
 
 fn upstream_dir() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/upstream-crds");
