@@ -36,9 +36,15 @@ async fn sdk(endpoint: &str) -> aws_sdk_cloudwatch::Client {
     aws_sdk_cloudwatch::Client::new(&config)
 }
 
-fn datum(metric: &str, app: &str, extra: Option<(&str, &str)>, value: f64) -> MetricDatum {
+fn datum(
+    ns: &str,
+    metric: &str,
+    app: &str,
+    extra: Option<(&str, &str)>,
+    value: f64,
+) -> MetricDatum {
     let mut dims = vec![
-        Dimension::builder().name("Namespace").value(NS).build(),
+        Dimension::builder().name("Namespace").value(ns).build(),
         Dimension::builder().name("app").value(app).build(),
     ];
     if let Some((n, v)) = extra {
@@ -58,6 +64,7 @@ fn datum(metric: &str, app: &str, extra: Option<(&str, &str)>, value: f64) -> Me
 /// with the pods' `app` label as the CloudWatch agent does (`<target>` for the canary's
 /// pods, `<target>-primary` for the primary's).
 fn publish(
+    ns: String,
     sim: Arc<TrafficSimulator>,
     client: aws_sdk_cloudwatch::Client,
     targets: Vec<String>,
@@ -79,12 +86,14 @@ fn publish(
                     let errors = (now.errors - before.errors) as f64;
                     if requests > 0.0 {
                         data.push(datum(
+                            &ns,
                             "envoy_http_downstream_rq_total",
                             &app,
                             None,
                             requests,
                         ));
                         data.push(datum(
+                            &ns,
                             "envoy_http_downstream_rq_xx",
                             &app,
                             Some(("envoy_response_code_class", "5")),
@@ -121,10 +130,10 @@ async fn cloudwatch_promotes_healthy_and_rolls_back_failing() {
         error_rate: 0.05,
         ..Behaviour::HEALTHY
     };
-    let Some(env) = env(|c| {
+    let Some(env) = env(|c, ns| {
         vec![
-            appmesh_service(c, Behaviour::HEALTHY, routers(c), "good"),
-            appmesh_service(c, bad, routers(c), "bad"),
+            appmesh_service(c, ns, Behaviour::HEALTHY, routers(c), "good"),
+            appmesh_service(c, ns, bad, routers(c), "bad"),
         ]
     })
     .await
@@ -132,29 +141,24 @@ async fn cloudwatch_promotes_healthy_and_rolls_back_failing() {
         return;
     };
     let _publisher = publish(
+        env.ns.clone(),
         env.sim.clone(),
         sdk(&translator.url).await,
         vec!["good".into(), "bad".into()],
     );
-    create(
-        &env.client,
-        &gvk("appmesh.k8s.aws", "v1beta2", "Mesh", "meshes"),
-        None,
-        json!({"apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "Mesh", "metadata": {"name": "global"}, "spec": {}}),
-    )
-    .await;
-    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), NS);
+    ensure_mesh(&env.client).await;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
     let canaries: Api<DynamicObject> = Api::namespaced_with(
         env.client.clone(),
-        NS,
+        &env.ns,
         &gvk("serin.dev", "v1alpha1", "Canary", "canaries"),
     );
     for name in ["good", "bad"] {
         deployments
-            .create(&PostParams::default(), &deployment(name, "app:1"))
+            .create(&PostParams::default(), &deployment(&env.ns, name, "app:1"))
             .await
             .unwrap();
-        let mut c = workload_canary(name, "http://unused:9090");
+        let mut c = workload_canary(&env.ns, name, "http://unused:9090");
         c["spec"]["steps"] = json!([50, 100]);
         c["spec"]["analysis"]["interval"] = json!("60s");
         c["spec"]["analysis"]["failureThreshold"] = json!(1);
@@ -170,8 +174,8 @@ async fn cloudwatch_promotes_healthy_and_rolls_back_failing() {
             .unwrap();
     }
     let op = Operator::start_with_env(
-        &env.kubeconfig,
-        env.dir.path().join("operator.log"),
+        &env,
+        env.cluster.dir.path().join("operator.log"),
         &[],
         &[
             ("AWS_ACCESS_KEY_ID", "AKIDTEST"),

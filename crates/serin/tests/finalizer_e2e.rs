@@ -57,7 +57,7 @@ async fn weights(aws: &aws_sdk_appmesh::Client) -> Vec<(String, i32)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_canary_mid_rollout_restores_the_primary() {
     require("moto_server");
-    let Some(env) = env(|_| vec![]).await else {
+    let Some(env) = env(|_, _| vec![]).await else {
         return;
     };
     let moto = support::moto::shared();
@@ -112,12 +112,12 @@ async fn deleting_a_canary_mid_rollout_restores_the_primary() {
 
     let canaries: Api<DynamicObject> = Api::namespaced_with(
         env.client.clone(),
-        NS,
+        &env.ns,
         &gvk("serin.dev", "v1alpha1", "Canary", "canaries"),
     );
     let obj = json!({
         "apiVersion": "serin.dev/v1alpha1", "kind": "Canary",
-        "metadata": {"name": "colorteller", "namespace": NS},
+        "metadata": {"name": "colorteller", "namespace": env.ns},
         "spec": {
             "backends": {"primary": "colorteller-white", "canary": "colorteller-blue"},
             "service": {"name": "colorteller", "port": 9080},
@@ -137,8 +137,8 @@ async fn deleting_a_canary_mid_rollout_restores_the_primary() {
         .await
         .unwrap();
     let op = Operator::start_with_env(
-        &env.kubeconfig,
-        env.dir.path().join("operator.log"),
+        &env,
+        env.cluster.dir.path().join("operator.log"),
         &[],
         &[
             ("AWS_ACCESS_KEY_ID", "AKIDTEST"),
@@ -158,7 +158,7 @@ async fn deleting_a_canary_mid_rollout_restores_the_primary() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let typed: Api<Canary> = Api::namespaced(env.client.clone(), NS);
+    let typed: Api<Canary> = Api::namespaced(env.client.clone(), &env.ns);
     let c = typed.get("colorteller").await.unwrap();
     assert!(
         c.metadata

@@ -1,54 +1,66 @@
-//! The App Mesh router (Kubernetes resources) against the embedded API server with the
+//! The App Mesh router (Kubernetes resources) against this run's API server (the real
+//! kube-apiserver when `SERIN_TEST_KUBECONFIG` is set, else the in-memory one) with the
 //! genuine `appmesh.k8s.aws/v1beta2` CRDs: every object it writes is validated by the real
-//! schema, written with strict field validation, and checked for unknown fields.
+//! schema, written with strict field validation, and checked for unknown fields. Each test
+//! has a namespace and a Mesh (cluster-scoped) of its own, as tests share the real server.
 
 mod router_support;
+mod support;
 
-use std::path::Path;
-
-use kube::Client;
 use serde_json::{Value, json};
 use serin::api::Canary;
 use serin::arms::Weights;
 use serin::router::{AppMeshKubeRouter, MAX_ATTEMPTS, Router, RouterError, WriteOutcome};
 
 use router_support::proxy::Proxy;
-use router_support::{Cluster, canary_yaml, traffic, workload, yaml_docs};
+use router_support::{Cluster, canary_yaml, example_in, traffic, workload, writes};
 
 const AM: &str = "appmesh.k8s.aws/v1beta2";
-const NS: &str = "appmesh-demo";
+/// The namespace of the example files, replaced by the test's.
+const EXAMPLE_NS: &str = "appmesh-demo";
 
 struct Env {
     cluster: Cluster,
     proxy: Proxy,
     router: AppMeshKubeRouter,
+    /// The test's Mesh.
+    mesh: String,
 }
 
-/// A fresh server with the CRDs, the namespace and the Mesh, and a router that talks to it
+impl Env {
+    /// The test's namespace.
+    fn ns(&self) -> &str {
+        &self.cluster.ns
+    }
+}
+
+/// A fresh namespace and a Mesh of the test's own, and a router that talks to the server
 /// through a recording proxy. `None` when the upstream CRDs are absent.
 async fn env() -> Option<Env> {
-    let cluster = Cluster::start().await?;
-    cluster.namespace(NS).await;
+    let cluster = Cluster::start("router-appmesh").await?;
+    let mesh = format!("color-mesh-{}", cluster.ns);
     cluster
         .create(
-            json!({"apiVersion": AM, "kind": "Mesh", "metadata": {"name": "color-mesh"},
-            "spec": {"namespaceSelector": {"matchLabels": {"mesh": "color-mesh"}}}}),
+            json!({"apiVersion": AM, "kind": "Mesh", "metadata": {"name": mesh},
+            "spec": {"namespaceSelector": {"matchLabels": {"mesh": mesh}}}}),
         )
         .await;
-    let proxy = Proxy::start(&cluster.server.url(), None).await;
-    let client =
-        Client::try_from(kube::Config::new(proxy.url.parse().expect("url"))).expect("client");
+    let (proxy, client) = cluster.proxy().await;
     Some(Env {
         cluster,
         proxy,
         router: AppMeshKubeRouter::new(client),
+        mesh,
     })
 }
 
 async fn workload_canary(env: &Env, name: &str) -> Canary {
-    let router = "  router:\n    appMesh:\n      mesh: color-mesh\n      backends: [colorteller]";
+    let router = format!(
+        "  router:\n    appMesh:\n      mesh: {}\n      backends: [colorteller]",
+        env.mesh
+    );
     env.cluster
-        .canary(&canary_yaml(name, NS, &workload(name), router))
+        .canary(&canary_yaml(name, env.ns(), &workload(name), &router))
         .await
 }
 
@@ -57,41 +69,61 @@ async fn traffic_canary(env: &Env, route: Option<&str>) -> Canary {
         .map(|r| format!("\n      route: {r}"))
         .unwrap_or_default();
     let router = format!(
-        "  router:\n    appMesh:\n      mesh: color-mesh\n      virtualRouter: colorteller-router{route}"
+        "  router:\n    appMesh:\n      mesh: {}\n      virtualRouter: colorteller-router{route}",
+        env.mesh
     );
     env.cluster
         .canary(&canary_yaml(
             "colorteller",
-            NS,
+            env.ns(),
             &traffic("colorteller-white", "colorteller-blue"),
             &router,
         ))
         .await
 }
 
-/// The colorapp VirtualRouter of `examples/routing/appmesh-colorapp.yaml`.
-fn colorapp_router() -> Value {
-    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .join("examples/routing/appmesh-colorapp.yaml");
-    yaml_docs(&path)
-        .into_iter()
-        .find(|d| d["kind"] == "VirtualRouter")
-        .expect("a VirtualRouter in the example")
+/// The colorapp VirtualRouter of `examples/routing/appmesh-colorapp.yaml`, in the test's
+/// namespace.
+fn colorapp_router(env: &Env) -> Value {
+    example_in(
+        "examples/routing/appmesh-colorapp.yaml",
+        EXAMPLE_NS,
+        env.ns(),
+    )
+    .into_iter()
+    .find(|d| d["kind"] == "VirtualRouter")
+    .expect("a VirtualRouter in the example")
 }
 
 async fn get(env: &Env, kind: &str, name: &str) -> Value {
     env.cluster
-        .get(AM, kind, NS, name)
+        .get(AM, kind, env.ns(), name)
         .await
         .unwrap_or_else(|| panic!("{kind} {name} exists"))
 }
 
-fn writes(proxy: &Proxy) -> Vec<String> {
-    proxy
-        .requests()
-        .into_iter()
-        .filter(|r| !r.starts_with("GET "))
-        .collect()
+async fn resource_version(env: &Env, kind: &str, name: &str) -> String {
+    env.cluster.resource_version(AM, kind, env.ns(), name).await
+}
+
+/// Creates the Deployment `name` (no replicas) in the test's namespace and returns its uid,
+/// so that an ownerReference to it names an object that exists (the real server's garbage
+/// collector deletes dependents whose owner is absent).
+async fn deployment(env: &Env, name: &str) -> String {
+    let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(env.cluster.client.clone(), env.ns());
+    let d = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}}}}))
+    .expect("Deployment");
+    api.create(&kube::api::PostParams::default(), &d)
+        .await
+        .expect("create Deployment")
+        .metadata
+        .uid
+        .expect("uid")
 }
 
 /// Workload mode creates both VirtualNodes, the VirtualRouter at 100/0 and the
@@ -125,10 +157,11 @@ async fn workload_prepare_creates_owned_objects_and_is_idempotent() {
             "meshRef is the webhook's"
         );
     }
+    let ns = env.ns();
     let primary = get(&env, "VirtualNode", "colorgateway-primary").await;
     assert_eq!(
         primary["spec"]["serviceDiscovery"]["dns"]["hostname"],
-        "colorgateway-primary.appmesh-demo.svc.cluster.local"
+        format!("colorgateway-primary.{ns}.svc.cluster.local")
     );
     assert_eq!(
         primary["spec"]["podSelector"]["matchLabels"]["app"],
@@ -146,12 +179,12 @@ async fn workload_prepare_creates_owned_objects_and_is_idempotent() {
     );
     assert_eq!(
         canary_node["spec"]["serviceDiscovery"]["dns"]["hostname"],
-        "colorgateway-canary.appmesh-demo.svc.cluster.local"
+        format!("colorgateway-canary.{ns}.svc.cluster.local")
     );
     let vs = get(&env, "VirtualService", "colorgateway").await;
     assert_eq!(
         vs["spec"]["awsName"],
-        "colorgateway.appmesh-demo.svc.cluster.local"
+        format!("colorgateway.{ns}.svc.cluster.local")
     );
     assert_eq!(
         vs["spec"]["provider"]["virtualRouter"]["virtualRouterRef"]["name"],
@@ -169,15 +202,26 @@ async fn workload_prepare_creates_owned_objects_and_is_idempotent() {
         );
     }
 
-    let rev = env.cluster.revision();
+    let objects = [
+        ("VirtualNode", "colorgateway-primary"),
+        ("VirtualNode", "colorgateway-canary"),
+        ("VirtualRouter", "colorgateway"),
+        ("VirtualService", "colorgateway"),
+    ];
+    let mut versions = Vec::new();
+    for (kind, name) in objects {
+        versions.push(resource_version(&env, kind, name).await);
+    }
     env.proxy.clear();
     env.router.prepare(&canary).await.expect("second prepare");
-    assert_eq!(
-        env.cluster.revision(),
-        rev,
-        "no write on the second prepare"
-    );
     assert_eq!(writes(&env.proxy), Vec::<String>::new());
+    for ((kind, name), before) in objects.into_iter().zip(versions) {
+        assert_eq!(
+            resource_version(&env, kind, name).await,
+            before,
+            "no write to {kind} {name} on the second prepare"
+        );
+    }
 }
 
 /// A second prepare in the middle of a rollout keeps the live weights.
@@ -202,12 +246,12 @@ async fn workload_adopts_existing_node_without_clobbering_user_fields() {
     let Some(env) = env().await else { return };
     env.cluster
         .create(json!({"apiVersion": AM, "kind": "VirtualNode",
-            "metadata": {"name": "colorgateway-primary", "namespace": NS, "labels": {"team": "color"}},
+            "metadata": {"name": "colorgateway-primary", "namespace": env.ns(), "labels": {"team": "color"}},
             "spec": {
                 "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
                 "logging": {"accessLog": {"file": {"path": "/dev/stdout"}}},
                 "podSelector": {"matchLabels": {"app": "colorgateway-primary"}},
-                "serviceDiscovery": {"dns": {"hostname": "colorgateway-primary.appmesh-demo.svc.cluster.local"}}
+                "serviceDiscovery": {"dns": {"hostname": format!("colorgateway-primary.{}.svc.cluster.local", env.ns())}}
             }}))
         .await;
     let canary = workload_canary(&env, "colorgateway").await;
@@ -230,10 +274,11 @@ async fn workload_adopts_existing_node_without_clobbering_user_fields() {
 #[tokio::test]
 async fn workload_refuses_objects_controlled_by_someone_else() {
     let Some(env) = env().await else { return };
+    let uid = deployment(&env, "other").await;
     env.cluster
         .create(json!({"apiVersion": AM, "kind": "VirtualNode",
-            "metadata": {"name": "colorgateway-canary", "namespace": NS, "ownerReferences": [{
-                "apiVersion": "apps/v1", "kind": "Deployment", "name": "other", "uid": "1234",
+            "metadata": {"name": "colorgateway-canary", "namespace": env.ns(), "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "Deployment", "name": "other", "uid": uid,
                 "controller": true}]},
             "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}}))
         .await;
@@ -258,7 +303,7 @@ async fn workload_missing_mesh_is_not_found() {
         .cluster
         .canary(&canary_yaml(
             "colorgateway",
-            NS,
+            env.ns(),
             &workload("colorgateway"),
             router,
         ))
@@ -291,9 +336,13 @@ async fn set_weights_writes_once_and_then_is_unchanged() {
     assert_eq!(
         env.proxy.requests(),
         vec![
-            format!("GET /apis/{AM}/namespaces/{NS}/virtualrouters/colorgateway"),
             format!(
-                "PATCH /apis/{AM}/namespaces/{NS}/virtualrouters/colorgateway?&fieldManager=serin&fieldValidation=Strict"
+                "GET /apis/{AM}/namespaces/{}/virtualrouters/colorgateway",
+                env.ns()
+            ),
+            format!(
+                "PATCH /apis/{AM}/namespaces/{}/virtualrouters/colorgateway?&fieldManager=serin&fieldValidation=Strict",
+                env.ns()
             ),
         ]
     );
@@ -303,7 +352,7 @@ async fn set_weights_writes_once_and_then_is_unchanged() {
     assert_eq!(targets[1]["weight"], 20);
     assert_eq!(env.router.weights(&canary).await.expect("weights"), w20);
 
-    let rev = env.cluster.revision();
+    let rev = resource_version(&env, "VirtualRouter", "colorgateway").await;
     env.proxy.clear();
     assert_eq!(
         env.router
@@ -312,7 +361,10 @@ async fn set_weights_writes_once_and_then_is_unchanged() {
             .expect("again"),
         WriteOutcome::Unchanged
     );
-    assert_eq!(env.cluster.revision(), rev);
+    assert_eq!(
+        resource_version(&env, "VirtualRouter", "colorgateway").await,
+        rev
+    );
     assert_eq!(writes(&env.proxy), Vec::<String>::new());
 }
 
@@ -321,7 +373,7 @@ async fn set_weights_writes_once_and_then_is_unchanged() {
 #[tokio::test]
 async fn traffic_mode_changes_only_the_two_weights() {
     let Some(env) = env().await else { return };
-    let before = env.cluster.create(colorapp_router()).await;
+    let before = env.cluster.create(colorapp_router(&env)).await;
     let canary = traffic_canary(&env, Some("colorteller-route")).await;
     env.router
         .prepare(&canary)
@@ -352,7 +404,7 @@ async fn traffic_mode_changes_only_the_two_weights() {
 #[tokio::test]
 async fn traffic_mode_needs_a_named_route_when_there_are_several() {
     let Some(env) = env().await else { return };
-    env.cluster.create(colorapp_router()).await;
+    env.cluster.create(colorapp_router(&env)).await;
     let canary = traffic_canary(&env, None).await;
     let err = env.router.weights(&canary).await.expect_err("two routes");
     assert!(
@@ -382,7 +434,7 @@ async fn missing_router_or_route_is_not_found_without_writes() {
         ),
         "{err}"
     );
-    env.cluster.create(colorapp_router()).await;
+    env.cluster.create(colorapp_router(&env)).await;
     let canary = traffic_canary_named(&env, "other", "no-such-route").await;
     let err = env
         .router
@@ -399,12 +451,13 @@ async fn missing_router_or_route_is_not_found_without_writes() {
 
 async fn traffic_canary_named(env: &Env, name: &str, route: &str) -> Canary {
     let router = format!(
-        "  router:\n    appMesh:\n      mesh: color-mesh\n      virtualRouter: colorteller-router\n      route: {route}"
+        "  router:\n    appMesh:\n      mesh: {}\n      virtualRouter: colorteller-router\n      route: {route}",
+        env.mesh
     );
     env.cluster
         .canary(&canary_yaml(
             name,
-            NS,
+            env.ns(),
             &traffic("colorteller-white", "colorteller-blue"),
             &router,
         ))
@@ -416,7 +469,7 @@ async fn traffic_canary_named(env: &Env, name: &str, route: &str) -> Canary {
 #[tokio::test]
 async fn wrong_target_shapes_are_unroutable() {
     let Some(env) = env().await else { return };
-    let mut vr = colorapp_router();
+    let mut vr = colorapp_router(&env);
     vr["spec"]["routes"] = json!([{"name": "colorteller-route", "httpRoute": {
         "match": {"prefix": "/"},
         "action": {"weightedTargets": [{"virtualNodeRef": {"name": "colorteller-white"}, "weight": 100}]}}}]);
@@ -442,7 +495,7 @@ async fn wrong_target_shapes_are_unroutable() {
     for (targets, message) in cases {
         let t = targets.clone();
         env.cluster
-            .edit(AM, "VirtualRouter", NS, "colorteller-router", |o| {
+            .edit(AM, "VirtualRouter", env.ns(), "colorteller-router", |o| {
                 o["spec"]["routes"][0]["httpRoute"]["action"]["weightedTargets"] = t;
             })
             .await;
@@ -468,17 +521,18 @@ async fn wrong_target_shapes_are_unroutable() {
 #[tokio::test]
 async fn hand_edited_weights_are_reported_not_overwritten() {
     let Some(env) = env().await else { return };
-    env.cluster.create(colorapp_router()).await;
+    env.cluster.create(colorapp_router(&env)).await;
     let canary = traffic_canary(&env, Some("colorteller-route")).await;
     env.cluster
-        .edit(AM, "VirtualRouter", NS, "colorteller-router", |o| {
+        .edit(AM, "VirtualRouter", env.ns(), "colorteller-router", |o| {
             o["spec"]["routes"][0]["httpRoute"]["action"]["weightedTargets"][0]["weight"] =
                 json!(70);
             o["spec"]["routes"][0]["httpRoute"]["action"]["weightedTargets"][1]["weight"] =
                 json!(30);
         })
         .await;
-    let rev = env.cluster.revision();
+    let rev = resource_version(&env, "VirtualRouter", "colorteller-router").await;
+    env.proxy.clear();
     let err = env
         .router
         .set_weights(&canary, Weights::STABLE, Weights::with_canary(20))
@@ -496,7 +550,11 @@ async fn hand_edited_weights_are_reported_not_overwritten() {
         ),
         "{err}"
     );
-    assert_eq!(env.cluster.revision(), rev);
+    assert_eq!(writes(&env.proxy), Vec::<String>::new());
+    assert_eq!(
+        resource_version(&env, "VirtualRouter", "colorteller-router").await,
+        rev
+    );
 }
 
 /// Someone changes the weights between Serin's read and its patch: the `test` op fails, the
@@ -504,9 +562,10 @@ async fn hand_edited_weights_are_reported_not_overwritten() {
 #[tokio::test]
 async fn concurrent_edit_between_read_and_patch_is_detected() {
     let Some(env) = env().await else { return };
-    env.cluster.create(colorapp_router()).await;
+    env.cluster.create(colorapp_router(&env)).await;
     let canary = traffic_canary(&env, Some("colorteller-route")).await;
-    let direct = env.cluster.server.client().expect("client");
+    let direct = env.cluster.client.clone();
+    let ns = env.ns().to_string();
     env.proxy.before("PATCH", move || async move {
         let ar = kube::api::ApiResource {
             group: "appmesh.k8s.aws".into(),
@@ -515,7 +574,7 @@ async fn concurrent_edit_between_read_and_patch_is_detected() {
             kind: "VirtualRouter".into(),
             plural: "virtualrouters".into(),
         };
-        let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(direct, NS, &ar);
+        let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(direct, &ns, &ar);
         let patch = json!([{"op": "replace", "path": "/spec/routes/0/httpRoute/action/weightedTargets/0/weight", "value": 60},
                            {"op": "replace", "path": "/spec/routes/0/httpRoute/action/weightedTargets/1/weight", "value": 40}]);
         let patch: json_patch::Patch = serde_json::from_value(patch).expect("patch");
@@ -550,7 +609,7 @@ async fn concurrent_edit_between_read_and_patch_is_detected() {
 #[tokio::test]
 async fn conflicts_are_retried_a_bounded_number_of_times() {
     let Some(env) = env().await else { return };
-    env.cluster.create(colorapp_router()).await;
+    env.cluster.create(colorapp_router(&env)).await;
     let canary = traffic_canary(&env, Some("colorteller-route")).await;
     let conflict = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Conflict","code":409,"message":"the object has been modified"}"#;
     let ct = [("content-type", "application/json")];
@@ -583,13 +642,16 @@ async fn conflicts_are_retried_a_bounded_number_of_times() {
 #[tokio::test]
 async fn virtual_gateway_example_targets_the_managed_virtual_service() {
     let Some(env) = env().await else { return };
-    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .join("examples/appmesh-virtualgateway.yaml");
-    let docs = yaml_docs(&path);
-    let canary_doc = docs.iter().find(|d| d["kind"] == "Canary").expect("Canary");
+    let docs = example_in("examples/appmesh-virtualgateway.yaml", EXAMPLE_NS, env.ns());
+    let mut canary_doc = docs
+        .iter()
+        .find(|d| d["kind"] == "Canary")
+        .expect("Canary")
+        .clone();
+    canary_doc["spec"]["router"]["appMesh"]["mesh"] = json!(env.mesh);
     let canary = env
         .cluster
-        .canary(&serde_norway::to_string(canary_doc).expect("yaml"))
+        .canary(&serde_norway::to_string(&canary_doc).expect("yaml"))
         .await;
     env.router.prepare(&canary).await.expect("prepare");
     for doc in docs.iter().filter(|d| d["kind"] != "Canary") {

@@ -1,21 +1,22 @@
-//! The Gateway API router against the embedded API server with the genuine HTTPRoute CRD
-//! (standard channel v1.6.1).
+//! The Gateway API router against this run's API server (the real kube-apiserver, which
+//! evaluates the CRD's CEL rules, when `SERIN_TEST_KUBECONFIG` is set, else the in-memory
+//! one) with the genuine HTTPRoute CRD (standard channel v1.6.1). Each test has a
+//! namespace of its own.
 
 mod router_support;
+mod support;
 
-use std::path::Path;
-
-use kube::Client;
 use serde_json::{Value, json};
 use serin::api::Canary;
 use serin::arms::Weights;
 use serin::router::{HttpRouteRouter, Router, RouterError, WriteOutcome};
 
 use router_support::proxy::Proxy;
-use router_support::{Cluster, canary_yaml, traffic, workload, yaml_docs};
+use router_support::{Cluster, canary_yaml, example_in, traffic, workload, writes};
 
 const GW: &str = "gateway.networking.k8s.io/v1";
-const NS: &str = "appmesh-demo";
+/// The namespace of the example files, replaced by the test's.
+const EXAMPLE_NS: &str = "appmesh-demo";
 
 struct Env {
     cluster: Cluster,
@@ -23,12 +24,16 @@ struct Env {
     router: HttpRouteRouter,
 }
 
+impl Env {
+    /// The test's namespace.
+    fn ns(&self) -> &str {
+        &self.cluster.ns
+    }
+}
+
 async fn env() -> Option<Env> {
-    let cluster = Cluster::start().await?;
-    cluster.namespace(NS).await;
-    let proxy = Proxy::start(&cluster.server.url(), None).await;
-    let client =
-        Client::try_from(kube::Config::new(proxy.url.parse().expect("url"))).expect("client");
+    let cluster = Cluster::start("router-gateway-api").await?;
+    let (proxy, client) = cluster.proxy().await;
     Some(Env {
         cluster,
         proxy,
@@ -36,13 +41,14 @@ async fn env() -> Option<Env> {
     })
 }
 
-fn example(path: &str) -> Vec<Value> {
-    yaml_docs(&Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(path))
+/// The documents of an example file, moved into the test's namespace.
+fn example(env: &Env, path: &str) -> Vec<Value> {
+    example_in(path, EXAMPLE_NS, env.ns())
 }
 
 /// The Canary of examples/gateway-api.yaml (workload mode, colorgateway).
 async fn example_canary(env: &Env) -> Canary {
-    let doc = example("examples/gateway-api.yaml")
+    let doc = example(env, "examples/gateway-api.yaml")
         .into_iter()
         .find(|d| d["kind"] == "Canary")
         .expect("Canary");
@@ -53,14 +59,14 @@ async fn example_canary(env: &Env) -> Canary {
 
 async fn route(env: &Env, name: &str) -> Value {
     env.cluster
-        .get(GW, "HTTPRoute", NS, name)
+        .get(GW, "HTTPRoute", env.ns(), name)
         .await
         .expect("route")
 }
 
-fn http_route(rules: Value) -> Value {
+fn http_route(env: &Env, rules: Value) -> Value {
     json!({"apiVersion": GW, "kind": "HTTPRoute",
-        "metadata": {"name": "colorteller", "namespace": NS},
+        "metadata": {"name": "colorteller", "namespace": env.ns()},
         "spec": {"parentRefs": [{"name": "public-gateway", "namespace": "gateway-system"}], "rules": rules}})
 }
 
@@ -81,19 +87,11 @@ async fn traffic_canary(env: &Env, rule: Option<&str>) -> Canary {
     env.cluster
         .canary(&canary_yaml(
             "colorteller",
-            NS,
+            env.ns(),
             &traffic("colorteller-white", "colorteller-blue"),
             &router,
         ))
         .await
-}
-
-fn writes(proxy: &Proxy) -> Vec<String> {
-    proxy
-        .requests()
-        .into_iter()
-        .filter(|r| !r.starts_with("GET "))
-        .collect()
 }
 
 /// The example HTTPRoute (workload mode): the rule with both Services is shifted, the
@@ -102,7 +100,7 @@ fn writes(proxy: &Proxy) -> Vec<String> {
 #[tokio::test]
 async fn example_http_route_shifts_the_split_rule() {
     let Some(env) = env().await else { return };
-    for doc in example("examples/routing/gateway-api-httproute.yaml") {
+    for doc in example(&env, "examples/routing/gateway-api-httproute.yaml") {
         env.cluster.create(doc).await;
     }
     let before = route(&env, "colorgateway").await;
@@ -127,7 +125,7 @@ async fn example_http_route_shifts_the_split_rule() {
     assert_eq!(after["spec"], expected);
     assert_eq!(env.cluster.unknown_fields(&after), Vec::<String>::new());
 
-    let rev = env.cluster.revision();
+    let rev = after["metadata"]["resourceVersion"].clone();
     env.proxy.clear();
     assert_eq!(
         env.router
@@ -136,8 +134,11 @@ async fn example_http_route_shifts_the_split_rule() {
             .expect("again"),
         WriteOutcome::Unchanged
     );
-    assert_eq!(env.cluster.revision(), rev);
     assert_eq!(writes(&env.proxy), Vec::<String>::new());
+    assert_eq!(
+        route(&env, "colorgateway").await["metadata"]["resourceVersion"],
+        rev
+    );
 }
 
 /// Serin does not create HTTPRoutes: a missing one is NotFound with the YAML to apply, and
@@ -161,10 +162,13 @@ async fn missing_http_route_is_not_found_with_a_hint() {
 async fn default_weights_and_traffic_mode() {
     let Some(env) = env().await else { return };
     env.cluster
-        .create(http_route(json!([{"backendRefs": [
-            backend("colorteller-white", None),
-            backend("colorteller-blue", None)
-        ]}])))
+        .create(http_route(
+            &env,
+            json!([{"backendRefs": [
+                backend("colorteller-white", None),
+                backend("colorteller-blue", None)
+            ]}]),
+        ))
         .await;
     let canary = traffic_canary(&env, None).await;
     assert_eq!(
@@ -186,10 +190,13 @@ async fn default_weights_and_traffic_mode() {
 async fn named_rules_and_foreign_backends() {
     let Some(env) = env().await else { return };
     env.cluster
-        .create(http_route(json!([{"name": "main", "backendRefs": [
-            backend("colorteller-white", Some(100)),
-            {"name": "colorteller-blue", "namespace": "elsewhere", "port": 9080, "weight": 0}
-        ]}])))
+        .create(http_route(
+            &env,
+            json!([{"name": "main", "backendRefs": [
+                backend("colorteller-white", Some(100)),
+                {"name": "colorteller-blue", "namespace": "elsewhere", "port": 9080, "weight": 0}
+            ]}]),
+        ))
         .await;
     let canary = traffic_canary(&env, Some("nope")).await;
     let err = env.router.weights(&canary).await.expect_err("no such rule");
@@ -197,7 +204,7 @@ async fn named_rules_and_foreign_backends() {
         matches!(&err, RouterError::NotFound { kind: "HTTPRoute rule", name, .. } if name == "colorteller/nope"),
         "{err}"
     );
-    let api: kube::Api<Canary> = kube::Api::namespaced(env.cluster.client.clone(), NS);
+    let api: kube::Api<Canary> = kube::Api::namespaced(env.cluster.client.clone(), env.ns());
     api.delete("colorteller", &Default::default())
         .await
         .expect("delete");
@@ -207,8 +214,12 @@ async fn named_rules_and_foreign_backends() {
         .weights(&canary)
         .await
         .expect_err("foreign canary");
+    let missing = format!(
+        "colorteller-blue (namespace {}) is not among them",
+        env.ns()
+    );
     assert!(
-        matches!(&err, RouterError::Unroutable { reason, .. } if reason.contains("colorteller-blue (namespace appmesh-demo) is not among them")),
+        matches!(&err, RouterError::Unroutable { reason, .. } if reason.contains(&missing)),
         "{err}"
     );
     assert_eq!(writes(&env.proxy), Vec::<String>::new());
@@ -220,11 +231,14 @@ async fn named_rules_and_foreign_backends() {
 async fn strangers_and_hand_edits() {
     let Some(env) = env().await else { return };
     env.cluster
-        .create(http_route(json!([{"backendRefs": [
-            backend("colorteller-white", Some(70)),
-            backend("colorteller-blue", Some(30)),
-            backend("colorteller-red", Some(0))
-        ]}])))
+        .create(http_route(
+            &env,
+            json!([{"backendRefs": [
+                backend("colorteller-white", Some(70)),
+                backend("colorteller-blue", Some(30)),
+                backend("colorteller-red", Some(0))
+            ]}]),
+        ))
         .await;
     let canary = traffic_canary(&env, None).await;
     let err = env
@@ -244,7 +258,7 @@ async fn strangers_and_hand_edits() {
         "{err}"
     );
     env.cluster
-        .edit(GW, "HTTPRoute", NS, "colorteller", |o| {
+        .edit(GW, "HTTPRoute", env.ns(), "colorteller", |o| {
             o["spec"]["rules"][0]["backendRefs"][2]["weight"] = json!(10);
         })
         .await;
@@ -265,17 +279,20 @@ async fn several_rules_move_together() {
             backend("colorgateway-canary", Some(w))
         ])
     };
-    let mut r = http_route(json!([
-        {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}], "backendRefs": pair(0)},
-        {"backendRefs": pair(0)}
-    ]));
+    let mut r = http_route(
+        &env,
+        json!([
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}], "backendRefs": pair(0)},
+            {"backendRefs": pair(0)}
+        ]),
+    );
     r["metadata"]["name"] = json!("colorgateway");
     env.cluster.create(r).await;
     let canary = env
         .cluster
         .canary(&canary_yaml(
             "colorgateway",
-            NS,
+            env.ns(),
             &workload("colorgateway"),
             "  router:\n    gatewayApi:\n      httpRoute:\n        name: colorgateway",
         ))

@@ -1,22 +1,24 @@
-//! The Gloo Edge router against the embedded API server with the genuine Gloo CRDs:
-//! UpstreamGroup destinations and VirtualService/RouteTable multi destinations.
+//! The Gloo Edge router against this run's API server (the real kube-apiserver when
+//! `SERIN_TEST_KUBECONFIG` is set, else the in-memory one) with the genuine Gloo CRDs:
+//! UpstreamGroup destinations and VirtualService/RouteTable multi destinations. Each test
+//! has a namespace of its own; the Gloo objects and the Canary live there, and the
+//! discovered upstream names embed it (`<namespace>-<service>-<port>`).
 
 mod router_support;
+mod support;
 
-use std::path::Path;
-
-use kube::Client;
 use serde_json::{Value, json};
 use serin::api::Canary;
 use serin::arms::Weights;
 use serin::router::{GlooEdgeRouter, Router, RouterError, WriteOutcome};
 
 use router_support::proxy::Proxy;
-use router_support::{Cluster, canary_yaml, traffic, yaml_docs};
+use router_support::{Cluster, canary_yaml, example_in, traffic, writes};
 
 const GLOO: &str = "gloo.solo.io/v1";
 const GW: &str = "gateway.solo.io/v1";
-const NS: &str = "gloo-system";
+/// The namespace of the example files, replaced by the test's.
+const EXAMPLE_NS: &str = "gloo-system";
 
 struct Env {
     cluster: Cluster,
@@ -24,12 +26,22 @@ struct Env {
     router: GlooEdgeRouter,
 }
 
+impl Env {
+    /// The test's namespace.
+    fn ns(&self) -> &str {
+        &self.cluster.ns
+    }
+
+    /// Gloo discovery's name for the upstream of Service `service` (port 9080) in the
+    /// test's namespace.
+    fn discovered(&self, service: &str) -> String {
+        format!("{}-{service}-9080", self.ns())
+    }
+}
+
 async fn env() -> Option<Env> {
-    let cluster = Cluster::start().await?;
-    cluster.namespace(NS).await;
-    let proxy = Proxy::start(&cluster.server.url(), None).await;
-    let client =
-        Client::try_from(kube::Config::new(proxy.url.parse().expect("url"))).expect("client");
+    let cluster = Cluster::start("router-gloo").await?;
+    let (proxy, client) = cluster.proxy().await;
     Some(Env {
         cluster,
         proxy,
@@ -37,13 +49,14 @@ async fn env() -> Option<Env> {
     })
 }
 
-fn example(path: &str) -> Vec<Value> {
-    yaml_docs(&Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(path))
+/// The documents of an example file, moved into the test's namespace.
+fn example(env: &Env, path: &str) -> Vec<Value> {
+    example_in(path, EXAMPLE_NS, env.ns())
 }
 
 /// The Canary of examples/gloo-upstreamgroup.yaml.
 async fn example_canary(env: &Env) -> Canary {
-    let doc = example("examples/gloo-upstreamgroup.yaml")
+    let doc = example(env, "examples/gloo-upstreamgroup.yaml")
         .into_iter()
         .find(|d| d["kind"] == "Canary")
         .expect("Canary");
@@ -57,37 +70,29 @@ async fn canary_with(env: &Env, name: &str, gloo: &str) -> Canary {
     env.cluster
         .canary(&canary_yaml(
             name,
-            NS,
+            env.ns(),
             &traffic("colorgateway", "colorgatewayv2"),
             &router,
         ))
         .await
 }
 
-fn group(destinations: Value) -> Value {
+fn group(env: &Env, destinations: Value) -> Value {
     json!({"apiVersion": GLOO, "kind": "UpstreamGroup",
-        "metadata": {"name": "upstreamgroup-gateway", "namespace": NS},
+        "metadata": {"name": "upstreamgroup-gateway", "namespace": env.ns()},
         "spec": {"destinations": destinations}})
 }
 
-fn upstream(name: &str, weight: u32) -> Value {
-    json!({"destination": {"upstream": {"name": name, "namespace": NS}}, "weight": weight})
+fn upstream(env: &Env, name: &str, weight: u32) -> Value {
+    json!({"destination": {"upstream": {"name": name, "namespace": env.ns()}}, "weight": weight})
 }
 
 async fn destinations(env: &Env) -> Value {
     env.cluster
-        .get(GLOO, "UpstreamGroup", NS, "upstreamgroup-gateway")
+        .get(GLOO, "UpstreamGroup", env.ns(), "upstreamgroup-gateway")
         .await
         .expect("group")["spec"]["destinations"]
         .clone()
-}
-
-fn writes(proxy: &Proxy) -> Vec<String> {
-    proxy
-        .requests()
-        .into_iter()
-        .filter(|r| !r.starts_with("GET "))
-        .collect()
 }
 
 /// The seed's UpstreamGroup: upstreams discovered in another namespace are found by their
@@ -96,7 +101,7 @@ fn writes(proxy: &Proxy) -> Vec<String> {
 #[tokio::test]
 async fn upstream_group_example_shifts_weights() {
     let Some(env) = env().await else { return };
-    for doc in example("examples/routing/gloo-upstreamgroup.yaml") {
+    for doc in example(&env, "examples/routing/gloo-upstreamgroup.yaml") {
         env.cluster.create(doc).await;
     }
     let canary = example_canary(&env).await;
@@ -124,11 +129,11 @@ async fn upstream_group_example_shifts_weights() {
     );
     let group = env
         .cluster
-        .get(GLOO, "UpstreamGroup", NS, "upstreamgroup-gateway")
+        .get(GLOO, "UpstreamGroup", env.ns(), "upstreamgroup-gateway")
         .await
         .expect("group");
     assert_eq!(env.cluster.unknown_fields(&group), Vec::<String>::new());
-    let rev = env.cluster.revision();
+    let rev = group["metadata"]["resourceVersion"].clone();
     env.proxy.clear();
     assert_eq!(
         env.router
@@ -137,8 +142,15 @@ async fn upstream_group_example_shifts_weights() {
             .expect("again"),
         WriteOutcome::Unchanged
     );
-    assert_eq!(env.cluster.revision(), rev);
     assert_eq!(writes(&env.proxy), Vec::<String>::new());
+    assert_eq!(
+        json!(
+            env.cluster
+                .resource_version(GLOO, "UpstreamGroup", env.ns(), "upstreamgroup-gateway")
+                .await
+        ),
+        rev
+    );
 }
 
 /// Relative weights read back as rounded percentages (3:1 is 25%, 2:1 is 33%), and a
@@ -147,10 +159,13 @@ async fn upstream_group_example_shifts_weights() {
 async fn relative_weights_are_normalised() {
     let Some(env) = env().await else { return };
     env.cluster
-        .create(group(json!([
-            upstream("gloo-system-colorgateway-9080", 3),
-            upstream("gloo-system-colorgatewayv2-9080", 1)
-        ])))
+        .create(group(
+            &env,
+            json!([
+                upstream(&env, &env.discovered("colorgateway"), 3),
+                upstream(&env, &env.discovered("colorgatewayv2"), 1)
+            ]),
+        ))
         .await;
     let canary = canary_with(
         &env,
@@ -172,10 +187,16 @@ async fn relative_weights_are_normalised() {
         (json!(50), json!(50))
     );
     env.cluster
-        .edit(GLOO, "UpstreamGroup", NS, "upstreamgroup-gateway", |o| {
-            o["spec"]["destinations"][0]["weight"] = json!(2);
-            o["spec"]["destinations"][1]["weight"] = json!(1);
-        })
+        .edit(
+            GLOO,
+            "UpstreamGroup",
+            env.ns(),
+            "upstreamgroup-gateway",
+            |o| {
+                o["spec"]["destinations"][0]["weight"] = json!(2);
+                o["spec"]["destinations"][1]["weight"] = json!(1);
+            },
+        )
         .await;
     assert_eq!(
         env.router.weights(&canary).await.expect("weights"),
@@ -189,11 +210,14 @@ async fn relative_weights_are_normalised() {
 async fn explicit_upstreams_and_unknown_destinations() {
     let Some(env) = env().await else { return };
     env.cluster
-        .create(group(json!([
-            upstream("white", 100),
-            {"destination": {"upstream": {"name": "blue", "namespace": NS}}},
-            upstream("parked", 0)
-        ])))
+        .create(group(
+            &env,
+            json!([
+                upstream(&env, "white", 100),
+                {"destination": {"upstream": {"name": "blue", "namespace": env.ns()}}},
+                upstream(&env, "parked", 0)
+            ]),
+        ))
         .await;
     let canary = canary_with(
         &env,
@@ -214,9 +238,15 @@ async fn explicit_upstreams_and_unknown_destinations() {
     assert_eq!(d[2]["weight"], 0, "the parked destination is untouched");
 
     env.cluster
-        .edit(GLOO, "UpstreamGroup", NS, "upstreamgroup-gateway", |o| {
-            o["spec"]["destinations"][2]["weight"] = json!(5);
-        })
+        .edit(
+            GLOO,
+            "UpstreamGroup",
+            env.ns(),
+            "upstreamgroup-gateway",
+            |o| {
+                o["spec"]["destinations"][2]["weight"] = json!(5);
+            },
+        )
         .await;
     let err = env
         .router
@@ -256,24 +286,31 @@ async fn missing_and_ambiguous_upstreams() {
         "{err}"
     );
     env.cluster
-        .create(group(json!([upstream(
-            "gloo-system-colorgateway-9080",
-            100
-        )])))
+        .create(group(
+            &env,
+            json!([upstream(&env, &env.discovered("colorgateway"), 100)]),
+        ))
         .await;
     let err = env.router.prepare(&canary).await.expect_err("no canary");
+    let missing = format!("{} is not among them", env.discovered("colorgatewayv2"));
     assert!(
-        matches!(&err, RouterError::Unroutable { reason, .. } if reason.contains("gloo-system-colorgatewayv2-9080 is not among them")),
+        matches!(&err, RouterError::Unroutable { reason, .. } if reason.contains(&missing)),
         "{err}"
     );
     env.cluster
-        .edit(GLOO, "UpstreamGroup", NS, "upstreamgroup-gateway", |o| {
-            o["spec"]["destinations"] = json!([
-                upstream("a-colorgateway-9080", 50),
-                upstream("b-colorgateway-9080", 50),
-                upstream("a-colorgatewayv2-9080", 0)
-            ]);
-        })
+        .edit(
+            GLOO,
+            "UpstreamGroup",
+            env.ns(),
+            "upstreamgroup-gateway",
+            |o| {
+                o["spec"]["destinations"] = json!([
+                    upstream(&env, "a-colorgateway-9080", 50),
+                    upstream(&env, "b-colorgateway-9080", 50),
+                    upstream(&env, "a-colorgatewayv2-9080", 0)
+                ]);
+            },
+        )
         .await;
     let err = env.router.weights(&canary).await.expect_err("ambiguous");
     assert!(
@@ -288,10 +325,13 @@ async fn missing_and_ambiguous_upstreams() {
 async fn hand_edited_weights_are_reported() {
     let Some(env) = env().await else { return };
     env.cluster
-        .create(group(json!([
-            upstream("gloo-system-colorgateway-9080", 70),
-            upstream("gloo-system-colorgatewayv2-9080", 30)
-        ])))
+        .create(group(
+            &env,
+            json!([
+                upstream(&env, &env.discovered("colorgateway"), 70),
+                upstream(&env, &env.discovered("colorgatewayv2"), 30)
+            ]),
+        ))
         .await;
     let canary = canary_with(
         &env,
@@ -324,19 +364,24 @@ async fn hand_edited_weights_are_reported() {
 #[tokio::test]
 async fn virtual_service_multi_destinations() {
     let Some(env) = env().await else { return };
+    let ns = env.ns();
+    let (primary, canary) = (
+        env.discovered("colorgateway"),
+        env.discovered("colorgatewayv2"),
+    );
     let multi = |w1: u32, w2: u32| {
         json!({"destinations": [
-            {"destination": {"upstream": {"name": "gloo-system-colorgateway-9080", "namespace": NS}}, "weight": w1},
-            {"destination": {"upstream": {"name": "gloo-system-colorgatewayv2-9080", "namespace": NS}}, "weight": w2}
+            {"destination": {"upstream": {"name": primary, "namespace": ns}}, "weight": w1},
+            {"destination": {"upstream": {"name": canary, "namespace": ns}}, "weight": w2}
         ]})
     };
     let before = env
         .cluster
         .create(json!({"apiVersion": GW, "kind": "VirtualService",
-            "metadata": {"name": "colorgateway", "namespace": NS},
+            "metadata": {"name": "colorgateway", "namespace": ns},
             "spec": {"virtualHost": {"domains": ["*"], "routes": [
                 {"matchers": [{"prefix": "/", "headers": [{"name": "x-canary", "value": "always"}]}],
-                 "routeAction": {"single": {"upstream": {"name": "gloo-system-colorgatewayv2-9080", "namespace": NS}}}},
+                 "routeAction": {"single": {"upstream": {"name": canary, "namespace": ns}}}},
                 {"name": "split", "matchers": [{"prefix": "/"}], "routeAction": {"multi": multi(100, 0)}}
             ]}}}))
         .await;
@@ -353,7 +398,7 @@ async fn virtual_service_multi_destinations() {
         .expect("set");
     let after = env
         .cluster
-        .get(GW, "VirtualService", NS, "colorgateway")
+        .get(GW, "VirtualService", ns, "colorgateway")
         .await
         .expect("vs");
     let mut expected = before["spec"].clone();
@@ -369,11 +414,11 @@ async fn route_table_multi_destinations() {
     let Some(env) = env().await else { return };
     env.cluster
         .create(json!({"apiVersion": GW, "kind": "RouteTable",
-            "metadata": {"name": "colorgateway-routes", "namespace": NS},
+            "metadata": {"name": "colorgateway-routes", "namespace": env.ns()},
             "spec": {"routes": [
                 {"matchers": [{"prefix": "/api"}], "routeAction": {"multi": {"destinations": [
-                    {"destination": {"kube": {"ref": {"name": "colorgateway", "namespace": NS}, "port": 9080}}, "weight": 1},
-                    {"destination": {"kube": {"ref": {"name": "colorgatewayv2", "namespace": NS}, "port": 9080}}, "weight": 1}
+                    {"destination": {"kube": {"ref": {"name": "colorgateway", "namespace": env.ns()}, "port": 9080}}, "weight": 1},
+                    {"destination": {"kube": {"ref": {"name": "colorgatewayv2", "namespace": env.ns()}, "port": 9080}}, "weight": 1}
                 ]}}}
             ]}}))
         .await;
@@ -393,7 +438,7 @@ async fn route_table_multi_destinations() {
         .expect("set");
     let rt = env
         .cluster
-        .get(GW, "RouteTable", NS, "colorgateway-routes")
+        .get(GW, "RouteTable", env.ns(), "colorgateway-routes")
         .await
         .expect("rt");
     let d = &rt["spec"]["routes"][0]["routeAction"]["multi"]["destinations"];
@@ -404,9 +449,9 @@ async fn route_table_multi_destinations() {
     assert_eq!(env.cluster.unknown_fields(&rt), Vec::<String>::new());
 
     env.cluster
-        .edit(GW, "RouteTable", NS, "colorgateway-routes", |o| {
+        .edit(GW, "RouteTable", env.ns(), "colorgateway-routes", |o| {
             o["spec"]["routes"][0]["routeAction"] =
-                json!({"single": {"upstream": {"name": "x", "namespace": NS}}});
+                json!({"single": {"upstream": {"name": "x", "namespace": env.ns()}}});
         })
         .await;
     let err = env.router.weights(&canary).await.expect_err("no multi");

@@ -1,7 +1,9 @@
-//! Helpers of the router tests: an embedded API server with the genuine upstream CRDs (and
-//! Serin's own), Canary fixtures, a schema walk that finds fields the CRD does not know, and
-//! an HTTP proxy ([`proxy`]) that records requests, injects faults and (for moto) normalises
-//! the two App Mesh protocol differences.
+//! Helpers of the router tests: a namespace of the test's own on this run's API server
+//! (the real kube-apiserver when `SERIN_TEST_KUBECONFIG` is set, else the in-memory one;
+//! `support::cluster` chooses) with the genuine upstream CRDs and Serin's own, Canary
+//! fixtures, a schema walk that finds fields the CRD does not know, and an HTTP proxy
+//! ([`proxy`]) that records requests, injects faults and (for moto) normalises the two App
+//! Mesh protocol differences.
 #![allow(dead_code)]
 
 pub mod proxy;
@@ -11,30 +13,22 @@ use std::path::{Path, PathBuf};
 
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
-use kube_sandbox::{ApiServer, Options};
-use serde_json::{Value, json};
+use serde_json::Value;
 use serin::api::Canary;
 
-/// `../shared/upstream-crds`, or `None` (with a notice) when this clone has no shared folder.
-pub fn upstream_crds() -> Option<PathBuf> {
-    let dir =
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("../shared/upstream-crds");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "NOTICE: {} is absent; skipping this router test (it needs the upstream CRDs)",
-            dir.display()
-        );
-        None
-    }
-}
+use crate::support::cluster::{TestCluster, crd_documents, upstream_crds};
 
-/// An embedded API server with the upstream CRDs and Serin's Canary CRD.
+use proxy::Proxy;
+
+/// The test's API server and namespace, with the upstream CRDs and Serin's Canary CRD.
 pub struct Cluster {
-    pub server: ApiServer,
-    /// A client straight to the server (tests use it to arrange and inspect state).
+    /// The backend (real or in-memory) and the test's namespace.
+    pub test: TestCluster,
+    /// A client with full rights straight to the server (tests use it to arrange and
+    /// inspect state; the router under test goes through a [`Proxy`]).
     pub client: Client,
+    /// The test's namespace, already created.
+    pub ns: String,
     /// openAPIV3Schema by (apiVersion, kind).
     schemas: HashMap<(String, String), Value>,
     /// plural by (apiVersion, kind).
@@ -42,49 +36,59 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the server and registers the CRDs; `None` when the upstream CRDs are absent.
-    pub async fn start() -> Option<Cluster> {
-        let dir = upstream_crds()?;
-        let server = ApiServer::start(Options::default())
-            .await
-            .expect("start server");
-        server.load_crd_dir(&dir).expect("load upstream CRDs");
-        let serin_crds = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("crds");
-        server.load_crd_dir(&serin_crds).expect("load Serin's CRD");
-        let client = server.client().expect("client");
+    /// A fresh namespace named after `prefix` on this run's API server, with the CRDs
+    /// installed; `None` when the upstream CRDs are absent.
+    pub async fn start(prefix: &str) -> Option<Cluster> {
+        let test = TestCluster::start(prefix).await?;
+        let mut crds = crd_documents(&upstream_crds()?);
+        crds.push(
+            serde_norway::from_str(&serin::api::crd_yaml().expect("Serin's CRD"))
+                .expect("Serin's CRD YAML"),
+        );
         let mut schemas = HashMap::new();
         let mut plurals = HashMap::new();
-        for file in yaml_files(&dir).into_iter().chain(yaml_files(&serin_crds)) {
-            let text = std::fs::read_to_string(&file).expect("read CRD");
-            for doc in serde_norway::Deserializer::from_str(&text) {
-                let crd: Value = serde::Deserialize::deserialize(doc).expect("CRD YAML");
-                let group = crd["spec"]["group"].as_str().unwrap_or("").to_string();
-                let kind = crd["spec"]["names"]["kind"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
-                let plural = crd["spec"]["names"]["plural"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
-                for v in crd["spec"]["versions"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                {
-                    let api_version = format!("{group}/{}", v["name"].as_str().unwrap_or(""));
-                    let key = (api_version, kind.clone());
-                    schemas.insert(key.clone(), v["schema"]["openAPIV3Schema"].clone());
-                    plurals.insert(key, plural.clone());
-                }
+        for crd in crds {
+            let group = crd["spec"]["group"].as_str().unwrap_or("").to_string();
+            let kind = crd["spec"]["names"]["kind"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let plural = crd["spec"]["names"]["plural"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            for v in crd["spec"]["versions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
+                let api_version = format!("{group}/{}", v["name"].as_str().unwrap_or(""));
+                let key = (api_version, kind.clone());
+                schemas.insert(key.clone(), v["schema"]["openAPIV3Schema"].clone());
+                plurals.insert(key, plural.clone());
             }
         }
         Some(Cluster {
-            server,
-            client,
+            client: test.client.clone(),
+            ns: test.namespace.clone(),
+            test,
             schemas,
             plurals,
         })
+    }
+
+    /// Whether this is the real control plane.
+    pub fn is_real(&self) -> bool {
+        self.test.is_real()
+    }
+
+    /// A recording proxy to this server that forwards with the admin's credentials, and a
+    /// client for the router under test that talks plain HTTP to it, with none of its own.
+    pub async fn proxy(&self) -> (Proxy, Client) {
+        let proxy = Proxy::kube(self.client.clone()).await;
+        let client =
+            Client::try_from(kube::Config::new(proxy.url.parse().expect("url"))).expect("client");
+        (proxy, client)
     }
 
     /// The API resource of a registered kind.
@@ -111,27 +115,31 @@ impl Cluster {
         }
     }
 
-    /// Creates a namespace.
-    pub async fn namespace(&self, name: &str) {
-        let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
-        let ns = serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
-        api.create(&PostParams::default(), &ns)
-            .await
-            .expect("create namespace");
-    }
-
-    /// Creates a custom object (namespaced unless it has no namespace) and returns it as stored.
+    /// Creates a custom object (namespaced unless it has no namespace) with strict field
+    /// validation (a fixture field the CRD does not know is an error, not silently pruned)
+    /// and returns it as stored.
     pub async fn create(&self, obj: Value) -> Value {
         let av = obj["apiVersion"].as_str().expect("apiVersion");
         let kind = obj["kind"].as_str().expect("kind");
         let ns = obj["metadata"]["namespace"].as_str();
-        let dynobj: DynamicObject = serde_json::from_value(obj.clone()).expect("object");
-        let created = self
-            .api(av, kind, ns)
-            .create(&PostParams::default(), &dynobj)
+        let url = format!(
+            "{}?fieldValidation=Strict",
+            self.api(av, kind, ns).resource_url()
+        );
+        self.strict_write("POST", url, &obj)
             .await
-            .unwrap_or_else(|e| panic!("create {kind}: {e}"));
-        serde_json::to_value(created).expect("json")
+            .unwrap_or_else(|e| panic!("create {kind}: {e}"))
+    }
+
+    /// Sends `obj` with `method` to `url` and returns the object the server answers with.
+    async fn strict_write(&self, method: &str, url: String, obj: &Value) -> kube::Result<Value> {
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(obj).expect("json"))
+            .expect("request");
+        self.client.request::<Value>(req).await
     }
 
     /// Reads a custom object; `None` when it does not exist.
@@ -144,7 +152,8 @@ impl Cluster {
             .map(|o| serde_json::to_value(o).expect("json"))
     }
 
-    /// Replaces a custom object's spec (as a user with kubectl edit would).
+    /// Replaces a custom object's spec (as a user with kubectl edit would), with strict
+    /// field validation.
     pub async fn edit(
         &self,
         api_version: &str,
@@ -158,11 +167,13 @@ impl Cluster {
             .await
             .expect("object to edit");
         edit(&mut obj);
-        let dynobj: DynamicObject = serde_json::from_value(obj).expect("object");
-        self.api(api_version, kind, Some(ns))
-            .replace(name, &PostParams::default(), &dynobj)
+        let url = format!(
+            "{}/{name}?fieldValidation=Strict",
+            self.api(api_version, kind, Some(ns)).resource_url()
+        );
+        self.strict_write("PUT", url, &obj)
             .await
-            .expect("replace");
+            .unwrap_or_else(|e| panic!("replace {kind} {name}: {e}"));
     }
 
     /// Creates the Canary described by `yaml` and returns it as the server stored it.
@@ -172,7 +183,7 @@ impl Cluster {
         let api: Api<Canary> = Api::namespaced(self.client.clone(), &ns);
         api.create(&PostParams::default(), &canary)
             .await
-            .expect("create Canary")
+            .unwrap_or_else(|e| panic!("create Canary: {e}"))
     }
 
     /// Paths of fields in `obj` that its CRD's schema does not declare (ignoring
@@ -193,9 +204,22 @@ impl Cluster {
         out
     }
 
-    /// The current global resourceVersion of the server (it moves on every write).
-    pub fn revision(&self) -> u64 {
-        self.server.revision()
+    /// The resourceVersion of an object as stored now (it moves on every write to it).
+    pub async fn resource_version(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: &str,
+        name: &str,
+    ) -> String {
+        let obj = self
+            .get(api_version, kind, ns, name)
+            .await
+            .unwrap_or_else(|| panic!("{kind} {name} exists"));
+        obj["metadata"]["resourceVersion"]
+            .as_str()
+            .expect("resourceVersion")
+            .to_string()
     }
 }
 
@@ -227,20 +251,6 @@ fn walk(schema: &Value, value: &Value, path: &str, out: &mut Vec<String>) {
         }
         _ => {}
     }
-}
-
-fn yaml_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
-        let p = entry.path();
-        if p.is_dir() {
-            out.extend(yaml_files(&p));
-        } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
 }
 
 /// A Canary document: `mode` is the `targetRef:`/`backends:` block and `router` the
@@ -286,4 +296,46 @@ pub fn yaml_docs(path: &Path) -> Vec<Value> {
         .map(|d| serde::Deserialize::deserialize(d).expect("YAML document"))
         .filter(|v: &Value| !v.is_null())
         .collect()
+}
+
+/// The requests of `proxy` that are not reads (every PATCH, PUT, POST and DELETE), in order.
+pub fn writes(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .requests()
+        .into_iter()
+        .filter(|r| !r.starts_with("GET "))
+        .collect()
+}
+
+/// Moves a document (an example file's) from namespace `from` to `to`: every `namespace`
+/// field whose value is `from` (the object's own and its references') becomes `to`.
+pub fn in_namespace(doc: &mut Value, from: &str, to: &str) {
+    match doc {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                if k == "namespace" && v.as_str() == Some(from) {
+                    *v = Value::String(to.to_string());
+                } else {
+                    in_namespace(v, from, to);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| in_namespace(v, from, to)),
+        _ => {}
+    }
+}
+
+/// The documents of the example file `path` (relative to the repository), moved from
+/// namespace `from` to `to` (see [`in_namespace`]).
+pub fn example_in(path: &str, from: &str, to: &str) -> Vec<Value> {
+    let mut docs = yaml_docs(&repo_file(path));
+    for d in &mut docs {
+        in_namespace(d, from, to);
+    }
+    docs
+}
+
+/// A file of the repository.
+pub fn repo_file(path: &str) -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(path)
 }

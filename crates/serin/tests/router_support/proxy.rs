@@ -1,7 +1,13 @@
 //! An HTTP proxy on 127.0.0.1 for the router tests. It forwards every request to one
-//! upstream (the embedded API server, or moto), records `METHOD path?query` in order, can
-//! answer the next requests of a method with an injected error or run a hook before
-//! forwarding one (to simulate a concurrent writer), and can rewrite responses.
+//! upstream, records `METHOD path?query` in order, can answer the next requests of a method
+//! with an injected error or run a hook before forwarding one (to simulate a concurrent
+//! writer), and can rewrite responses.
+//!
+//! The upstream is either a Kubernetes API server reached through an authenticated
+//! `kube::Client` ([`Proxy::kube`]: the real kube-apiserver with TLS and the admin's client
+//! certificate, or the in-memory one), or a plain-HTTP base URL reached with reqwest
+//! ([`Proxy::start`], for moto). The router under test talks plain HTTP to the proxy with
+//! no credentials of its own; the proxy adds them by forwarding through the admin's client.
 //!
 //! [`normalise_moto`] is the App Mesh rewrite: moto 5.2 differs from AWS in exactly two ways
 //! that the Rust SDK notices, and the rewrite fixes only those:
@@ -17,7 +23,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::Value;
 
 type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
@@ -52,6 +58,15 @@ struct State {
     faults: VecDeque<Fault>,
 }
 
+/// Where the proxy forwards to.
+#[derive(Clone)]
+enum Upstream {
+    /// A plain-HTTP base URL (moto).
+    Http { http: reqwest::Client, base: String },
+    /// A Kubernetes API server, through a client that carries its credentials.
+    Kube(kube::Client),
+}
+
 /// A running proxy.
 pub struct Proxy {
     /// `http://127.0.0.1:PORT`.
@@ -67,16 +82,28 @@ impl Drop for Proxy {
 }
 
 impl Proxy {
-    /// Starts a proxy to `upstream` (a base URL), rewriting responses with `rewrite`.
+    /// Starts a proxy to `upstream` (a plain-HTTP base URL), rewriting responses with
+    /// `rewrite`.
     pub async fn start(upstream: &str, rewrite: Option<Rewrite>) -> Proxy {
+        let upstream = Upstream::Http {
+            http: reqwest::Client::new(),
+            base: upstream.trim_end_matches('/').to_string(),
+        };
+        Proxy::serve(upstream, rewrite).await
+    }
+
+    /// Starts a proxy to the Kubernetes API server of `client`, which adds its credentials
+    /// (TLS and the client certificate of the real server) to every forwarded request.
+    pub async fn kube(client: kube::Client) -> Proxy {
+        Proxy::serve(Upstream::Kube(client), None).await
+    }
+
+    async fn serve(upstream: Upstream, rewrite: Option<Rewrite>) -> Proxy {
         let state = Arc::new(Mutex::new(State::default()));
-        let http = reqwest::Client::new();
-        let upstream = upstream.trim_end_matches('/').to_string();
         let st = state.clone();
         let app = axum::Router::new().fallback(move |req: Request<Body>| {
-            let (st, http, upstream, rewrite) =
-                (st.clone(), http.clone(), upstream.clone(), rewrite.clone());
-            async move { forward(st, http, upstream, rewrite, req).await }
+            let (st, upstream, rewrite) = (st.clone(), upstream.clone(), rewrite.clone());
+            async move { forward(st, upstream, rewrite, req).await }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -149,8 +176,7 @@ impl Proxy {
 
 async fn forward(
     st: Arc<Mutex<State>>,
-    http: reqwest::Client,
-    upstream: String,
+    upstream: Upstream,
     rewrite: Option<Rewrite>,
     req: Request<Body>,
 ) -> Response<Body> {
@@ -189,16 +215,19 @@ async fn forward(
     for h in ["host", "content-length", "transfer-encoding", "connection"] {
         headers.remove(h);
     }
-    let resp = http
-        .request(method, format!("{upstream}{pq}"))
-        .headers(headers)
-        .body(body)
-        .send()
-        .await
-        .expect("forward to upstream");
-    let status = resp.status().as_u16();
-    let mut headers = resp.headers().clone();
-    let bytes = resp.bytes().await.unwrap_or_default();
+    let sent = match upstream {
+        Upstream::Http { http, base } => send_http(&http, &base, method, &pq, headers, body).await,
+        Upstream::Kube(client) => send_kube(&client, method, &pq, headers, body).await,
+    };
+    let (status, mut headers, bytes) = match sent {
+        Ok(answer) => answer,
+        Err(e) => {
+            return Response::builder()
+                .status(StatusCode::BAD_GATEWAY)
+                .body(Body::from(format!("the proxy could not forward {pq}: {e}")))
+                .expect("response");
+        }
+    };
     let (status, mut headers, bytes) = match &rewrite {
         Some(r) => r(status, headers, bytes),
         None => {
@@ -213,6 +242,50 @@ async fn forward(
     *out.status_mut() = StatusCode::from_u16(status).expect("status");
     *out.headers_mut() = headers;
     out
+}
+
+type Answer = (u16, HeaderMap, Bytes);
+
+async fn send_http(
+    http: &reqwest::Client,
+    base: &str,
+    method: Method,
+    pq: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Answer, String> {
+    let resp = http
+        .request(method, format!("{base}{pq}"))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+    Ok((status, headers, bytes))
+}
+
+/// Forwards through `client`: its middleware puts the request under the server's URL and
+/// adds the credentials; `send` hands back the raw response, error statuses included.
+async fn send_kube(
+    client: &kube::Client,
+    method: Method,
+    pq: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Answer, String> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(pq)
+        .body(kube::client::Body::from(body))
+        .map_err(|e| e.to_string())?;
+    *req.headers_mut() = headers;
+    let resp = client.send(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect_bytes().await.map_err(|e| e.to_string())?;
+    Ok((parts.status.as_u16(), parts.headers, bytes))
 }
 
 /// The App Mesh normalisation described in the module docs.

@@ -1,43 +1,29 @@
-//! The closed-loop harness of the end-to-end tests: the embedded API server with Serin's
-//! and the upstream CRDs, the Deployment status simulator, the traffic simulator reading
-//! the weights Serin writes, a real Prometheus scraping it, and the real `serin run`
-//! binary as a child process.
+//! The closed-loop harness of the end-to-end tests: a namespace of its own on this run's
+//! API server ([`super::cluster`]: the real control plane under `scripts/test`, else the
+//! in-memory one with its Deployment status simulator) with Serin's and the upstream CRDs,
+//! the traffic simulator reading the weights Serin writes, a real Prometheus scraping it,
+//! and the real `serin run` binary as a child process, scoped to that namespace.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::cluster::TestCluster;
 use super::{Guarded, free_port, listening, require, wait_for_blocking};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Event, Namespace};
+use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::runtime::watcher;
-use kube_sandbox::{ApiServer, Options};
 use serde_json::{Value, json};
 use serin::api::{Canary, Phase};
 use serin::demo::traffic::{Behaviour, RouterWeights, ServiceConfig, TrafficSimulator};
 use serin::router::{AppMeshKubeRouter, Routers};
 use std::time::Instant;
 
-pub const NS: &str = "e2e";
 pub const INTERVAL_SECS: u64 = 3;
-
-pub fn upstream_crds() -> Option<PathBuf> {
-    let dir =
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("../shared/upstream-crds");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "NOTICE: {} is absent (a user's clone): skipping, as these tests need the upstream App Mesh/Gloo CRDs",
-            dir.display()
-        );
-        None
-    }
-}
 
 /// A real Prometheus scraping one target every second; it can be stopped and started
 /// again on the same port and data directory (an outage).
@@ -127,17 +113,15 @@ pub struct Operator {
 }
 
 impl Operator {
-    pub fn start(kubeconfig: &Path, log: PathBuf, extra: &[&str]) -> Self {
-        Self::start_with_env(kubeconfig, log, extra, &[])
+    /// `serin run` for the test's namespace (and its leader-election Lease there), logging
+    /// to `log`.
+    pub fn start(env: &Env, log: PathBuf, extra: &[&str]) -> Self {
+        Self::start_with_env(env, log, extra, &[])
     }
 
     /// Like [`Operator::start`], with extra environment variables (AWS credentials).
-    pub fn start_with_env(
-        kubeconfig: &Path,
-        log: PathBuf,
-        extra: &[&str],
-        envs: &[(&str, &str)],
-    ) -> Self {
+    pub fn start_with_env(env: &Env, log: PathBuf, extra: &[&str], envs: &[(&str, &str)]) -> Self {
+        let kubeconfig = &env.kubeconfig;
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -148,6 +132,7 @@ impl Operator {
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--namespace", &env.ns, "--lease-namespace", &env.ns])
             .args(extra)
             .env("RUST_LOG", "info,serin=debug")
             .envs(envs.iter().copied())
@@ -176,10 +161,12 @@ impl Drop for Operator {
 }
 
 pub struct Env {
-    pub server: ApiServer,
+    /// The test's namespace on this run's API server.
+    pub cluster: TestCluster,
     pub client: kube::Client,
     pub kubeconfig: PathBuf,
-    pub dir: tempfile::TempDir,
+    /// The test's namespace.
+    pub ns: String,
     pub prometheus: ScrapingPrometheus,
     pub sim: Arc<TrafficSimulator>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -219,69 +206,54 @@ pub async fn create(client: &kube::Client, ar: &ApiResource, namespace: Option<&
 /// `cds_egress_<mesh>_<virtual node>_<namespace>_http_<port>`.
 pub fn appmesh_service(
     client: &kube::Client,
+    ns: &str,
     canary: Behaviour,
     routers: Routers,
     name: &str,
 ) -> ServiceConfig {
     ServiceConfig {
-        primary_cluster: format!("cds_egress_global_{name}-primary_{NS}_http_9898"),
-        canary_cluster: format!("cds_egress_global_{name}-canary_{NS}_http_9898"),
+        primary_cluster: format!("cds_egress_global_{name}-primary_{ns}_http_9898"),
+        canary_cluster: format!("cds_egress_global_{name}-canary_{ns}_http_9898"),
         rps: 200.0,
         primary: Behaviour::HEALTHY,
         canary: vec![(Duration::ZERO, canary)],
-        weights: Arc::new(RouterWeights::new(client.clone(), routers, NS, name)),
+        weights: Arc::new(RouterWeights::new(client.clone(), routers, ns, name)),
     }
 }
 
-pub async fn env(services: impl FnOnce(&kube::Client) -> Vec<ServiceConfig>) -> Option<Env> {
-    let crds = upstream_crds()?;
-    let server = ApiServer::start(Options::default()).await.unwrap();
-    let crd: Value = serde_norway::from_str(&serin::api::crd_yaml().unwrap()).unwrap();
-    server.apply_crd(crd).unwrap();
-    for sub in ["appmesh", "gloo", "gateway-api"] {
-        server.load_crd_dir(&crds.join(sub)).unwrap();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).unwrap();
-    let client = server.client().unwrap();
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    let sim = TrafficSimulator::new(services(&client), 11);
+/// A namespace of its own with the CRDs, the traffic simulator serving `services` (given the
+/// client and the namespace) to a scraping Prometheus, and, on the in-memory server, the
+/// Deployment status simulator. `None` when the upstream CRDs are absent.
+pub async fn env(services: impl FnOnce(&kube::Client, &str) -> Vec<ServiceConfig>) -> Option<Env> {
+    let cluster = TestCluster::start("e2e").await?;
+    let client = cluster.client.clone();
+    let ns = cluster.namespace.clone();
+    let sim = TrafficSimulator::new(services(&client, &ns), 11);
     let (addr, serve_task) = sim.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let prometheus = ScrapingPrometheus::start(&addr.to_string());
-    let tasks = vec![
-        serve_task,
-        sim.run(Duration::from_millis(100)),
-        kube_sandbox::workloads::simulate_deployments(client.clone(), Duration::from_millis(300)),
-    ];
+    let mut tasks = vec![serve_task, sim.run(Duration::from_millis(100))];
+    tasks.extend(cluster.simulate_workloads(Duration::from_millis(300)));
     Some(Env {
-        server,
+        kubeconfig: cluster.kubeconfig.clone(),
+        cluster,
         client,
-        kubeconfig,
-        dir,
+        ns,
         prometheus,
         sim,
         tasks,
     })
 }
 
-pub fn deployment(name: &str, image: &str) -> Deployment {
-    let mut d = deployment_value(name, image);
+pub fn deployment(ns: &str, name: &str, image: &str) -> Deployment {
+    let mut d = deployment_value(ns, name, image);
     d["spec"]["template"]["spec"]["containers"][0]["envFrom"] =
         json!([{"configMapRef": {"name": format!("{name}-config"), "optional": true}}]);
     serde_json::from_value(d).unwrap()
 }
 
-pub fn deployment_value(name: &str, image: &str) -> Value {
+pub fn deployment_value(ns: &str, name: &str, image: &str) -> Value {
     serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": NS},
+        "metadata": {"name": name, "namespace": ns},
         "spec": {
             "replicas": 2,
             "selector": {"matchLabels": {"app": name}},
@@ -324,11 +296,11 @@ pub async fn operator_http(op: &Operator, path: &str) -> (u16, String) {
     (code, body)
 }
 
-pub fn workload_canary(name: &str, prometheus: &str) -> Value {
+pub fn workload_canary(ns: &str, name: &str, prometheus: &str) -> Value {
     json!({
         "apiVersion": "serin.dev/v1alpha1",
         "kind": "Canary",
-        "metadata": {"name": name, "namespace": NS},
+        "metadata": {"name": name, "namespace": ns},
         "spec": {
             "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
             "service": {"port": 9898},
@@ -348,27 +320,41 @@ pub fn workload_canary(name: &str, prometheus: &str) -> Value {
     })
 }
 
-pub async fn setup_appmesh(env: &Env, name: &str) {
-    create(
-        &env.client,
+/// The Mesh `global` (cluster-scoped: shared by the tests of a run, so created once).
+pub async fn ensure_mesh(client: &kube::Client) {
+    let meshes: Api<DynamicObject> = Api::all_with(
+        client.clone(),
         &gvk("appmesh.k8s.aws", "v1beta2", "Mesh", "meshes"),
-        None,
-        json!({"apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "Mesh", "metadata": {"name": "global"},
-               "spec": {"namespaceSelector": {"matchLabels": {"mesh": "global"}}}}),
-    )
-    .await;
-    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), NS);
+    );
+    let mesh: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "appmesh.k8s.aws/v1beta2", "kind": "Mesh", "metadata": {"name": "global"},
+        "spec": {"namespaceSelector": {"matchLabels": {"mesh": "global"}}}
+    }))
+    .unwrap();
+    match meshes.create(&PostParams::default(), &mesh).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("create Mesh global: {e}"),
+    }
+}
+
+pub async fn setup_appmesh(env: &Env, name: &str) {
+    ensure_mesh(&env.client).await;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
     deployments
-        .create(&PostParams::default(), &deployment(name, "podinfo:1"))
+        .create(
+            &PostParams::default(),
+            &deployment(&env.ns, name, "podinfo:1"),
+        )
         .await
         .unwrap();
     let canaries: Api<DynamicObject> = Api::namespaced_with(
         env.client.clone(),
-        NS,
+        &env.ns,
         &gvk("serin.dev", "v1alpha1", "Canary", "canaries"),
     );
     let obj: DynamicObject =
-        serde_json::from_value(workload_canary(name, &env.prometheus.url)).unwrap();
+        serde_json::from_value(workload_canary(&env.ns, name, &env.prometheus.url)).unwrap();
     canaries.create(&PostParams::default(), &obj).await.unwrap();
 }
 
@@ -405,13 +391,15 @@ impl WeightLog {
     }
 }
 
-/// Records the weights of the VirtualRouter `name`'s first route.
+/// Records the weights of the VirtualRouter `ns/name`'s first route.
 pub fn record_weights(
     client: &kube::Client,
+    ns: &str,
     name: &str,
 ) -> (WeightLog, tokio::task::JoinHandle<()>) {
     record_weights_of(
         client,
+        ns,
         virtual_routers(),
         name,
         "/spec/routes/0/httpRoute/action/weightedTargets",
@@ -421,12 +409,13 @@ pub fn record_weights(
 /// Records the weights of object `name` of kind `ar`, from the weight list at `pointer`.
 pub fn record_weights_of(
     client: &kube::Client,
+    ns: &str,
     ar: ApiResource,
     name: &str,
     pointer: &'static str,
 ) -> (WeightLog, tokio::task::JoinHandle<()>) {
     let seen = WeightLog::default();
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &ar);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
     let name = name.to_string();
     let out = seen.clone();
     let task = tokio::spawn(async move {
@@ -451,7 +440,7 @@ pub fn record_weights_of(
 }
 
 pub async fn canary(env: &Env, name: &str) -> Canary {
-    let api: Api<Canary> = Api::namespaced(env.client.clone(), NS);
+    let api: Api<Canary> = Api::namespaced(env.client.clone(), &env.ns);
     api.get(name).await.unwrap()
 }
 
@@ -482,7 +471,8 @@ pub async fn dump(env: &Env, op: &Operator, name: &str) {
         "--- Canary\n{}",
         serde_norway::to_string(&c).unwrap_or_default()
     );
-    let vr: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), NS, &virtual_routers());
+    let vr: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), &env.ns, &virtual_routers());
     if let Ok(Some(v)) = vr.get_opt(name).await {
         eprintln!(
             "--- VirtualRouter\n{}",
@@ -499,7 +489,7 @@ pub async fn dump(env: &Env, op: &Operator, name: &str) {
 }
 
 pub async fn set_image(env: &Env, name: &str, image: &str) {
-    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), NS);
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
     let patch =
         json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": image}]}}}});
     deployments
@@ -508,16 +498,20 @@ pub async fn set_image(env: &Env, name: &str, image: &str) {
         .unwrap();
 }
 
-/// (reason, message) of the core/v1 Events about object `name`, oldest first.
+/// (reason, message) of the core/v1 Events about Canary `name`, oldest first (on the real
+/// control plane the deployment controller also reports about the Deployment of that name).
 pub async fn event_messages(env: &Env, name: &str) -> Vec<(String, String)> {
-    let api: Api<Event> = Api::namespaced(env.client.clone(), NS);
+    let api: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
     let mut list: Vec<Event> = api
         .list(&Default::default())
         .await
         .unwrap()
         .items
         .into_iter()
-        .filter(|e| e.involved_object.name.as_deref() == Some(name))
+        .filter(|e| {
+            e.involved_object.name.as_deref() == Some(name)
+                && e.involved_object.kind.as_deref() == Some("Canary")
+        })
         .collect();
     list.sort_by_key(|e| {
         e.metadata
@@ -551,16 +545,16 @@ pub async fn wait_weights(env: &Env, op: &Operator, seen: &WeightLog, len: usize
 pub async fn podinfo_env(canary: Behaviour) -> Option<(Env, WeightLog)> {
     let routers =
         |c: &kube::Client| Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
-    let mut env = env(|c| vec![appmesh_service(c, canary, routers(c), "podinfo")]).await?;
+    let mut env = env(|c, ns| vec![appmesh_service(c, ns, canary, routers(c), "podinfo")]).await?;
     setup_appmesh(&env, "podinfo").await;
-    let (weights, recorder) = record_weights(&env.client, "podinfo");
+    let (weights, recorder) = record_weights(&env.client, &env.ns, "podinfo");
     env.tasks.push(recorder);
     Some((env, weights))
 }
 
 /// Starts the operator and waits until Canary `name` is initialised (`Waiting`).
 pub async fn ready_operator(env: &Env, name: &str) -> Operator {
-    let op = Operator::start(&env.kubeconfig, env.dir.path().join("operator.log"), &[]);
+    let op = Operator::start(env, env.cluster.dir.path().join("operator.log"), &[]);
     wait_phase(env, &op, name, Phase::Waiting, Duration::from_secs(30)).await;
     op
 }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cbor;
+pub mod cluster;
 pub mod e2e;
 pub mod moto;
 pub mod prometheus;
