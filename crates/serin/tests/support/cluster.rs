@@ -23,6 +23,68 @@ use serde_json::{Value, json};
 /// The environment variable that selects the real control plane.
 pub const KUBECONFIG_ENV: &str = "SERIN_TEST_KUBECONFIG";
 
+/// The kubeconfig of a real control plane: this run's shared one when [`KUBECONFIG_ENV`] is
+/// set, else one started for this test process (the binaries from `scripts/build-kube`),
+/// which stops when the process exits. For tests that only make sense against the real
+/// server (OpenAPI for `kubectl explain`, the real CEL cost budget, garbage collection).
+pub fn real_kubeconfig() -> PathBuf {
+    if let Some(k) = std::env::var_os(KUBECONFIG_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(k);
+    }
+    static PRIVATE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PRIVATE
+        .get_or_init(|| {
+            let bin = kube_bin_dir();
+            let dir = tempfile::Builder::new()
+                .prefix("serin-test-control-plane-")
+                .tempdir()
+                .unwrap()
+                .keep();
+            // Its own runtime on its own thread, alive as long as the process: the
+            // children's pipes close when the process exits, and they stop.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                rt.block_on(async move {
+                    let cp = kube_testbed::ControlPlane::start(kube_testbed::Options {
+                        bin_dir: bin,
+                        dir,
+                        node_agent: true,
+                    })
+                    .await
+                    .expect("start a real control plane");
+                    tx.send(cp.kubeconfig.clone()).unwrap();
+                    std::future::pending::<()>().await;
+                    drop(cp);
+                });
+            });
+            rx.recv().expect("the control plane started")
+        })
+        .clone()
+}
+
+/// The control plane's binaries: `SERIN_KUBE_BIN`, else `scripts/build-kube`'s cache.
+pub fn kube_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SERIN_KUBE_BIN") {
+        return PathBuf::from(dir);
+    }
+    let out = std::process::Command::new("scripts/build-kube")
+        .current_dir(repo_root())
+        .output()
+        .expect("run scripts/build-kube");
+    assert!(
+        out.status.success(),
+        "scripts/build-kube failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// The `kubectl` built with the control plane (v1.37.2), not whatever is on PATH.
+pub fn kubectl() -> PathBuf {
+    kube_bin_dir().join("kubectl")
+}
+
 /// Which API server backs the tests of this run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -116,13 +178,22 @@ impl TestCluster {
     /// A fresh namespace named after `prefix` on this run's backend, with Serin's CRD and the
     /// upstream CRDs installed; `None` when the upstream CRDs are absent.
     pub async fn start(prefix: &str) -> Option<TestCluster> {
+        Self::start_on(backend(), prefix).await
+    }
+
+    /// Like [`TestCluster::start`], always on a real control plane ([`real_kubeconfig`]).
+    pub async fn start_real(prefix: &str) -> Option<TestCluster> {
+        Self::start_on(Backend::Real, prefix).await
+    }
+
+    async fn start_on(backend: Backend, prefix: &str) -> Option<TestCluster> {
         let upstream = upstream_crds()?;
         let mut crds = crd_documents(&upstream);
         crds.push(serde_norway::from_str(&serin::api::crd_yaml().unwrap()).unwrap());
         let dir = tempfile::tempdir().unwrap();
-        let (client, kubeconfig, embedded) = match backend() {
+        let (client, kubeconfig, embedded) = match backend {
             Backend::Real => {
-                let kubeconfig = PathBuf::from(std::env::var_os(KUBECONFIG_ENV).unwrap());
+                let kubeconfig = real_kubeconfig();
                 let client = kube_testbed::client(&kubeconfig)
                     .await
                     .expect("connect to the real control plane");
