@@ -75,7 +75,7 @@ pub struct Parts {
 /// Runs the operator until SIGTERM/Ctrl-C (returns Ok) or until leadership is lost
 /// (returns an error so the process exits non-zero and a standby takes over).
 pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::Result<()> {
-    super::check_crd(&client).await?;
+    super::check_crd(&client, args.namespace.as_deref()).await?;
     let metrics = Arc::new(Metrics::new(parts.register));
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -866,14 +866,26 @@ async fn finalize(canary: &Canary, ctx: &Context) -> Result<Requeue, Error> {
     Ok(Requeue::await_change())
 }
 
-/// Checks that the Canary CRD is installed; the error says how to install it.
-pub async fn check_crd(client: &kube::Client) -> anyhow::Result<()> {
-    let api: Api<Canary> = Api::all(client.clone());
+/// Checks that the Canary CRD is installed and that Serin may list Canaries where it will
+/// watch them (`namespace`, else cluster-wide); the error says how to fix either.
+pub async fn check_crd(client: &kube::Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    let api: Api<Canary> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let scope = match namespace {
+        Some(ns) => format!("in namespace {ns}"),
+        None => "cluster-wide".to_string(),
+    };
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
             "the Canary CRD (canaries.serin.dev) is not installed in this cluster; install it with:\n  serin crd | kubectl apply -f -\n(or kubectl apply -f crds/serin.dev_canaries.yaml)"
         ),
-        Err(e) => Err(anyhow::anyhow!("cannot list Canaries: {e}")),
+        Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
+            "Serin may not list Canaries {scope}: {}; grant it the chart's RBAC (charts/serin), or run it with --namespace for the namespace it is allowed to watch",
+            s.message
+        ),
+        Err(e) => Err(anyhow::anyhow!("cannot list Canaries {scope}: {e}")),
     }
 }

@@ -121,7 +121,7 @@ impl Operator {
 
     /// Like [`Operator::start`], with extra environment variables (AWS credentials).
     pub fn start_with_env(env: &Env, log: PathBuf, extra: &[&str], envs: &[(&str, &str)]) -> Self {
-        let kubeconfig = &env.kubeconfig;
+        let kubeconfig = &env.operator_kubeconfig;
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -164,7 +164,11 @@ pub struct Env {
     /// The test's namespace on this run's API server.
     pub cluster: TestCluster,
     pub client: kube::Client,
+    /// The admin's kubeconfig.
     pub kubeconfig: PathBuf,
+    /// Serin's: on the real control plane its chart's ServiceAccount and RBAC
+    /// ([`super::rbac`]); on the in-memory server (no authorization) the admin's.
+    pub operator_kubeconfig: PathBuf,
     /// The test's namespace.
     pub ns: String,
     pub prometheus: ScrapingPrometheus,
@@ -233,8 +237,14 @@ pub async fn env(services: impl FnOnce(&kube::Client, &str) -> Vec<ServiceConfig
     let prometheus = ScrapingPrometheus::start(&addr.to_string());
     let mut tasks = vec![serve_task, sim.run(Duration::from_millis(100))];
     tasks.extend(cluster.simulate_workloads(Duration::from_millis(300)));
+    let operator_kubeconfig = if cluster.is_real() {
+        super::rbac::operator_kubeconfig(&cluster).await
+    } else {
+        cluster.kubeconfig.clone()
+    };
     Some(Env {
         kubeconfig: cluster.kubeconfig.clone(),
+        operator_kubeconfig,
         cluster,
         client,
         ns,

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod e2e;
 pub mod moto;
 pub mod prometheus;
+pub mod rbac;
 
 use std::io::Write;
 use std::path::Path;
