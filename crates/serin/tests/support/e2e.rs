@@ -229,7 +229,21 @@ pub fn appmesh_service(
 /// client and the namespace) to a scraping Prometheus, and, on the in-memory server, the
 /// Deployment status simulator. `None` when the upstream CRDs are absent.
 pub async fn env(services: impl FnOnce(&kube::Client, &str) -> Vec<ServiceConfig>) -> Option<Env> {
-    let cluster = TestCluster::start("e2e").await?;
+    env_on(TestCluster::start("e2e").await?, services).await
+}
+
+/// [`env`], always on a real control plane (for what only a real server shows).
+pub async fn env_real(
+    prefix: &str,
+    services: impl FnOnce(&kube::Client, &str) -> Vec<ServiceConfig>,
+) -> Option<Env> {
+    env_on(TestCluster::start_real(prefix).await?, services).await
+}
+
+async fn env_on(
+    cluster: TestCluster,
+    services: impl FnOnce(&kube::Client, &str) -> Vec<ServiceConfig>,
+) -> Option<Env> {
     let client = cluster.client.clone();
     let ns = cluster.namespace.clone();
     let sim = TrafficSimulator::new(services(&client, &ns), 11);
@@ -553,9 +567,22 @@ pub async fn wait_weights(env: &Env, op: &Operator, seen: &WeightLog, len: usize
 /// `podinfo` (its canary behaving as `canary`) and its VirtualRouter's weights recorded
 /// from the beginning.
 pub async fn podinfo_env(canary: Behaviour) -> Option<(Env, WeightLog)> {
-    let routers =
-        |c: &kube::Client| Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
-    let mut env = env(|c, ns| vec![appmesh_service(c, ns, canary, routers(c), "podinfo")]).await?;
+    podinfo_setup(env(podinfo_services(canary)).await?).await
+}
+
+/// [`podinfo_env`], always on a real control plane.
+pub async fn podinfo_env_real(prefix: &str, canary: Behaviour) -> Option<(Env, WeightLog)> {
+    podinfo_setup(env_real(prefix, podinfo_services(canary)).await?).await
+}
+
+fn podinfo_services(canary: Behaviour) -> impl FnOnce(&kube::Client, &str) -> Vec<ServiceConfig> {
+    move |c, ns| {
+        let routers = Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
+        vec![appmesh_service(c, ns, canary, routers, "podinfo")]
+    }
+}
+
+async fn podinfo_setup(mut env: Env) -> Option<(Env, WeightLog)> {
     setup_appmesh(&env, "podinfo").await;
     let (weights, recorder) = record_weights(&env.client, &env.ns, "podinfo");
     env.tasks.push(recorder);
