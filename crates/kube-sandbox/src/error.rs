@@ -46,6 +46,19 @@ pub fn qualified(resource: &str, group: &str) -> String {
     }
 }
 
+/// `details` naming an object; empty `name` and `group` are left out, as the real server's
+/// `omitempty` does.
+fn object_details(group: &str, kind: &str, name: &str) -> Value {
+    let mut d = json!({"kind": kind});
+    if !name.is_empty() {
+        d["name"] = json!(name);
+    }
+    if !group.is_empty() {
+        d["group"] = json!(group);
+    }
+    d
+}
+
 impl ApiError {
     fn new(code: u16, reason: &'static str, message: String, details: Value) -> Self {
         Self {
@@ -62,7 +75,7 @@ impl ApiError {
             404,
             "NotFound",
             format!("{} \"{name}\" not found", qualified(plural, group)),
-            json!({"name": name, "group": group, "kind": plural}),
+            object_details(group, plural, name),
         )
     }
 
@@ -82,7 +95,7 @@ impl ApiError {
             409,
             "AlreadyExists",
             format!("{} \"{name}\" already exists", qualified(plural, group)),
-            json!({"name": name, "group": group, "kind": plural}),
+            object_details(group, plural, name),
         )
     }
 
@@ -95,27 +108,33 @@ impl ApiError {
                 "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
                 qualified(plural, group)
             ),
-            json!({"name": name, "group": group, "kind": plural}),
+            object_details(group, plural, name),
         )
     }
 
-    /// 409 with a custom message (server-side apply conflicts).
-    pub fn conflict_message(
-        group: &str,
-        plural: &str,
-        name: &str,
-        message: String,
-        causes: Vec<Cause>,
-    ) -> Self {
+    /// 409 with a custom message about a named object (a failed delete precondition).
+    pub fn conflict_message(group: &str, plural: &str, name: &str, message: String) -> Self {
         Self::new(
             409,
             "Conflict",
             message,
-            json!({"name": name, "group": group, "kind": plural, "causes": causes_json(&causes)}),
+            object_details(group, plural, name),
         )
     }
 
-    /// 422 `Kind.group "name" is invalid: field: message`.
+    /// 409 of a server-side apply with conflicts: the real server names no object in
+    /// `details`, only the causes.
+    pub fn apply_conflict(message: String, causes: Vec<Cause>) -> Self {
+        Self::new(
+            409,
+            "Conflict",
+            message,
+            json!({"causes": causes_json(&causes)}),
+        )
+    }
+
+    /// 422 `Kind.group "name" is invalid: field: message` (some checks name the resource
+    /// instead of the kind, as the real server does).
     pub fn invalid(group: &str, kind: &str, name: &str, causes: Vec<Cause>) -> Self {
         let rendered: Vec<String> = causes.iter().map(Cause::render).collect();
         let summary = if rendered.len() == 1 {
@@ -130,13 +149,23 @@ impl ApiError {
                 "{} \"{name}\" is invalid: {summary}",
                 qualified(kind, group)
             ),
-            json!({"name": name, "group": group, "kind": kind, "causes": causes_json(&causes)}),
+            {
+                let mut d = object_details(group, kind, name);
+                d["causes"] = causes_json(&causes);
+                d
+            },
         )
     }
 
-    /// 422 with a free-form message (e.g. a failed JSON-patch `test`).
-    pub fn unprocessable(message: String) -> Self {
-        Self::new(422, "Invalid", message, Value::Null)
+    /// 422 of a JSON patch that cannot be applied (a failed `test`, a missing path): the real
+    /// server answers with this generic message and no details.
+    pub fn patch_failed() -> Self {
+        Self::new(
+            422,
+            "Invalid",
+            "the server rejected our request due to an error in our request".to_string(),
+            Value::Null,
+        )
     }
 
     /// 400 BadRequest.
@@ -157,24 +186,57 @@ impl ApiError {
         )
     }
 
-    /// 415 UnsupportedMediaType.
-    pub fn unsupported_media_type(content_type: &str) -> Self {
+    /// 415 UnsupportedMediaType: the body is in none of the `accepted` media types.
+    pub fn unsupported_media_type(accepted: &[&str]) -> Self {
         Self::new(
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type:?})"
+                "the body of the request was in an unknown format - accepted media types include: {}",
+                accepted.join(", ")
             ),
             Value::Null,
         )
     }
 
-    /// 410 Gone: the requested resourceVersion is older than the kept history.
-    pub fn gone(rv: u64, oldest: u64) -> Self {
+    /// 415 of a PATCH of a built-in kind in an unknown patch format (the real server's bare
+    /// message).
+    pub fn unsupported_patch_type() -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            "415: Unsupported Media Type".to_string(),
+            Value::Null,
+        )
+    }
+
+    /// 410 Gone: a watch from a resourceVersion older than the kept history; `compacted` is
+    /// the newest revision whose events are gone.
+    pub fn gone(rv: u64, compacted: u64) -> Self {
         Self::new(
             410,
             "Expired",
-            format!("too old resource version: {rv} ({oldest})"),
+            format!("too old resource version: {rv} ({compacted})"),
+            Value::Null,
+        )
+    }
+
+    /// 410 Gone: a continue token older than the kept history.
+    pub fn continue_expired() -> Self {
+        Self::new(
+            410,
+            "Expired",
+            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.".to_string(),
+            Value::Null,
+        )
+    }
+
+    /// 410 Gone: a list at an exact resourceVersion older than the kept history.
+    pub fn list_expired() -> Self {
+        Self::new(
+            410,
+            "Expired",
+            "The resourceVersion for the provided list is too old.".to_string(),
             Value::Null,
         )
     }
@@ -211,7 +273,7 @@ fn causes_json(causes: &[Cause]) -> Value {
     Value::Array(
         causes
             .iter()
-            .map(|c| json!({"reason": c.reason, "message": c.render(), "field": c.field}))
+            .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
             .collect(),
     )
 }

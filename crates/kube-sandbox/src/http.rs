@@ -12,7 +12,7 @@ use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
-use super::error::ApiError;
+use super::error::{ApiError, Cause};
 use super::openapi;
 use super::patch;
 use super::protobuf;
@@ -380,7 +380,7 @@ fn write_opts(query: &Query, headers: &HeaderMap, status: bool) -> Result<WriteO
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     if body.starts_with(b"k8s\x00") {
         return protobuf::decode(body).ok_or_else(|| {
-            ApiError::unsupported_media_type("application/vnd.kubernetes.protobuf")
+            ApiError::unsupported_media_type(&["application/json", "application/yaml"])
         });
     }
     if body.is_empty() {
@@ -391,6 +391,24 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
         .map_err(|e| {
             ApiError::bad_request(format!("the body of the request could not be decoded: {e}"))
         })
+}
+
+/// Refuses a create or replace body whose `Content-Type` is neither JSON, YAML nor protobuf.
+fn check_body_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = content_type(headers);
+    if ct.is_empty()
+        || matches!(
+            ct.as_str(),
+            "application/json" | "application/yaml" | "application/vnd.kubernetes.protobuf"
+        )
+    {
+        return Ok(());
+    }
+    Err(ApiError::unsupported_media_type(&[
+        "application/json",
+        "application/yaml",
+        "application/vnd.kubernetes.protobuf",
+    ]))
 }
 
 fn written_response(
@@ -475,6 +493,7 @@ fn create(
 ) -> Result<Response, ApiError> {
     let (rt, v) = (&t.rt, t.version.as_str());
     let opts = write_opts(query, headers, false)?;
+    check_body_type(headers)?;
     let w = store.create(&rt.group, &rt.plural, v, t.ns(), parse_body(body)?, &opts)?;
     Ok(written_response(rt, v, &w.object, 201, &w.warnings))
 }
@@ -539,6 +558,7 @@ fn replace(
 ) -> Result<Response, ApiError> {
     let (rt, v) = (&t.rt, t.version.as_str());
     let opts = write_opts(query, headers, status)?;
+    check_body_type(headers)?;
     let body = parse_body(body)?;
     let w = store.write(&rt.group, &rt.plural, v, t.ns(), name, &opts, |_, _| {
         Ok(Proposal::Object(body))
@@ -561,8 +581,15 @@ fn patch_object(
     let content_type = content_type(headers);
     let force = query.get("force").is_some_and(|f| f == "true");
     if content_type.starts_with("application/apply-patch") && query.get("fieldManager").is_none() {
-        return Err(ApiError::bad_request(
-            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+        return Err(ApiError::invalid(
+            "meta.k8s.io",
+            "PatchOptions",
+            "",
+            vec![Cause {
+                reason: "FieldValueRequired",
+                field: "fieldManager".into(),
+                message: "Required value: is required for apply patch".into(),
+            }],
         ));
     }
     let w = store.write(
@@ -627,25 +654,31 @@ fn compute_patch(
         return Ok(Proposal::Object(Value::Null));
     };
     let mut obj = current.clone();
+    let json_body = || {
+        serde_json::from_slice::<Value>(body)
+            .map_err(|_| ApiError::bad_request("invalid JSON patch"))
+    };
     match content_type {
         "application/merge-patch+json" => {
-            let p = parse_body(body)?;
-            json_patch::merge(&mut obj, &p);
+            json_patch::merge(&mut obj, &json_body()?);
         }
         "application/json-patch+json" => {
-            let ops: json_patch::Patch = serde_json::from_slice(body)
+            let ops: json_patch::Patch = serde_json::from_value(json_body()?)
                 .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
-            json_patch::patch(&mut obj, &ops)
-                .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+            json_patch::patch(&mut obj, &ops).map_err(|_| ApiError::patch_failed())?;
         }
-        "application/strategic-merge-patch+json" => {
-            if rt.custom {
-                return Err(ApiError::unsupported_media_type(content_type));
-            }
-            let p = parse_body(body)?;
-            patch::strategic_merge(&mut obj, &p);
+        "application/strategic-merge-patch+json" if !rt.custom => {
+            patch::strategic_merge(&mut obj, &json_body()?);
         }
-        other => return Err(ApiError::unsupported_media_type(other)),
+        // Custom resources have no strategic merge patch; the real server lists what they take.
+        _ if rt.custom => {
+            return Err(ApiError::unsupported_media_type(&[
+                "application/json-patch+json",
+                "application/merge-patch+json",
+                "application/apply-patch+yaml",
+            ]));
+        }
+        _ => return Err(ApiError::unsupported_patch_type()),
     }
     Ok(Proposal::Object(obj))
 }
@@ -698,28 +731,54 @@ fn delete(
         dry_run,
     )?;
     let obj = present(&d.object, rt, &t.version);
+    // The real server answers 200 with the object while it waits for finalizers, and a
+    // Status once it is gone (for custom resources too). 202 is reserved for an explicit
+    // `orphanDependents: false`.
     if !d.removed {
-        return Ok(json_response(202, &obj, &[]));
-    }
-    if rt.custom {
         return Ok(json_response(200, &obj, &[]));
     }
+    let mut details = json!({"name": name, "kind": rt.plural, "uid": obj.pointer("/metadata/uid")});
+    if !rt.group.is_empty() {
+        details["group"] = json!(rt.group);
+    }
     let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-        "details": {"name": name, "group": rt.group, "kind": rt.plural, "uid": obj.pointer("/metadata/uid")}});
+        "details": details});
     Ok(json_response(200, &status, &[]))
 }
 
-fn selectors(query: &Query) -> Result<(LabelSelector, FieldSelector), ApiError> {
+fn selectors(query: &Query, t: &Target) -> Result<(LabelSelector, FieldSelector), ApiError> {
     let labels =
         LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
     let fields =
         FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+    t.rt.check_field_selector(&t.version, fields.fields())?;
     Ok((labels, fields))
 }
 
+/// Does the query select by labels or fields?
+fn has_selectors(query: &Query) -> bool {
+    ["labelSelector", "fieldSelector"]
+        .iter()
+        .any(|k| query.get(*k).is_some_and(|s| !s.is_empty()))
+}
+
+/// The selected objects and the revision they are at: the latest state, or with
+/// `resourceVersionMatch=Exact` the state at `resourceVersion`.
 fn select(store: &Store, t: &Target, query: &Query) -> Result<(Vec<Value>, u64), ApiError> {
-    let (labels, fields) = selectors(query)?;
-    let (items, rev) = store.list(&t.rt.group, &t.rt.plural, t.namespace.as_deref())?;
+    let (labels, fields) = selectors(query, t)?;
+    let exact = query
+        .get("resourceVersionMatch")
+        .is_some_and(|m| m == "Exact");
+    let (items, rev) = match query.get("resourceVersion").filter(|_| exact) {
+        Some(rv) => {
+            let rev: u64 = rv
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))?;
+            let items = store.list_at(&t.rt.group, &t.rt.plural, t.namespace.as_deref(), rev)?;
+            (items, rev)
+        }
+        None => store.list(&t.rt.group, &t.rt.plural, t.namespace.as_deref())?,
+    };
     Ok((
         items
             .into_iter()
@@ -729,6 +788,8 @@ fn select(store: &Store, t: &Target, query: &Query) -> Result<(Vec<Value>, u64),
     ))
 }
 
+/// A list in the real server's shape: items of built-in kinds carry no `apiVersion` and
+/// `kind` (only custom objects do), and a list of custom objects always has `continue`.
 fn list_object(
     rt: &ResourceType,
     version: &str,
@@ -738,10 +799,26 @@ fn list_object(
     remaining: Option<usize>,
 ) -> Value {
     let mut meta = json!({"resourceVersion": rev.to_string()});
-    if let Some(c) = cont {
-        meta["continue"] = json!(c);
-        meta["remainingItemCount"] = json!(remaining.unwrap_or(0));
+    match cont {
+        Some(c) => meta["continue"] = json!(c),
+        None if rt.custom => meta["continue"] = json!(""),
+        None => {}
     }
+    if let Some(n) = remaining {
+        meta["remainingItemCount"] = json!(n);
+    }
+    let items: Vec<Value> = items
+        .into_iter()
+        .map(|mut o| {
+            if !rt.custom
+                && let Some(m) = o.as_object_mut()
+            {
+                m.remove("apiVersion");
+                m.remove("kind");
+            }
+            o
+        })
+        .collect();
     json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(version), "metadata": meta, "items": items})
 }
 
@@ -768,14 +845,15 @@ fn list(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let (items, rev) = select(store, t, query)?;
-    let (items, cont, remaining) = paginate(items, query)?;
-    let items: Vec<Value> = items
+    let page = paginate(items, rev, store.compacted(), query)?;
+    let items: Vec<Value> = page
+        .items
         .iter()
         .map(|o| present(o, &t.rt, &t.version))
         .collect();
     if accept_table(headers) {
         let mut meta = json!({"resourceVersion": rev.to_string()});
-        if let Some(c) = &cont {
+        if let Some(c) = &page.cont {
             meta["continue"] = json!(c);
         }
         return Ok(json_response(
@@ -784,9 +862,11 @@ fn list(
             &[],
         ));
     }
+    // Like the real server, no count is given for a selection (it would count unselected objects).
+    let remaining = page.remaining.filter(|_| !has_selectors(query));
     Ok(json_response(
         200,
-        &list_object(&t.rt, &t.version, items, rev, cont, remaining),
+        &list_object(&t.rt, &t.version, items, rev, page.cont, remaining),
         &[],
     ))
 }
@@ -804,32 +884,56 @@ fn list_key(o: &Value) -> String {
     )
 }
 
-/// One page of `items` per `continue` and `limit`, with the next continue token and the count left.
-#[allow(clippy::type_complexity)]
-fn paginate(
+/// One page of a list.
+struct Page {
     items: Vec<Value>,
-    query: &Query,
-) -> Result<(Vec<Value>, Option<String>, Option<usize>), ApiError> {
-    let mut items: Vec<Value> = match query.get("continue").filter(|c| !c.is_empty()) {
+    /// The continue token of the next page.
+    cont: Option<String>,
+    /// How many items follow this page.
+    remaining: Option<usize>,
+}
+
+/// One page of `items` per `continue` and `limit`. A continue token holds the revision of the
+/// first page and the key of the last item; it expires (410) once the history no longer
+/// reaches back to that revision, as a real server's token does after etcd compaction.
+fn paginate(items: Vec<Value>, rev: u64, compacted: u64, query: &Query) -> Result<Page, ApiError> {
+    let (mut items, first_rev) = match query.get("continue").filter(|c| !c.is_empty()) {
         Some(c) => {
-            let after = unhex(c).ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
-            items.into_iter().filter(|o| list_key(o) > after).collect()
+            let token = unhex(c).ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
+            let (token_rev, after) = token
+                .split_once('\u{1}')
+                .and_then(|(r, k)| Some((r.parse::<u64>().ok()?, k.to_string())))
+                .ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
+            if token_rev < compacted {
+                return Err(ApiError::continue_expired());
+            }
+            let items = items.into_iter().filter(|o| list_key(o) > after).collect();
+            (items, token_rev)
         }
-        None => items,
+        None => (items, rev),
     };
     let limit: usize = query
         .get("limit")
         .and_then(|l| l.parse().ok())
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
-    let (cont, remaining) = if items.len() > limit {
-        let remaining = items.len() - limit;
-        items.truncate(limit);
-        (items.last().map(|o| hex(&list_key(o))), Some(remaining))
-    } else {
-        (None, None)
-    };
-    Ok((items, cont, remaining))
+    if items.len() <= limit {
+        return Ok(Page {
+            items,
+            cont: None,
+            remaining: None,
+        });
+    }
+    let remaining = items.len() - limit;
+    items.truncate(limit);
+    let cont = items
+        .last()
+        .map(|o| hex(&format!("{first_rev}\u{1}{}", list_key(o))));
+    Ok(Page {
+        items,
+        cont,
+        remaining: Some(remaining),
+    })
 }
 
 fn replicas_path(p: &str) -> String {
@@ -1015,17 +1119,26 @@ impl WatchFilter {
             return None;
         }
         let now = self.matches(&e.object);
+        let mut shown = e.object.clone();
         let kind = match (e.kind, &e.old) {
             (EventType::Modified, Some(old)) => match (self.matches(old), now) {
                 (true, true) => EventType::Modified,
-                (true, false) => EventType::Deleted,
+                (true, false) => {
+                    // The object left the selection: the real server sends the last state
+                    // that matched, at the new resourceVersion.
+                    let mut last = (**old).clone();
+                    last["metadata"]["resourceVersion"] =
+                        e.object["metadata"]["resourceVersion"].clone();
+                    shown = Arc::new(last);
+                    EventType::Deleted
+                }
                 (false, true) => EventType::Added,
                 (false, false) => return None,
             },
             (k, _) if now => k,
             _ => return None,
         };
-        let obj = present(&e.object, &self.rt, &self.version);
+        let obj = present(&shown, &self.rt, &self.version);
         let obj = if self.table {
             table::table(
                 &self.rt,
@@ -1102,7 +1215,7 @@ fn watch(app: &App, t: &Target, query: &Query, headers: &HeaderMap) -> Result<Re
 
 /// The event filter of a watch: its selectors (a named URL selects by name) and output format.
 fn watch_filter(t: &Target, query: &Query, headers: &HeaderMap) -> Result<WatchFilter, ApiError> {
-    let (labels, mut fields) = selectors(query)?;
+    let (labels, mut fields) = selectors(query, t)?;
     if let Some(name) = &t.name {
         fields = FieldSelector::parse(&format!("metadata.name={name}"))?;
     }
@@ -1180,7 +1293,7 @@ fn watch_stream(
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let gone = ApiError::gone(progress, progress + 1);
+                        let gone = ApiError::gone(progress, progress);
                         yield Ok(encode_event("ERROR", &gone.to_status()));
                         break;
                     }

@@ -194,6 +194,26 @@ pub fn validate_object(schema: &Value, obj: &Value) -> Vec<Cause> {
     errs
 }
 
+/// Validates only `.status` of a custom object, as a write to the status subresource is
+/// validated: paths in the messages start below `status` (`count in body ...`), while each
+/// cause's field is the full path (`status.count`).
+pub fn validate_status(schema: &Value, obj: &Value) -> Vec<Cause> {
+    let (Some(sub), Some(status)) = (schema.pointer("/properties/status"), obj.get("status"))
+    else {
+        return Vec::new();
+    };
+    let mut errs = Vec::new();
+    validate(sub, status, "", &mut errs);
+    for e in &mut errs {
+        e.field = if e.field.is_empty() {
+            "status".to_string()
+        } else {
+            child("status", &e.field)
+        };
+    }
+    errs
+}
+
 fn required_cause(path: &str) -> Cause {
     Cause {
         reason: "FieldValueRequired",
@@ -366,9 +386,10 @@ pub fn validate(schema: &Value, value: &Value, path: &str, errs: &mut Vec<Cause>
             errs.push(Cause {
                 reason: "FieldValueTypeInvalid",
                 field: path.to_string(),
+                // The real server prints the value's type where the value would be.
                 message: format!(
-                    "Invalid value: {}: {path} in body must be of type integer,string: {:?}",
-                    render_value(value),
+                    "Invalid value: {:?}: {path} in body must be of type integer,string: {:?}",
+                    type_name(value),
                     type_name(value)
                 ),
             });
@@ -381,8 +402,8 @@ pub fn validate(schema: &Value, value: &Value, path: &str, errs: &mut Vec<Cause>
             reason: "FieldValueTypeInvalid",
             field: path.to_string(),
             message: format!(
-                "Invalid value: {}: {path} in body must be of type {t}: {:?}",
-                render_value(value),
+                "Invalid value: {:?}: {path} in body must be of type {t}: {:?}",
+                type_name(value),
                 type_name(value)
             ),
         });

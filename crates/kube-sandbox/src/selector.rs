@@ -1,8 +1,9 @@
 //! Label and field selectors as the API server parses them from `labelSelector` and
 //! `fieldSelector` query parameters.
 //!
-//! Field selectors accept any dotted path (`metadata.name`, `status.phase`, ...), compared as
-//! strings; the real server accepts only a fixed set of fields per resource.
+//! Field selectors compare a dotted path (`metadata.name`, `status.phase`, ...) as a string;
+//! which paths a type accepts is decided by `ResourceType::check_field_selector`, after the
+//! real server's lists.
 
 use serde_json::Value;
 
@@ -207,6 +208,11 @@ impl FieldSelector {
             reqs.push((path.trim().to_string(), eq, value.trim().to_string()));
         }
         Ok(Self { reqs })
+    }
+
+    /// The fields the selector names.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.reqs.iter().map(|(path, _, _)| path.as_str())
     }
 
     /// True when every named field (rendered as a string) compares as requested.

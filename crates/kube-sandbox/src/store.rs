@@ -113,9 +113,11 @@ pub enum Propagation {
     /// Delete dependents after the owner (default for most kinds).
     #[default]
     Background,
-    /// Treated like background: dependents are removed before the call returns.
+    /// The owner gets the `foregroundDeletion` finalizer and goes when no dependent that
+    /// blocks owner deletion is left; dependents are deleted before the call returns.
     Foreground,
-    /// Leave dependents, removing the owner reference.
+    /// The owner gets the `orphan` finalizer; dependents lose their owner reference, then
+    /// the owner goes.
     Orphan,
 }
 
@@ -144,6 +146,96 @@ struct Inner {
 pub struct Store {
     inner: Mutex<Inner>,
     tx: broadcast::Sender<Arc<WatchEvent>>,
+}
+
+/// The finalizer of an object whose dependents are deleted before it (foreground deletion).
+const FOREGROUND_DELETION: &str = "foregroundDeletion";
+/// The finalizer of an object whose dependents are orphaned before it goes.
+const ORPHAN: &str = "orphan";
+
+fn finalizers(obj: &Value) -> Vec<&str> {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn owner_refs(obj: &Value) -> impl Iterator<Item = &Value> {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+fn ref_uid(owner_ref: &Value) -> Option<&str> {
+    owner_ref.get("uid").and_then(Value::as_str)
+}
+
+fn blocks(owner_ref: &Value) -> bool {
+    owner_ref.get("blockOwnerDeletion").and_then(Value::as_bool) == Some(true)
+}
+
+/// The finalizer the real server puts on a CRD being deleted until its objects are gone.
+const CRD_CLEANUP: &str = "customresourcecleanup.apiextensions.k8s.io";
+
+/// A namespace or CRD marked for deletion as the real server marks it (no grace period, no
+/// new generation): a namespace gets phase `Terminating`, a CRD the cleanup finalizer and a
+/// `Terminating` condition. `None` for other kinds.
+fn terminating(rt: &ResourceType, current: &Value) -> Option<Value> {
+    let namespace = rt.group.is_empty() && rt.plural == "namespaces";
+    let crd = rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions";
+    if !namespace && !crd {
+        return None;
+    }
+    let mut marked = current.clone();
+    let now = now_rfc3339();
+    meta_mut(&mut marked).insert("deletionTimestamp".into(), json!(now));
+    if namespace {
+        marked["status"]["phase"] = json!("Terminating");
+    } else {
+        let meta = meta_mut(&mut marked);
+        let list = meta.entry("finalizers").or_insert_with(|| json!([]));
+        if let Some(list) = list.as_array_mut() {
+            list.push(json!(CRD_CLEANUP));
+        }
+        if let Some(conditions) = marked
+            .pointer_mut("/status/conditions")
+            .and_then(Value::as_array_mut)
+        {
+            conditions.push(json!({"type": "Terminating", "status": "True", "lastTransitionTime": now,
+                "reason": "InstanceDeletionPending",
+                "message": "CustomResourceDefinition marked for deletion; CustomResource deletion will begin soon"}));
+        }
+    }
+    Some(marked)
+}
+
+/// Marks an object as being deleted, as the real server's delete does: `deletionTimestamp`,
+/// a zero grace period, and the next `generation` when the kind tracks it.
+fn mark_deleted(obj: &mut Value) {
+    let meta = meta_mut(obj);
+    meta.insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
+    meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+    if let Some(g) = meta.get("generation").and_then(Value::as_i64)
+        && g > 0
+    {
+        meta.insert("generation".into(), json!(g + 1));
+    }
+}
+
+/// Drops empty `labels`, `annotations`, `finalizers` and `ownerReferences`, which the real
+/// server does not store (they are `omitempty` in ObjectMeta).
+fn drop_empty_metadata(obj: &mut Value) {
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.retain(|k, v| {
+            !(matches!(
+                k.as_str(),
+                "labels" | "annotations" | "finalizers" | "ownerReferences"
+            ) && (v.as_object().is_some_and(Map::is_empty)
+                || v.as_array().is_some_and(Vec::is_empty)
+                || v.is_null()))
+        });
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -316,6 +408,52 @@ impl Store {
         Ok((items, inner.rev))
     }
 
+    /// The newest revision whose events the history no longer holds.
+    pub fn compacted(&self) -> u64 {
+        self.inner.lock().map(|i| i.compacted).unwrap_or(0)
+    }
+
+    /// Lists objects as they were at revision `rev` (`resourceVersionMatch=Exact`), rebuilt
+    /// from the current state and the history; 410 when the history no longer reaches back
+    /// to `rev`.
+    pub fn list_at(
+        &self,
+        group: &str,
+        plural: &str,
+        ns: Option<&str>,
+        rev: u64,
+    ) -> Result<Vec<Value>, ApiError> {
+        let inner = self.lock()?;
+        if rev < inner.compacted {
+            return Err(ApiError::list_expired());
+        }
+        let key = (group.to_string(), plural.to_string());
+        let mut objects: BTreeMap<ObjKey, Value> =
+            inner.objects.get(&key).cloned().unwrap_or_default();
+        for e in inner
+            .history
+            .iter()
+            .rev()
+            .filter(|e| e.rev > rev && e.type_key == key)
+        {
+            let okey = (e.namespace.clone(), meta_str(&e.object, "name").to_string());
+            match (&e.kind, &e.old) {
+                (EventType::Added, _) => {
+                    objects.remove(&okey);
+                }
+                (_, Some(old)) => {
+                    objects.insert(okey, (**old).clone());
+                }
+                (_, None) => {}
+            }
+        }
+        Ok(objects
+            .into_iter()
+            .filter(|((n, _), _)| ns.is_none_or(|ns| ns == n))
+            .map(|(_, v)| v)
+            .collect())
+    }
+
     /// Starts a watch: the events after `since` (or synthetic ADDED events for the current
     /// state when `since` is `None`) plus a receiver for everything later, taken atomically.
     #[allow(clippy::type_complexity)]
@@ -356,7 +494,7 @@ impl Store {
                 .unwrap_or_default(),
             Some(rv) => {
                 if rv < inner.compacted {
-                    return Err(ApiError::gone(rv, inner.compacted + 1));
+                    return Err(ApiError::gone(rv, inner.compacted));
                 }
                 inner
                     .history
@@ -462,6 +600,8 @@ impl Store {
         meta.insert("name".into(), Value::String(name.to_string()));
         let (mut obj, warnings) = self.prepare_create(inner, rt, version, ns, body, opts)?;
         let fields = patch::leaf_paths(config);
+        // The applier owns its fields through its Apply entry only.
+        meta_mut(&mut obj).remove("managedFields");
         set_managed(
             &mut obj,
             &opts.field_manager,
@@ -513,7 +653,11 @@ impl Store {
         self.commit(inner, rt, obj, EventType::Modified, Some(old))
     }
 
-    /// Deletes an object: marks it when finalizers remain, otherwise removes it and cascades.
+    /// Deletes an object. Without finalizers and with background propagation it is removed
+    /// and its dependents collected. Otherwise it gets a `deletionTimestamp` (and, for
+    /// foreground or orphan propagation, the `foregroundDeletion` or `orphan` finalizer, which
+    /// the garbage collection below removes once it has dealt with the dependents), and the
+    /// marked object is returned.
     #[allow(clippy::too_many_arguments)]
     pub fn delete(
         &self,
@@ -532,38 +676,147 @@ impl Store {
             .cloned()
             .ok_or_else(|| ApiError::not_found(group, plural, name))?;
         check_delete_precondition(group, plural, name, &current, precondition_rv)?;
-        let has_finalizers = current
-            .pointer("/metadata/finalizers")
-            .and_then(Value::as_array)
-            .is_some_and(|f| !f.is_empty());
-        if has_finalizers {
-            if current.pointer("/metadata/deletionTimestamp").is_some() || dry_run {
+        if current.pointer("/metadata/deletionTimestamp").is_some() {
+            return Ok(Deleted {
+                object: current,
+                removed: false,
+            });
+        }
+        if let Some(marked) = terminating(&rt, &current) {
+            // A namespace or CRD is marked Terminating, and its controller's work (deleting
+            // what it holds) is done before the answer, which is the marked object.
+            if dry_run {
                 return Ok(Deleted {
-                    object: current,
+                    object: marked,
                     removed: false,
                 });
             }
-            let mut marked = current.clone();
-            let meta = meta_mut(&mut marked);
-            meta.insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
-            meta.insert("deletionGracePeriodSeconds".into(), json!(0));
             let object = self.commit(&mut inner, &rt, marked, EventType::Modified, Some(current));
+            let held = finalizers(&object).iter().any(|f| *f != CRD_CLEANUP);
+            if !held {
+                self.remove(&mut inner, &rt, ns, name, None, Propagation::Background);
+            }
             return Ok(Deleted {
                 object,
                 removed: false,
             });
         }
-        if dry_run {
+        let gc_finalizer = match propagation {
+            Propagation::Background => None,
+            Propagation::Foreground => Some(FOREGROUND_DELETION),
+            Propagation::Orphan => Some(ORPHAN),
+        };
+        if finalizers(&current).is_empty() && gc_finalizer.is_none() {
+            if dry_run {
+                return Ok(Deleted {
+                    object: current,
+                    removed: true,
+                });
+            }
+            let object = self.remove(&mut inner, &rt, ns, name, None, Propagation::Background);
             return Ok(Deleted {
-                object: current,
+                object,
                 removed: true,
             });
         }
-        let object = self.remove(&mut inner, &rt, ns, name, None, propagation);
+        let mut marked = current.clone();
+        mark_deleted(&mut marked);
+        if let Some(f) = gc_finalizer {
+            let meta = meta_mut(&mut marked);
+            let list = meta.entry("finalizers").or_insert_with(|| json!([]));
+            if let Some(list) = list.as_array_mut() {
+                list.push(json!(f));
+            }
+        }
+        if dry_run {
+            return Ok(Deleted {
+                object: marked,
+                removed: false,
+            });
+        }
+        let object = self.commit(&mut inner, &rt, marked, EventType::Modified, Some(current));
+        // The garbage collector's part, done at once: the answer above is the marked object,
+        // as the real server answers before its collector acts.
+        let uid = meta_str(&object, "uid").to_string();
+        match propagation {
+            Propagation::Background => {}
+            Propagation::Orphan => {
+                self.collect_dependents(&mut inner, &uid, Propagation::Orphan);
+                self.drop_finalizer(&mut inner, &rt, ns, name, ORPHAN);
+            }
+            Propagation::Foreground => {
+                self.collect_dependents(&mut inner, &uid, Propagation::Foreground);
+                self.finish_foreground(&mut inner, &rt, ns, name);
+            }
+        }
         Ok(Deleted {
             object,
-            removed: true,
+            removed: false,
         })
+    }
+
+    /// Removes finalizer `f` from an object, which removes the object when it was the last
+    /// one of an object being deleted.
+    fn drop_finalizer(&self, inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str, f: &str) {
+        let Some(current) = inner.find(rt, ns, name).cloned() else {
+            return;
+        };
+        let mut next = current.clone();
+        let meta = meta_mut(&mut next);
+        if let Some(list) = meta.get_mut("finalizers").and_then(Value::as_array_mut) {
+            list.retain(|x| x.as_str() != Some(f));
+            if list.is_empty() {
+                meta.remove("finalizers");
+            }
+        }
+        if next == current {
+            return;
+        }
+        if finalizers(&next).is_empty() && next.pointer("/metadata/deletionTimestamp").is_some() {
+            self.remove(inner, rt, ns, name, Some(next), Propagation::Background);
+        } else {
+            self.commit(inner, rt, next, EventType::Modified, Some(current));
+        }
+    }
+
+    /// Ends the foreground deletion of an object once no dependent that blocks its deletion
+    /// (`blockOwnerDeletion: true`) is left.
+    fn finish_foreground(&self, inner: &mut Inner, rt: &ResourceType, ns: &str, name: &str) {
+        let Some(owner) = inner.find(rt, ns, name) else {
+            return;
+        };
+        if !finalizers(owner).contains(&FOREGROUND_DELETION) {
+            return;
+        }
+        let uid = meta_str(owner, "uid").to_string();
+        let blocked = inner
+            .objects
+            .values()
+            .flat_map(|m| m.values())
+            .any(|o| owner_refs(o).any(|r| ref_uid(r) == Some(&uid) && blocks(r)));
+        if !blocked {
+            self.drop_finalizer(inner, rt, ns, name, FOREGROUND_DELETION);
+        }
+    }
+
+    /// After `removed` is gone: the owners it blocked in foreground deletion may finish.
+    fn unblock_owners(&self, inner: &mut Inner, removed: &Value) {
+        let uids: Vec<String> = owner_refs(removed)
+            .filter(|r| blocks(r))
+            .filter_map(|r| ref_uid(r).map(str::to_string))
+            .collect();
+        for uid in uids {
+            let found = inner.objects.iter().find_map(|(key, objs)| {
+                objs.iter()
+                    .find(|(_, o)| meta_str(o, "uid") == uid)
+                    .map(|(okey, _)| (key.clone(), okey.clone()))
+            });
+            if let Some((key, (ons, oname))) = found
+                && let Some(t) = inner.types.get(&key).cloned()
+            {
+                self.finish_foreground(inner, &t, &ons, &oname);
+            }
+        }
     }
 
     /// Builds the object to store for a create: checks, server metadata, validation, kind defaults.
@@ -673,11 +926,14 @@ impl Store {
         last: Option<Value>,
         propagation: Propagation,
     ) -> Value {
-        let Some(current) = last.or_else(|| inner.find(rt, ns, name).cloned()) else {
+        let stored = inner.find(rt, ns, name).cloned();
+        let Some(current) = last.or_else(|| stored.clone()) else {
             return Value::Null;
         };
         let uid = meta_str(&current, "uid").to_string();
-        let removed = self.commit(inner, rt, current, EventType::Deleted, None);
+        // The DELETED event keeps the stored state as `old`: lists at an earlier revision
+        // restore it.
+        let removed = self.commit(inner, rt, current, EventType::Deleted, stored);
         if rt.group.is_empty() && rt.plural == "namespaces" {
             let keys: Vec<TypeKey> = inner.objects.keys().cloned().collect();
             for key in keys {
@@ -720,6 +976,7 @@ impl Store {
             }
         }
         self.collect_dependents(inner, &uid, propagation);
+        self.unblock_owners(inner, &removed);
         removed
     }
 
@@ -764,6 +1021,7 @@ impl Store {
                 {
                     refs.retain(|o| o.get("uid").and_then(Value::as_str) != Some(uid));
                 }
+                drop_empty_metadata(&mut updated);
                 self.commit(inner, &t, updated, EventType::Modified, Some(obj));
                 continue;
             }
@@ -774,8 +1032,7 @@ impl Store {
             if has_finalizers {
                 if obj.pointer("/metadata/deletionTimestamp").is_none() {
                     let mut marked = obj.clone();
-                    meta_mut(&mut marked)
-                        .insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
+                    mark_deleted(&mut marked);
                     self.commit(inner, &t, marked, EventType::Modified, Some(obj));
                 }
             } else {
@@ -924,6 +1181,18 @@ fn check_type_meta(rt: &ResourceType, version: &str, obj: &Value) -> Result<(), 
     if let Some(kind) = obj.get("kind").and_then(Value::as_str)
         && kind != rt.kind
     {
+        if rt.custom {
+            return Err(ApiError::invalid(
+                &rt.group,
+                kind,
+                meta_str(obj, "name"),
+                vec![Cause {
+                    reason: "FieldValueInvalid",
+                    field: "kind".into(),
+                    message: format!("Invalid value: {kind:?}: must be {}", rt.kind),
+                }],
+            ));
+        }
         return Err(ApiError::bad_request(format!(
             "the kind in the data ({kind}) does not match the expected kind ({})",
             rt.kind
@@ -952,7 +1221,6 @@ fn check_delete_precondition(
                 super::error::qualified(plural, group),
                 meta_str(current, "resourceVersion")
             ),
-            Vec::new(),
         ));
     }
     Ok(())
@@ -1065,11 +1333,48 @@ fn validate_for_storage(
     obj: &mut Value,
     opts: &WriteOpts,
 ) -> Result<Vec<String>, ApiError> {
+    if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
+        default_crd(obj);
+    }
     let warnings = validate_custom(rt, version, obj, opts)?;
     validate_meta(rt, obj)?;
+    drop_empty_metadata(obj);
+    if !rt.custom
+        && rt.group.is_empty()
+        && matches!(rt.plural.as_str(), "configmaps" | "secrets")
+        && let Some(m) = obj.as_object_mut()
+    {
+        // Empty maps are `omitempty` in the typed objects, so the real server drops them.
+        m.retain(|k, v| {
+            !(matches!(k.as_str(), "data" | "binaryData" | "stringData")
+                && v.as_object().is_some_and(Map::is_empty))
+        });
+    }
     obj["apiVersion"] = Value::String(rt.api_version(&rt.storage_version));
     obj["kind"] = Value::String(rt.kind.clone());
     Ok(warnings)
+}
+
+/// The defaults of a CustomResourceDefinition's spec: singular name, list kind, conversion.
+fn default_crd(crd: &mut Value) {
+    let Some(spec) = crd.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if let Some(names) = spec.get_mut("names").and_then(Value::as_object_mut)
+        && let Some(kind) = names
+            .get("kind")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    {
+        names
+            .entry("singular")
+            .or_insert_with(|| json!(kind.to_lowercase()));
+        names
+            .entry("listKind")
+            .or_insert_with(|| json!(format!("{kind}List")));
+    }
+    spec.entry("conversion")
+        .or_insert_with(|| json!({"strategy": "None"}));
 }
 
 /// Fills in what the server sets on a new namespace, service or CRD.
@@ -1241,7 +1546,11 @@ fn validate_custom(
             FieldValidation::Ignore => {}
         }
     }
-    let mut causes = schema::validate_object(schema, obj);
+    let mut causes = if opts.status {
+        schema::validate_status(schema, obj)
+    } else {
+        schema::validate_object(schema, obj)
+    };
     if causes.is_empty() {
         causes = schema::validate_cel(schema, obj);
     }
@@ -1425,9 +1734,9 @@ fn apply_config(
     let fields = patch::leaf_paths(&config);
     let manager = opts.field_manager.as_str();
     let others = managers(current);
-    let conflicts = apply_conflicts(current, &config, &fields, manager, &others);
+    let conflicts = apply_conflicts(current, &config, &fields, manager);
     if !conflicts.is_empty() && !force {
-        return Err(apply_conflict_error(rt, current, &conflicts));
+        return Err(apply_conflict_error(&conflicts));
     }
     let mut merged = current.clone();
     remove_unapplied(&mut merged, &others, manager, &fields);
@@ -1460,54 +1769,95 @@ fn scope_apply_config(rt: &ResourceType, config: &Value, opts: &WriteOpts) -> Va
     config
 }
 
-/// The applied fields that would change a value owned by another manager, with that manager.
+/// The applied fields that would change a value owned by another manager: each with that
+/// manager as conflict messages name it, sorted by manager and path, as the real server does.
 fn apply_conflicts(
     current: &Value,
     config: &Value,
     fields: &BTreeSet<FieldPath>,
     manager: &str,
-    others: &[(String, String, BTreeSet<FieldPath>)],
 ) -> Vec<(String, FieldPath)> {
-    let mut conflicts: Vec<(String, FieldPath)> = Vec::new();
+    let entries: Vec<(String, BTreeSet<FieldPath>)> = current
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.get("manager").and_then(Value::as_str) != Some(manager))
+        .map(|e| {
+            let owned = e
+                .get("fieldsV1")
+                .map(patch::from_fields_v1)
+                .unwrap_or_default();
+            (manager_label(e), owned)
+        })
+        .collect();
+    let mut conflicts: BTreeSet<(String, FieldPath)> = BTreeSet::new();
     for path in fields {
-        if patch::get_path(current, path) == patch::get_path(config, path) {
+        let applied = patch::get_path(config, path);
+        // An empty map sets nothing, so it cannot conflict.
+        if applied
+            .and_then(Value::as_object)
+            .is_some_and(Map::is_empty)
+            || patch::get_path(current, path) == applied
+        {
             continue;
         }
-        for (m, _, owned) in others.iter().filter(|(m, _, _)| m != manager) {
+        for (label, owned) in &entries {
             if owned.iter().any(|o| patch::overlaps(o, path)) {
-                conflicts.push((m.clone(), path.clone()));
+                conflicts.insert((label.clone(), path.clone()));
             }
         }
     }
-    conflicts
+    conflicts.into_iter().collect()
 }
 
-/// The 409 answer to an apply with conflicts and without `force`.
-fn apply_conflict_error(
-    rt: &ResourceType,
-    current: &Value,
-    conflicts: &[(String, FieldPath)],
-) -> ApiError {
-    let name = meta_str(current, "name");
+/// A field manager as conflict messages print it: `"name"`, plus `with subresource "status"`,
+/// plus `using API_VERSION` for an Update manager.
+fn manager_label(entry: &Value) -> String {
+    let field = |k: &str| entry.get(k).and_then(Value::as_str).unwrap_or("");
+    let mut label = format!("{:?}", field("manager"));
+    if !field("subresource").is_empty() {
+        label.push_str(&format!(" with subresource {:?}", field("subresource")));
+    }
+    if field("operation") == "Update" {
+        label.push_str(&format!(" using {}", field("apiVersion")));
+    }
+    label
+}
+
+/// The 409 answer to an apply with conflicts and without `force`, worded as the real server's.
+fn apply_conflict_error(conflicts: &[(String, FieldPath)]) -> ApiError {
     let causes: Vec<Cause> = conflicts
         .iter()
         .map(|(m, p)| Cause {
             reason: "FieldManagerConflict",
             field: patch::render_path(p),
-            message: format!("conflict with \"{m}\""),
+            message: format!("conflict with {m}"),
         })
         .collect();
-    let lines: Vec<String> = conflicts
-        .iter()
-        .map(|(m, p)| format!("- {}: conflict with \"{m}\"", patch::render_path(p)))
-        .collect();
-    let message = format!(
-        "Apply failed with {} conflict{}: {}",
-        conflicts.len(),
-        if conflicts.len() == 1 { "" } else { "s" },
-        lines.join("\n")
-    );
-    ApiError::conflict_message(&rt.group, &rt.plural, name, message, causes)
+    let message = match conflicts {
+        [(m, p)] => format!(
+            "Apply failed with 1 conflict: conflict with {m}: {}",
+            patch::render_path(p)
+        ),
+        _ => {
+            let mut lines = Vec::new();
+            let mut last: Option<&str> = None;
+            for (m, p) in conflicts {
+                if last != Some(m.as_str()) {
+                    lines.push(format!("conflicts with {m}:"));
+                    last = Some(m.as_str());
+                }
+                lines.push(format!("- {}", patch::render_path(p)));
+            }
+            format!(
+                "Apply failed with {} conflicts: {}",
+                conflicts.len(),
+                lines.join("\n")
+            )
+        }
+    };
+    ApiError::apply_conflict(message, causes)
 }
 
 /// Removes the fields the manager applied before but no longer applies and nobody else owns.
@@ -1561,6 +1911,7 @@ fn prepare_update(
     let name = check_update_target(rt, old, &new, apply_fields.is_some())?;
     let mut new = merge_status(rt, version, old, new, opts);
     carry_server_metadata(old, &name, &mut new);
+    check_no_new_finalizers(rt, old, &new, &name)?;
     let warnings = validate_for_storage(rt, version, &mut new, opts)?;
     if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
         refresh_crd_status(old, &mut new)?;
@@ -1574,13 +1925,49 @@ fn prepare_update(
         if unchanged(&new, old) && managers(&new) == managers(old) {
             return Ok((None, warnings));
         }
-    } else if !opts.field_manager.is_empty() {
-        record_update_fields(rt, version, old, &mut new, opts);
-    }
-    if unchanged(&new, old) {
-        return Ok((None, warnings));
+    } else {
+        if !opts.field_manager.is_empty() {
+            record_update_fields(rt, version, old, &mut new, opts);
+        }
+        if unchanged(&new, old) {
+            return Ok((None, warnings));
+        }
     }
     Ok((Some(new), warnings))
+}
+
+/// Rejects finalizers added to an object that is being deleted.
+fn check_no_new_finalizers(
+    rt: &ResourceType,
+    old: &Value,
+    new: &Value,
+    name: &str,
+) -> Result<(), ApiError> {
+    if old.pointer("/metadata/deletionTimestamp").is_none() {
+        return Ok(());
+    }
+    let before = finalizers(old);
+    let added: Vec<String> = finalizers(new)
+        .into_iter()
+        .filter(|f| !before.contains(f))
+        .map(|f| format!("{f:?}"))
+        .collect();
+    if added.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        &rt.group,
+        &rt.kind,
+        name,
+        vec![Cause {
+            reason: "FieldValueForbidden",
+            field: "metadata.finalizers".into(),
+            message: format!(
+                "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{{}}}",
+                added.join(", ")
+            ),
+        }],
+    ))
 }
 
 /// Checks an update's name and resourceVersion against the stored object; returns the name.
@@ -1603,14 +1990,15 @@ fn check_update_target(
             return Err(ApiError::conflict(&rt.group, &rt.plural, &name));
         }
     } else if rt.custom && !applied {
+        // This check names the resource, not the kind, on the real server.
         return Err(ApiError::invalid(
             &rt.group,
-            &rt.kind,
+            &rt.plural,
             &name,
             vec![Cause {
                 reason: "FieldValueInvalid",
                 field: "metadata.resourceVersion".into(),
-                message: "Invalid value: 0x0: must be specified for an update".into(),
+                message: "Invalid value: 0: must be specified for an update".into(),
             }],
         ));
     }

@@ -32,6 +32,8 @@ pub struct VersionInfo {
     pub status: bool,
     /// Scale subresource declared for this version.
     pub scale: Option<ScalePaths>,
+    /// The CRD's `selectableFields` (paths without the leading dot).
+    pub selectable_fields: Vec<String>,
 }
 
 /// A resource type (group + plural) with everything needed to serve it.
@@ -65,6 +67,91 @@ impl ResourceType {
     /// Looks up a served version.
     pub fn version(&self, name: &str) -> Option<&VersionInfo> {
         self.versions.iter().find(|v| v.name == name)
+    }
+
+    /// Checks that a field selector names only fields this type can select on, as the real
+    /// server's lists allow them, with its wording for a refusal.
+    pub fn check_field_selector<'a>(
+        &self,
+        version: &str,
+        fields: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ApiError> {
+        const META: &[&str] = &["metadata.name", "metadata.namespace"];
+        const INVOLVED: &[&str] = &[
+            "kind",
+            "namespace",
+            "name",
+            "uid",
+            "apiVersion",
+            "resourceVersion",
+            "fieldPath",
+        ];
+        // Kinds with their own field-label conversion answer `field label not supported`;
+        // the others list what they accept.
+        let (extra, own_conversion): (Vec<String>, bool) =
+            match (self.group.as_str(), self.plural.as_str()) {
+                _ if self.custom => (
+                    self.version(version)
+                        .map(|v| v.selectable_fields.clone())
+                        .unwrap_or_default(),
+                    true,
+                ),
+                ("", "pods") => (
+                    [
+                        "spec.nodeName",
+                        "spec.restartPolicy",
+                        "spec.schedulerName",
+                        "spec.serviceAccountName",
+                        "spec.hostNetwork",
+                        "status.phase",
+                        "status.podIP",
+                        "status.podIPs",
+                        "status.nominatedNodeName",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    true,
+                ),
+                ("", "secrets") => (vec!["type".into()], true),
+                ("", "services") => (vec!["spec.clusterIP".into(), "spec.type".into()], true),
+                ("", "namespaces") => (vec!["status.phase".into()], true),
+                ("", "events") => (
+                    INVOLVED
+                        .iter()
+                        .map(|f| format!("involvedObject.{f}"))
+                        .chain(["reason", "reportingComponent", "source", "type"].map(String::from))
+                        .collect(),
+                    true,
+                ),
+                ("events.k8s.io", "events") => (
+                    INVOLVED
+                        .iter()
+                        .map(|f| format!("regarding.{f}"))
+                        .chain(["reason", "reportingController", "type"].map(String::from))
+                        .collect(),
+                    true,
+                ),
+                ("apps", "replicasets") => (vec!["status.replicas".into()], false),
+                _ => (Vec::new(), false),
+            };
+        for field in fields {
+            let meta = if self.plural == "namespaces" && self.group.is_empty() {
+                field == "metadata.name"
+            } else {
+                META.contains(&field)
+            };
+            if meta || extra.iter().any(|e| e == field) {
+                continue;
+            }
+            return Err(ApiError::bad_request(if own_conversion {
+                format!("field label not supported: {field}")
+            } else {
+                format!(
+                    "{field:?} is not a known field selector: only \"metadata.name\", \"metadata.namespace\""
+                )
+            }));
+        }
+        Ok(())
     }
 
     /// `apiVersion` string for a version.
@@ -142,6 +229,7 @@ fn builtin(
             printer_columns: Vec::new(),
             status,
             scale,
+            selectable_fields: Vec::new(),
         }],
         storage_version: version.to_string(),
         custom: false,
@@ -363,6 +451,14 @@ pub fn from_crd(crd: &Value) -> Result<ResourceType, ApiError> {
                 .unwrap_or_default(),
             status: sub.and_then(|s| s.get("status")).is_some(),
             scale,
+            selectable_fields: v
+                .get("selectableFields")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.get("jsonPath").and_then(Value::as_str))
+                .map(|p| p.trim_start_matches('.').to_string())
+                .collect(),
         });
     }
     if storage.len() != 1 {

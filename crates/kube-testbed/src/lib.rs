@@ -47,6 +47,7 @@ pub struct ControlPlane {
     pub pki: certs::Pki,
     /// The working directory.
     pub dir: PathBuf,
+    etcd_url: String,
     children: Vec<Guarded>,
     agent: Option<tokio::task::JoinHandle<()>>,
 }
@@ -122,9 +123,16 @@ impl ControlPlane {
             audit_log,
             pki,
             dir,
+            etcd_url: format!("http://127.0.0.1:{etcd_port}"),
             children,
             agent,
         })
+    }
+
+    /// etcd's client URL, `http://127.0.0.1:PORT` (plain HTTP; it also serves the JSON gateway
+    /// under `/v3/`), for tests that compact etcd or read it directly.
+    pub fn etcd_url(&self) -> &str {
+        &self.etcd_url
     }
 
     /// An admin client.
