@@ -324,15 +324,16 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 /// A child process that is killed when this value is dropped, and also when this process
-/// exits without dropping it: a small shell waits for its standard input to close, then
-/// kills the program.
-struct Guarded {
+/// exits without dropping it (a panicking test, a server kept in a `static`, SIGKILL): a
+/// small shell waits for its standard input to close, then kills the program.
+pub struct Guarded {
     shell: Child,
     stdin: Option<ChildStdin>,
 }
 
 impl Guarded {
-    fn spawn(program: &str, args: &[String], log: &Path) -> anyhow::Result<Guarded> {
+    /// Starts `program args...`, with its output written to `log`.
+    pub fn spawn(program: &str, args: &[String], log: &Path) -> anyhow::Result<Guarded> {
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
@@ -354,7 +355,7 @@ impl Guarded {
 
 impl Guarded {
     /// Whether the program (its shell) has ended.
-    fn exited(&mut self) -> bool {
+    pub fn exited(&mut self) -> bool {
         matches!(self.shell.try_wait(), Ok(Some(_)))
     }
 }

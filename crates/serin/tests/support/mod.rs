@@ -13,9 +13,7 @@ pub mod moto;
 pub mod prometheus;
 pub mod rbac;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
@@ -78,49 +76,17 @@ pub fn listening(port: u16) -> bool {
     .is_ok()
 }
 
-/// A child process that is killed when this value is dropped, and also when the test
-/// process exits without dropping it (a shared server in a `static`): a small shell waits
-/// for its standard input to close, then kills the program.
-pub struct Guarded {
-    shell: Child,
-    stdin: Option<ChildStdin>,
-}
+/// A child process that dies with the test: [`kube_testbed::Guarded`], panicking when the
+/// program cannot start (it is one the tests need and `scripts/install-deps` installs).
+pub struct Guarded(#[allow(dead_code)] kube_testbed::Guarded);
 
 impl Guarded {
-    /// Starts `program args...`, with its output appended to `log`.
+    /// Starts `program args...`, with its output written to `log`.
     pub fn spawn(program: &str, args: &[String], log: &Path) -> Guarded {
-        let out = std::fs::File::create(log).expect("create the log file");
-        let err = out.try_clone().expect("clone the log file handle");
-        let mut shell = Command::new("sh")
-            .arg("-c")
-            .arg(r#""$@" & pid=$!; read _ignored; kill $pid 2>/dev/null; wait $pid"#)
-            .arg("sh")
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
-        let stdin = shell.stdin.take();
-        Guarded { shell, stdin }
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
-            let _ = stdin.write_all(b"\n");
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.shell.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.shell.kill();
-        let _ = self.shell.wait();
+        Guarded(
+            kube_testbed::Guarded::spawn(program, args, log)
+                .unwrap_or_else(|e| panic!("cannot start {program}: {e:#}")),
+        )
     }
 }
 
