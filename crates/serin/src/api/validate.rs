@@ -360,6 +360,10 @@ fn check_analysis(a: &AnalysisSpec, p: &mut Vec<Problem>) {
     }
 }
 
+/// The longest duration Serin accepts anywhere (an analysis interval of a day is already
+/// beyond any canary's patience); longer ones would overflow time arithmetic.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 fn check_duration(field: &str, d: &kube::core::Duration, p: &mut Vec<Problem>) {
     let std: std::time::Duration = (*d).into();
     if d.is_negative() || std < std::time::Duration::from_secs(1) {
@@ -367,6 +371,12 @@ fn check_duration(field: &str, d: &kube::core::Duration, p: &mut Vec<Problem>) {
             field,
             "is shorter than one second",
             "write a positive duration such as 30s, 1m or 2m30s",
+        ));
+    } else if std > MAX_DURATION {
+        p.push(Problem::new(
+            field,
+            format!("is {}s, longer than the 24h Serin allows", std.as_secs()),
+            "write a duration of at most 24h, such as 1m or 10m",
         ));
     }
 }

@@ -151,6 +151,11 @@ pub enum Error {
     /// An object could not be serialized.
     #[error("serialize: {0}")]
     Serialize(String),
+    /// The reconcile panicked: a bug in Serin, contained to this Canary.
+    #[error(
+        "Serin hit an internal error on this Canary ({0}); other Canaries are unaffected. Please report it with the Canary's spec"
+    )]
+    Panicked(String),
 }
 
 impl Error {
@@ -163,12 +168,14 @@ impl Error {
             Error::Router(e) => e.category(),
             Error::StatusConflict(_) => "StatusConflict",
             Error::Serialize(_) => "Serialize",
+            Error::Panicked(_) => "ReconcilePanicked",
         }
     }
 
     fn needs_user(&self) -> bool {
         match self {
-            Error::TargetNotFound(_) => true,
+            // Retried at the slower pace, and shown on the Canary as Ready=False.
+            Error::TargetNotFound(_) | Error::Panicked(_) => true,
             Error::Router(e) => e.needs_user(),
             _ => false,
         }
@@ -360,7 +367,7 @@ async fn reconcile(
         namespace = %canary.namespace().unwrap_or_default(),
         name = %canary.name_any()
     );
-    let result = reconcile_canary(canary, &ctx).instrument(span).await;
+    let result = contain_panic(reconcile_canary(canary, &ctx).instrument(span)).await;
     ctx.metrics.reconcile_took(started.elapsed().as_secs_f64());
     if let Err(e) = &result
         && e.needs_user()
@@ -368,6 +375,27 @@ async fn reconcile(
         report_blocked(canary, &ctx, e).await;
     }
     result
+}
+
+/// Runs one reconcile so that a panic in it (a bug, or input nothing anticipated) fails
+/// only this Canary's reconcile, as an error, instead of unwinding into kube-runtime and
+/// taking every other Canary down with the process. Needs `panic = "unwind"` (the default;
+/// the release profile must keep it).
+async fn contain_panic(
+    reconcile: impl Future<Output = Result<Requeue, Error>>,
+) -> Result<Requeue, Error> {
+    use futures::FutureExt as _;
+    match std::panic::AssertUnwindSafe(reconcile).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_string());
+            Err(Error::Panicked(message))
+        }
+    }
 }
 
 /// An object the watch could not parse as a Canary: one Warning Event per version.
@@ -887,5 +915,35 @@ pub async fn check_crd(client: &kube::Client, namespace: Option<&str>) -> anyhow
             s.message
         ),
         Err(e) => Err(anyhow::anyhow!("cannot list Canaries {scope}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reconcile that panics becomes this Canary's error (shown to the user, retried
+    /// slowly); the process and every other reconcile go on.
+    #[tokio::test]
+    async fn a_panicking_reconcile_is_contained() {
+        let panicking = async {
+            if true {
+                panic!("index {} out of bounds", 3);
+            }
+            Ok(Requeue::await_change())
+        };
+        let err = contain_panic(panicking).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Panicked(ref m) if m.contains("index 3 out of bounds")),
+            "{err}"
+        );
+        assert_eq!(err.category(), "ReconcilePanicked");
+        assert!(err.needs_user());
+        // The next reconcile runs normally.
+        assert!(
+            contain_panic(async { Ok(Requeue::await_change()) })
+                .await
+                .is_ok()
+        );
     }
 }

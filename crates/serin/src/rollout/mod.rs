@@ -110,7 +110,8 @@ pub fn next_check_at(spec: &CanarySpec, status: &CanaryStatus) -> Option<DateTim
         Some(c) if c.time > started => c.time,
         _ => started,
     };
-    let due = anchor + interval;
+    // Checked: a spec that slipped past validation must not panic the operator.
+    let due = anchor.checked_add_signed(interval)?;
     let uses_cloudwatch = spec
         .analysis
         .metrics

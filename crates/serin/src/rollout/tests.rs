@@ -865,3 +865,25 @@ proptest! {
         }
     }
 }
+
+/// An interval too long for time arithmetic (3,000,000,000 hours) is refused by validation
+/// with the field and the limit, and a spec that slipped past validation gets no check time
+/// instead of a panic inside reconcile.
+#[test]
+fn absurd_interval_is_refused_and_never_panics() {
+    let s = spec(&TRAFFIC.replace("interval: 30s", "interval: 3000000000h"));
+    let problems = api::validate(&s);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.to_string().contains("spec.analysis.interval")
+                && p.to_string().contains("24h")),
+        "{problems:?}"
+    );
+    let status = CanaryStatus {
+        phase: Phase::Progressing,
+        step_started_at: Some(t0()),
+        ..Default::default()
+    };
+    assert_eq!(next_check_at(&s, &status), None);
+}
