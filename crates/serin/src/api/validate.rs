@@ -386,9 +386,28 @@ fn check_metric(f: &str, m: &MetricSpec, a: &AnalysisSpec, p: &mut Vec<Problem>)
     check_provider(f, m, p);
     if let Some(w) = &m.window {
         check_duration(&format!("{f}.window"), w, p);
+        check_window(f, w, a, p);
     }
     check_source(f, m, a, p);
     check_bounds(f, m, p);
+}
+
+/// A window no longer than the step interval: a longer one reaches back into the traffic of
+/// the previous step (another weight, or before the canary got any).
+fn check_window(f: &str, w: &kube::core::Duration, a: &AnalysisSpec, p: &mut Vec<Problem>) {
+    let (window, interval): (std::time::Duration, std::time::Duration) =
+        ((*w).into(), a.interval.into());
+    if !w.is_negative() && !a.interval.is_negative() && window > interval {
+        p.push(Problem::new(
+            format!("{f}.window"),
+            format!(
+                "is {}s, longer than analysis.interval ({}s): each check would also judge the previous step's traffic",
+                window.as_secs(),
+                interval.as_secs()
+            ),
+            "make window at most analysis.interval, or leave it out (it defaults to the interval)",
+        ));
+    }
 }
 
 /// Exactly one provider, with a usable address or region.
