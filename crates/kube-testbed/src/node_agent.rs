@@ -11,6 +11,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use serde_json::json;
 
@@ -24,7 +25,8 @@ pub async fn run(client: kube::Client) {
     }
     let pods: Api<Pod> = Api::all(client.clone());
     let next_ip = AtomicU32::new(0);
-    let mut events = std::pin::pin!(watcher::watcher(pods, watcher::Config::default()));
+    let mut events =
+        std::pin::pin!(watcher::watcher(pods, watcher::Config::default()).default_backoff());
     while let Some(event) = events.next().await {
         let pod = match event {
             Ok(Event::Apply(p) | Event::InitApply(p)) => p,

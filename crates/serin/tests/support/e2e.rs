@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::{Value, json};
 use serin::api::{Canary, Phase};
 use serin::demo::traffic::{Behaviour, RouterWeights, ServiceConfig, TrafficSimulator};
@@ -443,8 +443,15 @@ pub fn record_weights_of(
     let name = name.to_string();
     let out = seen.clone();
     let task = tokio::spawn(async move {
-        let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
-        while let Some(Ok(ev)) = stream.next().await {
+        // A watch error (the real server may refuse the first list while a CRD is fresh)
+        // must not end the recording: the watcher retries with backoff.
+        let mut stream = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = stream.next().await {
+            let Ok(ev) = ev else {
+                continue;
+            };
             let objs = match ev {
                 watcher::Event::Apply(o) | watcher::Event::InitApply(o) => vec![o],
                 _ => vec![],
