@@ -1,6 +1,7 @@
-//! A Canary whose weights live outside Kubernetes (App Mesh through the AWS API, moto
-//! here) holds a finalizer: deleting it mid-rollout makes the real operator restore all
-//! traffic to the primary before the Canary goes away.
+//! Traffic mode with weights outside Kubernetes (App Mesh through the AWS API, moto here):
+//! the Canary holds Serin's finalizer (as every Canary does), and deleting it mid-rollout
+//! with the default `deletionPolicy: Revert` makes the real operator move all traffic to the
+//! primary before the Canary goes away. (Workload-mode deletion: real_cluster.rs.)
 
 mod router_support;
 mod support;

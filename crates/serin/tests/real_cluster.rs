@@ -1,7 +1,8 @@
 //! What only a real server shows: `kubectl explain` from the OpenAPI the real kube-apiserver
 //! publishes for Serin's CRD, `kubectl wait` on Serin's conditions, the real CEL cost budget
-//! and rule messages (set side by side with the in-memory server's), and what the real
-//! garbage collector removes when a workload-mode Canary is deleted.
+//! and rule messages (set side by side with the in-memory server's), and what deleting a
+//! workload-mode Canary leaves, with the real garbage collector and endpoint controllers,
+//! while requests are routed through the Services and the mesh.
 //!
 //! Every test runs on a real control plane (`TestCluster::start_real`) whatever the run's
 //! backend, each in a namespace of its own. The closed-loop tests put `support::e2e`'s parts
@@ -13,6 +14,8 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -789,98 +792,148 @@ async fn ready_endpoints(client: &kube::Client, ns: &str, svc: &str) -> usize {
         .count()
 }
 
-/// Whether the garbage collector is done: nothing recorded is owned by the deleted Canary,
-/// and no EndpointSlice is left of a Service that is gone.
-async fn collected(client: &kube::Client, ns: &str, uid: &str) -> Option<BTreeMap<String, String>> {
-    let now = inventory(client, ns, uid).await;
-    let owned_left = now.values().any(|v| v.starts_with("owned by the Canary"));
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    let mut orphan_slices = false;
-    for s in slices.list(&ListParams::default()).await.unwrap() {
-        let owner = s
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.kind == "Service");
-        if let Some(o) = owner
-            && services
-                .get_opt(&o.name)
-                .await
-                .unwrap()
-                .is_none_or(|svc| svc.metadata.uid.as_deref() != Some(o.uid.as_str()))
-        {
-            orphan_slices = true;
-        }
+/// One client "request" routed as the data plane would route it: through Service `podinfo`
+/// (the name plain clients use: it must have ready endpoints) and through the mesh
+/// (VirtualService `podinfo` → its VirtualRouter → every VirtualNode the route gives weight →
+/// that node's DNS hostname, a Service with ready endpoints). `Err` says which hop failed.
+async fn route_request(client: &kube::Client, ns: &str) -> Result<(), String> {
+    if ready_endpoints(client, ns, "podinfo").await == 0 {
+        return Err("Service podinfo has no ready endpoints".into());
     }
-    (!owned_left && !orphan_slices).then_some(now)
+    let get = |ar: ApiResource, name: String| {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+        async move {
+            api.get_opt(&name)
+                .await
+                .map_err(|e| format!("get {}: {e}", ar.kind))?
+                .map(|o| serde_json::to_value(o).unwrap())
+                .ok_or(format!("{} {name} is gone", ar.kind))
+        }
+    };
+    let kinds: BTreeMap<&str, ApiResource> = recorded_kinds().into_iter().collect();
+    let vs = get(kinds["VirtualService"].clone(), "podinfo".into()).await?;
+    let vr_name = vs
+        .pointer("/spec/provider/virtualRouter/virtualRouterRef/name")
+        .and_then(Value::as_str)
+        .ok_or("VirtualService podinfo has no virtual router")?;
+    let vr = get(kinds["VirtualRouter"].clone(), vr_name.into()).await?;
+    let targets = vr
+        .pointer("/spec/routes/0/httpRoute/action/weightedTargets")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut served = 0;
+    for t in targets.iter().filter(|t| t["weight"].as_i64() > Some(0)) {
+        let node = t["virtualNodeRef"]["name"].as_str().unwrap_or_default();
+        let vn = get(kinds["VirtualNode"].clone(), node.into()).await?;
+        let host = vn
+            .pointer("/spec/serviceDiscovery/dns/hostname")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let svc = host.split('.').next().unwrap_or_default();
+        if ready_endpoints(client, ns, svc).await == 0 {
+            return Err(format!(
+                "VirtualNode {node} (weight {}) resolves to Service {svc}, which has no ready endpoints",
+                t["weight"]
+            ));
+        }
+        served += 1;
+    }
+    if served == 0 {
+        return Err(format!(
+            "VirtualRouter {vr_name} gives no target any weight"
+        ));
+    }
+    Ok(())
 }
 
-/// Deletes Canary `podinfo` (as `kubectl delete` does: background propagation, and the
-/// App Mesh router sets no finalizer), waits until the garbage collector is done, prints
-/// what was removed and returns (before, after).
-async fn delete_and_collect(
+/// A client sending "requests" ([`route_request`]) every 50 ms until stopped; returns how
+/// many it sent and the failures.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Traffic {
+    fn start(client: &kube::Client, ns: &str) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (client, ns, flag) = (client.clone(), ns.to_string(), stop.clone());
+        let task = tokio::spawn(async move {
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !flag.load(Ordering::SeqCst) {
+                sent += 1;
+                if let Err(e) = route_request(&client, &ns).await {
+                    failed.push(e);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (sent, failed)
+        });
+        Traffic { stop, task }
+    }
+
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap()
+    }
+}
+
+/// Deletes Canary `podinfo` as `kubectl delete` does (background propagation) while
+/// [`Traffic`] flows, waits until the Canary is gone and the namespace is settled, prints what
+/// changed, and returns (before, after). Asserts that every request was routed to ready
+/// pods before, during and after the deletion.
+async fn delete_with_traffic(
     env: &Env,
     op: &Operator,
 ) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let api: Api<Canary> = Api::namespaced(env.client.clone(), &env.ns);
     let c = api.get("podinfo").await.unwrap();
-    assert!(
-        c.metadata.finalizers.iter().flatten().next().is_none(),
-        "{:?}",
-        c.metadata.finalizers
+    assert_eq!(
+        c.metadata.finalizers.clone().unwrap_or_default(),
+        vec![serin::controller::FINALIZER.to_string()],
+        "every Canary Serin acts on carries its finalizer"
     );
     let uid = c.metadata.uid.clone().unwrap();
-    // Before: the user-facing Service serves (its endpoints are the primary's pods).
     wait_for(
-        "ready endpoints behind Service podinfo",
+        "requests to be routed to ready pods",
         Duration::from_secs(60),
-        || async { (ready_endpoints(&env.client, &env.ns, "podinfo").await > 0).then_some(()) },
+        || async { route_request(&env.client, &env.ns).await.ok() },
     )
     .await;
     let before = inventory(&env.client, &env.ns, &uid).await;
+    let traffic = Traffic::start(&env.client, &env.ns);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     api.delete("podinfo", &DeleteParams::default())
         .await
         .unwrap();
-    wait_for("Canary podinfo to be gone", Duration::from_secs(30), || {
-        let api = api.clone();
-        async move {
-            api.get_opt("podinfo")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        }
-    })
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut after = loop {
-        if let Some(now) = collected(&env.client, &env.ns, &uid).await {
-            break now;
-        }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while api.get_opt("podinfo").await.unwrap().is_some() {
         if Instant::now() > deadline {
             dump(env, op, "podinfo").await;
-            panic!(
-                "the garbage collector did not finish in 60s: {:#?}",
-                inventory(&env.client, &env.ns, &uid).await
-            );
+            panic!("Canary podinfo was not deleted within 120s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    // A second look a moment later, to show the state is settled (nothing recreates what
-    // was removed — the operator is still running); a short sleep is the only way to
-    // observe an absence.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let again = collected(&env.client, &env.ns, &uid)
-        .await
-        .expect("still collected");
-    assert_eq!(
-        again, after,
-        "the state changed after the garbage collector finished"
-    );
-    after = again;
+    }
+    // Give the garbage collector and the endpoint controller time to act on whatever the
+    // deletion left (an absence can only be observed by waiting), while requests still flow.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (sent, failed) = traffic.stop().await;
+    let after = inventory(&env.client, &env.ns, &uid).await;
     print_table(&before, &after);
+    eprintln!(
+        "requests during the deletion: {sent}, failed: {}",
+        failed.len()
+    );
+    // At least one request a second over the deletion and the settling time after it.
+    assert!(sent >= 10, "only {sent} requests were sent");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} requests failed during the deletion, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let again = inventory(&env.client, &env.ns, &uid).await;
+    assert_eq!(again, after, "the state changed after the deletion settled");
     (before, after)
 }
 
@@ -919,19 +972,7 @@ const OWNED: [&str; 7] = [
     "VirtualService/podinfo",
 ];
 
-/// Deleting the workload Canary mid-rollout (canary at 20%): today the real garbage
-/// collector removes everything Serin created — `podinfo-primary`, the three Services and
-/// the mesh objects — so Service `podinfo` has no endpoints left, while the target keeps
-/// running the canary image at full size.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_a_canary_mid_rollout_today() {
-    let Some((env, weights)) = podinfo_env_real("delete-mid", Behaviour::HEALTHY).await else {
-        return;
-    };
-    let op = ready_operator(&env, "podinfo").await;
-    set_image(&env, "podinfo", "podinfo:2").await;
-    wait_weights(&env, &op, &weights, 2).await; // (80, 20)
-    let (before, after) = delete_and_collect(&env, &op).await;
+fn assert_owned(before: &BTreeMap<String, String>) {
     for k in OWNED {
         assert!(
             before
@@ -940,37 +981,68 @@ async fn deleting_a_canary_mid_rollout_today() {
             "{k}: {before:#?}"
         );
     }
+}
+
+/// What stays after a `Revert` deletion: the target serves all traffic through the same
+/// names, which are no longer owned by the Canary; `podinfo-primary` is gone.
+fn reverted(image: &str) -> BTreeMap<String, String> {
+    map(&[
+        (
+            "Deployment/podinfo",
+            &format!("not owned, replicas=2, image={image}"),
+        ),
+        ("Service/podinfo", "not owned"),
+        ("Service/podinfo-canary", "not owned"),
+        ("Service/podinfo-primary", "not owned"),
+        ("VirtualNode/podinfo-canary", "not owned"),
+        ("VirtualNode/podinfo-primary", "not owned"),
+        ("VirtualRouter/podinfo", "not owned, weights 0/100"),
+        ("VirtualService/podinfo", "not owned"),
+        ("ready endpoints of Service podinfo", "2"),
+    ])
+}
+
+/// Deleting the workload Canary mid-rollout (canary at 20% or 50%), deletionPolicy Revert
+/// (the default): the target, which runs the unanalysed podinfo:2, is scaled back up, then
+/// Service `podinfo` and the route move to it, then `podinfo-primary` goes; no request fails
+/// at any point, and an Event says that an unanalysed revision now serves.
+/// Before the finalizer, the garbage collector removed `podinfo-primary`, the Services and
+/// the mesh objects: Service `podinfo` was left with 0 endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_canary_mid_rollout_reverts_to_the_target_without_dropping_a_request() {
+    let Some((env, weights)) = podinfo_env_real("delete-mid", Behaviour::HEALTHY).await else {
+        return;
+    };
+    let op = ready_operator(&env, "podinfo").await;
+    set_image(&env, "podinfo", "podinfo:2").await;
+    wait_weights(&env, &op, &weights, 2).await; // (80, 20)
+    let (before, after) = delete_with_traffic(&env, &op).await;
+    assert_owned(&before);
     assert_eq!(
         before.get("Deployment/podinfo-primary").map(String::as_str),
         Some("owned by the Canary, replicas=2, image=podinfo:1")
     );
-    // The rollout moves on while this looks (one step per analysis interval).
-    let vr = before.get("VirtualRouter/podinfo").map(String::as_str);
-    assert!(
-        matches!(
-            vr,
-            Some("owned by the Canary, weights 80/20" | "owned by the Canary, weights 50/50")
-        ),
-        "{vr:?}"
-    );
     assert_eq!(
         after,
-        map(&[
-            (
-                "Deployment/podinfo",
-                "not owned, replicas=2, image=podinfo:2"
-            ),
-            ("ready endpoints of Service podinfo", "0"),
-        ]),
-        "what is left after deleting the Canary mid-rollout changed"
+        reverted("podinfo:2"),
+        "what is left after a mid-rollout Revert"
     );
+    let reasons: Vec<String> = event_messages(&env, "podinfo")
+        .await
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    for r in ["UnanalysedRevisionServing", "Reverted"] {
+        assert!(reasons.iter().any(|x| x == r), "no {r} Event: {reasons:?}");
+    }
 }
 
-/// Deleting the workload Canary after a promotion: today the real garbage collector removes
-/// `podinfo-primary` (which runs the promoted version), the three Services and the mesh
-/// objects, and the target stays scaled to 0 — nothing runs or serves the app any more.
+/// Deleting the workload Canary after a promotion (the target is at 0 replicas and
+/// `podinfo-primary` runs the promoted podinfo:2): the target is scaled back up to 2 and
+/// serves everything through the same names; no request fails. Before the finalizer,
+/// nothing ran or served the app any more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_a_canary_after_promotion_today() {
+async fn deleting_a_promoted_canary_reverts_to_the_target_without_dropping_a_request() {
     let Some((env, _weights)) = podinfo_env_real("delete-done", Behaviour::HEALTHY).await else {
         return;
     };
@@ -984,32 +1056,62 @@ async fn deleting_a_canary_after_promotion_today() {
         Duration::from_secs(120),
     )
     .await;
-    let (before, after) = delete_and_collect(&env, &op).await;
-    for k in OWNED {
-        assert!(
-            before
-                .get(k)
-                .is_some_and(|v| v.starts_with("owned by the Canary")),
-            "{k}: {before:#?}"
-        );
-    }
-    assert_eq!(
-        before.get("Deployment/podinfo-primary").map(String::as_str),
-        Some("owned by the Canary, replicas=2, image=podinfo:2")
-    );
+    let (before, after) = delete_with_traffic(&env, &op).await;
+    assert_owned(&before);
     assert_eq!(
         before.get("Deployment/podinfo").map(String::as_str),
         Some("not owned, replicas=0, image=podinfo:2")
     );
-    assert_eq!(
-        after,
-        map(&[
-            (
-                "Deployment/podinfo",
-                "not owned, replicas=0, image=podinfo:2"
-            ),
-            ("ready endpoints of Service podinfo", "0"),
-        ]),
-        "what is left after deleting a promoted Canary changed"
+    assert_eq!(after, reverted("podinfo:2"), "what is left after a Revert");
+    let reasons: Vec<String> = event_messages(&env, "podinfo")
+        .await
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    assert!(reasons.iter().any(|x| x == "Reverted"), "{reasons:?}");
+    assert!(
+        !reasons.iter().any(|x| x == "UnanalysedRevisionServing"),
+        "the promoted revision was analysed: {reasons:?}"
+    );
+}
+
+/// deletionPolicy Orphan mid-rollout: everything Serin created stays, serving as it was
+/// (the weights where the rollout left them), released from the Canary; no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_orphan_canary_leaves_everything_serving() {
+    let Some((env, weights)) = podinfo_env_real("delete-orphan", Behaviour::HEALTHY).await else {
+        return;
+    };
+    let api: Api<Canary> = Api::namespaced(env.client.clone(), &env.ns);
+    api.patch(
+        "podinfo",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"spec": {"deletionPolicy": "Orphan"}})),
+    )
+    .await
+    .unwrap();
+    let op = ready_operator(&env, "podinfo").await;
+    set_image(&env, "podinfo", "podinfo:2").await;
+    wait_weights(&env, &op, &weights, 2).await; // (80, 20)
+    let (before, after) = delete_with_traffic(&env, &op).await;
+    assert_owned(&before);
+    // Exactly what was there, only released (the rollout may have moved on one step
+    // before the deletion: compare with the weights as they were at the deletion).
+    let released: BTreeMap<String, String> = before
+        .iter()
+        .map(|(k, v)| (k.clone(), v.replace("owned by the Canary", "not owned")))
+        .collect();
+    let mut after_weights = after.clone();
+    let mut before_weights = released.clone();
+    after_weights.remove("VirtualRouter/podinfo");
+    before_weights.remove("VirtualRouter/podinfo");
+    assert_eq!(after_weights, before_weights, "Orphan changed something");
+    let vr = after.get("VirtualRouter/podinfo").map(String::as_str);
+    assert!(
+        matches!(
+            vr,
+            Some("not owned, weights 80/20" | "not owned, weights 50/50")
+        ),
+        "{vr:?}"
     );
 }

@@ -241,7 +241,6 @@ async fn update_keeps_the_rest_of_the_route() {
         WriteOutcome::Unchanged
     );
     assert_eq!(env.proxy.requests(), vec![format!("GET {path}")]);
-    assert!(env.router.needs_finalizer());
 }
 
 /// One SDK client per (region, endpoint, role): Canaries that share them share a client.
@@ -290,11 +289,11 @@ async fn missing_route_or_mesh_is_not_found() {
     let err = env.router.prepare(&c).await.expect_err("no mesh");
     assert!(matches!(err, RouterError::NotFound { .. }), "{err}");
     assert_eq!(env.proxy.requests_of("PUT"), Vec::<String>::new());
-    // finalize has nothing to restore on a route that is gone.
-    env.router
-        .finalize(&c)
+    // A deletion finds nothing to restore on a route that is gone, and says so.
+    let err = serin::router::move_all(&env.router, &c, Weights::STABLE)
         .await
-        .expect("finalize of a missing route");
+        .expect_err("restore on a missing route");
+    assert!(matches!(err, RouterError::NotFound { .. }), "{err}");
 }
 
 /// Three targets, or a canary that is not among them: Unroutable, no UpdateRoute.
@@ -329,8 +328,8 @@ async fn wrong_targets_are_unroutable() {
     assert_eq!(env.proxy.requests_of("PUT"), Vec::<String>::new());
 }
 
-/// Weights changed outside Serin are reported and left; finalize restores 100% primary
-/// whatever is there.
+/// Weights changed outside Serin are reported and left; the deletion's restore moves all
+/// traffic to the primary whatever is there.
 #[tokio::test]
 async fn hand_edits_are_reported_and_finalize_restores_the_primary() {
     let env = env("mesh-edits").await;
@@ -353,7 +352,9 @@ async fn hand_edits_are_reported_and_finalize_restores_the_primary() {
         "{err}"
     );
     assert_eq!(env.proxy.requests_of("PUT"), Vec::<String>::new());
-    env.router.finalize(&c).await.expect("finalize");
+    serin::router::move_all(&env.router, &c, Weights::STABLE)
+        .await
+        .expect("restore");
     assert_eq!(
         described(&env).await,
         route_spec(&[("colorteller-white", 100), ("colorteller-blue", 0)])

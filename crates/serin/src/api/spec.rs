@@ -71,7 +71,44 @@ pub struct CanarySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub history_limit: Option<u32>,
+
+    /// What deleting this Canary does. Serin holds a finalizer until the service is whole
+    /// without it. `Revert` (default): workload mode scales the target Deployment back up,
+    /// waits until it is ready, points the user-facing Service and the route at it, then
+    /// deletes `<target>-primary`; the Services and routing objects are kept, no longer
+    /// owned by the Canary. Traffic mode moves all traffic to `backends.primary`. A target
+    /// whose revision failed analysis is never put back: the primary keeps serving, as with
+    /// `Orphan`. `Orphan`: leave everything Serin created in place and serving, no longer
+    /// owned by the Canary, and the weights where they are.
+    #[serde(default, skip_serializing_if = "DeletionPolicy::is_default")]
+    pub deletion_policy: DeletionPolicy,
+
+    /// How long a Deployment may take to become ready before Serin gives up on it: a canary
+    /// that is not ready by then fails the rollout, and a target that is not ready by then
+    /// during a `Revert` deletion leaves the primary serving (as `Orphan`). Between 10s and
+    /// 24h. Default 10m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<Duration>,
 }
+
+/// What deleting a Canary does to the service (see `spec.deletionPolicy`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeletionPolicy {
+    /// Put the service back as the user declared it, reached through the same names.
+    #[default]
+    Revert,
+    /// Leave everything Serin created in place and serving, released from the Canary.
+    Orphan,
+}
+
+impl DeletionPolicy {
+    fn is_default(&self) -> bool {
+        *self == DeletionPolicy::Revert
+    }
+}
+
+/// Default `spec.progressDeadline`: ten minutes.
+pub const DEFAULT_PROGRESS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -89,6 +126,13 @@ impl CanarySpec {
     /// True in traffic mode (`spec.backends`), false in workload mode (`spec.targetRef`).
     pub fn is_traffic_mode(&self) -> bool {
         self.backends.is_some()
+    }
+
+    /// `spec.progressDeadline`, or its default.
+    pub fn progress_deadline(&self) -> std::time::Duration {
+        self.progress_deadline
+            .map(std::time::Duration::from)
+            .unwrap_or(DEFAULT_PROGRESS_DEADLINE)
     }
 
     /// The number of history entries to keep.

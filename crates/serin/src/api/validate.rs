@@ -63,6 +63,23 @@ pub fn validate(spec: &CanarySpec) -> Vec<Problem> {
     check_router(spec, &mut p);
     check_steps(&spec.steps, &mut p);
     check_analysis(&spec.analysis, &mut p);
+    if let Some(d) = &spec.progress_deadline {
+        check_duration("spec.progressDeadline", d, &mut p);
+        let std: std::time::Duration = (*d).into();
+        if !d.is_negative()
+            && std >= std::time::Duration::from_secs(1)
+            && std < MIN_PROGRESS_DEADLINE
+        {
+            p.push(Problem::new(
+                "spec.progressDeadline",
+                format!(
+                    "is {}s, shorter than the 10s a Deployment needs to start",
+                    std.as_secs()
+                ),
+                "write at least 10s, for example 5m or 10m (the default)",
+            ));
+        }
+    }
     if let Some(limit) = spec.history_limit
         && !(1..=100).contains(&limit)
     {
@@ -363,6 +380,9 @@ fn check_analysis(a: &AnalysisSpec, p: &mut Vec<Problem>) {
 /// The longest duration Serin accepts anywhere (an analysis interval of a day is already
 /// beyond any canary's patience); longer ones would overflow time arithmetic.
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// The shortest `spec.progressDeadline`: less would fail any real Deployment.
+const MIN_PROGRESS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn check_duration(field: &str, d: &kube::core::Duration, p: &mut Vec<Problem>) {
     let std: std::time::Duration = (*d).into();

@@ -18,6 +18,7 @@
 //! or timer per Canary outside the controller's own queue.
 
 pub mod cli;
+pub mod deletion;
 pub mod leader;
 pub mod sources;
 pub mod telemetry;
@@ -55,7 +56,8 @@ use telemetry::Metrics;
 
 /// Annotation through which operators send commands: `<promote|abort|retry>/<id>`.
 pub const COMMAND_ANNOTATION: &str = "serin.dev/command";
-/// Finalizer for Canaries whose router keeps state outside Kubernetes.
+/// Finalizer on every Canary Serin acts on: deleting one first makes the service whole
+/// without Serin (see [`deletion`]).
 pub const FINALIZER: &str = "serin.dev/restore-traffic";
 /// How often an idle Canary is looked at without a watch event.
 const RESYNC: Duration = Duration::from_secs(600);
@@ -443,7 +445,7 @@ async fn report_unparsable(ctx: &Context, invalid: &kube::core::error_boundary::
 /// before returned.
 async fn reconcile_canary(canary: &Canary, ctx: &Context) -> Result<Requeue, Error> {
     if canary.metadata.deletion_timestamp.is_some() {
-        return finalize(canary, ctx).await;
+        return deletion::finalize(canary, ctx).await;
     }
     let now = Utc::now();
     let observed = observe(canary, ctx, now).await?;
@@ -606,6 +608,16 @@ async fn act(observed: &Observed<'_>, ctx: &Context, decision: Decision) -> Resu
         // An invalid Canary is never acted on; its decision holds only Events.
         return Ok(Applied(decision));
     };
+    if !observed.canary.finalizers().iter().any(|f| f == FINALIZER) {
+        // Before Serin creates or changes anything, so that deleting the Canary always
+        // restores the service first. The next reconcile (woken by this write) goes on.
+        add_finalizer(observed.canary, ctx).await?;
+        return Ok(Applied(Decision {
+            status: observed.status.clone(),
+            actions: Vec::new(),
+            requeue_after: Some(Duration::from_secs(1)),
+        }));
+    }
     if observed.needs_prepare {
         prepare(observed, ctx, router).await?;
     }
@@ -643,13 +655,10 @@ async fn act(observed: &Observed<'_>, ctx: &Context, decision: Decision) -> Resu
     Ok(Applied(decision))
 }
 
-/// Creates or adopts what the Canary routes through: the finalizer when the router keeps
-/// state outside Kubernetes, the Services in front of the workload, the routing objects.
+/// Creates or adopts what the Canary routes through: the Services in front of the workload
+/// and the routing objects.
 async fn prepare(observed: &Observed<'_>, ctx: &Context, router: &dyn Router) -> Result<(), Error> {
     let canary = observed.canary;
-    if router.needs_finalizer() && !canary.finalizers().iter().any(|f| f == FINALIZER) {
-        add_finalizer(canary, ctx).await?;
-    }
     if let Some(target) = &observed.workloads.target {
         let services: Api<Service> =
             Api::namespaced(ctx.client.clone(), &canary.namespace().unwrap_or_default());
@@ -872,26 +881,6 @@ async fn set_finalizers(
         source,
     })?;
     Ok(())
-}
-
-/// A Canary being deleted: restore all traffic to the primary where that state lives
-/// outside Kubernetes, then release the finalizer.
-async fn finalize(canary: &Canary, ctx: &Context) -> Result<Requeue, Error> {
-    let ns = canary.namespace().unwrap_or_default();
-    if canary.finalizers().iter().any(|f| f == FINALIZER) {
-        if let Ok(router) = ctx.routers.for_canary(canary) {
-            router.finalize(canary).await?;
-        }
-        let rest = canary
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
-        set_finalizers(canary, ctx, rest, "remove finalizer from").await?;
-    }
-    ctx.metrics.forget(&ns, &canary.name_any());
-    Ok(Requeue::await_change())
 }
 
 /// Checks that the Canary CRD is installed and that Serin may list Canaries where it will

@@ -607,6 +607,10 @@ impl Demo {
             }
             tokio::time::sleep(POLL).await;
         };
+        if !timed_out {
+            self.await_result_event(&canary, started, view, &traffic)
+                .await?;
+        }
         let status = canary.status.clone().unwrap_or_default();
         let entry = status.history.first().filter(|h| h.finished_at >= started);
         let log: Vec<(DateTime<Utc>, Weights)> = self
@@ -638,6 +642,34 @@ impl Demo {
 }
 
 impl Demo {
+    /// Serin publishes a rollout's Events just after it records the status: shows the
+    /// Event that ends the rollout (its history entry's reason) before the scenario ends.
+    async fn await_result_event(
+        &self,
+        canary: &Canary,
+        started: DateTime<Utc>,
+        view: &mut View,
+        traffic: &Traffic,
+    ) -> anyhow::Result<()> {
+        let Some(reason) = canary
+            .status
+            .as_ref()
+            .and_then(|s| s.history.first())
+            .filter(|h| h.finished_at >= started)
+            .map(|h| h.reason.clone())
+        else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.events().await.iter().any(|e| e.reason == reason) {
+                self.observe(view, Some(traffic)).await?;
+                return Ok(());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(())
+    }
     /// Initialises the Canary, then runs each scenario in turn.
     async fn play(&self, scenarios: &[Scenario], view: &mut View) -> anyhow::Result<Vec<Report>> {
         view.title("initialising: Serin creates colorteller-primary and the App Mesh routing");

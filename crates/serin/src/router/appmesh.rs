@@ -508,4 +508,35 @@ impl Router for AppMeshKubeRouter {
         )
         .await
     }
+
+    fn created(&self, canary: &Canary) -> Vec<(ApiResource, String, String)> {
+        let Ok(t) = Target::of(canary) else {
+            return Vec::new();
+        };
+        if t.traffic_mode {
+            return Vec::new();
+        }
+        vec![
+            (
+                virtual_node_resource(),
+                t.namespace.clone(),
+                t.arms.primary.clone(),
+            ),
+            (
+                virtual_node_resource(),
+                t.namespace.clone(),
+                t.arms.canary.clone(),
+            ),
+            (
+                virtual_router_resource(),
+                t.namespace.clone(),
+                t.router.clone(),
+            ),
+            (
+                virtual_service_resource(),
+                t.namespace.clone(),
+                t.base.clone(),
+            ),
+        ]
+    }
 }

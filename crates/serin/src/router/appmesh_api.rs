@@ -383,17 +383,4 @@ impl Router for AppMeshAwsRouter {
     ) -> Result<WriteOutcome, RouterError> {
         self.write(canary, Some(expected), desired).await
     }
-
-    /// Puts all traffic back on the primary, whatever the route holds. A route (or mesh)
-    /// that no longer exists has nothing to restore and counts as done.
-    async fn finalize(&self, canary: &Canary) -> Result<(), RouterError> {
-        match self.write(canary, None, Weights::STABLE).await {
-            Ok(_) | Err(RouterError::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn needs_finalizer(&self) -> bool {
-        true
-    }
 }

@@ -403,6 +403,53 @@ pub(crate) async fn ensure(
     Err(subject.conflict())
 }
 
+/// Removes the ownerReference to the object with `uid` from `namespace/name` (of resource
+/// `ar`), keeping every other field: a merge patch guarded by the resourceVersion.
+/// Returns whether it wrote; a missing object is nothing to release.
+pub async fn release_owner(
+    client: &Client,
+    ar: &ApiResource,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+) -> Result<bool, kube::Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, ar);
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(current) = api.get_opt(name).await? else {
+            return Ok(false);
+        };
+        let refs = current
+            .metadata
+            .owner_references
+            .clone()
+            .unwrap_or_default();
+        if !refs.iter().any(|r| r.uid == uid) {
+            return Ok(false);
+        }
+        let rest: Vec<&OwnerReference> = refs.iter().filter(|r| r.uid != uid).collect();
+        let patch = json!({"metadata": {
+            "ownerReferences": rest,
+            "resourceVersion": current.metadata.resource_version,
+        }});
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(kube::Error::Api(
+        kube::core::Status::failure(
+            &format!("{namespace}/{name} kept changing while Serin released it"),
+            "Conflict",
+        )
+        .with_code(409)
+        .boxed(),
+    ))
+}
+
 /// The string at `pointer`, or "".
 pub(crate) fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
     v.pointer(pointer).and_then(Value::as_str).unwrap_or("")

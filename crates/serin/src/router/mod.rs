@@ -38,7 +38,7 @@ pub use appmesh::AppMeshKubeRouter;
 pub use appmesh_api::{AppMeshAwsRouter, AwsOptions};
 pub use gateway_api::HttpRouteRouter;
 pub use gloo::GlooEdgeRouter;
-pub use k8s::{FIELD_MANAGER, MAX_ATTEMPTS};
+pub use k8s::{FIELD_MANAGER, MAX_ATTEMPTS, release_owner};
 pub use split::to_percent;
 
 /// What a weight write did.
@@ -76,17 +76,35 @@ pub trait Router: Send + Sync {
         desired: Weights,
     ) -> Result<WriteOutcome, RouterError>;
 
-    /// Restores all traffic to the primary before the Canary is deleted. Only routers whose
-    /// state lives outside Kubernetes need it (they hold a finalizer); the default does
-    /// nothing.
-    async fn finalize(&self, _canary: &Canary) -> Result<(), RouterError> {
-        Ok(())
+    /// The objects this router created for `canary` (and owns through it), as
+    /// `(resource, namespace, name)`, from the Canary alone: deleting the Canary releases
+    /// them (removes its ownerReference) so the garbage collector never takes the serving
+    /// path away. Routers that create nothing return none (the default).
+    fn created(&self, _canary: &Canary) -> Vec<(kube::api::ApiResource, String, String)> {
+        Vec::new()
     }
+}
 
-    /// Whether this router keeps state outside Kubernetes and so needs a finalizer.
-    fn needs_finalizer(&self) -> bool {
-        false
+/// Moves all of `canary`'s traffic to `desired`, whatever the object holds now (a hand
+/// edit included): what a deletion does to restore the service. Reads, then writes only when
+/// the weights differ.
+pub async fn move_all(
+    router: &dyn Router,
+    canary: &Canary,
+    desired: Weights,
+) -> Result<WriteOutcome, RouterError> {
+    let mut last = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let found = router.weights(canary).await?;
+        match router.set_weights(canary, found, desired).await {
+            // A write between our read and our write: read again.
+            Err(e @ (RouterError::WeightsChanged { .. } | RouterError::Conflict { .. })) => {
+                last = Some(e)
+            }
+            other => return other,
+        }
     }
+    Err(last.unwrap_or(RouterError::NotConfigured { kind: None }))
 }
 
 /// A data plane Serin can route, as the [`REGISTRY`] holds it.
