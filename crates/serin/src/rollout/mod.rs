@@ -409,8 +409,18 @@ impl Machine<'_> {
             );
         }
         if self.status.step_started_at.is_none() {
-            // The first step waits for the canary workload.
+            // The first step waits for the canary workload, up to spec.progressDeadline.
             if !self.obs.canary.ready {
+                if self.past_progress_deadline() {
+                    let deadline = self.spec.progress_deadline().as_secs();
+                    self.rollback(
+                        RolloutResult::RolledBack,
+                        format!(
+                            "the canary workload was not ready within spec.progressDeadline ({deadline}s)"
+                        ),
+                    );
+                    return;
+                }
                 self.wait(READINESS_POLL);
                 return;
             }
@@ -645,8 +655,34 @@ impl Machine<'_> {
         self.wait(READINESS_POLL);
     }
 
+    /// Whether the rollout started longer than `spec.progressDeadline` ago.
+    fn past_progress_deadline(&self) -> bool {
+        let Some(started) = self.status.rollout_started_at else {
+            return false;
+        };
+        chrono::Duration::from_std(self.spec.progress_deadline())
+            .ok()
+            .and_then(|d| started.checked_add_signed(d))
+            .is_some_and(|deadline| self.now > deadline)
+    }
+
     fn promoting(&mut self) {
         let rev = self.status.revision.clone().unwrap_or_default();
+        let canary_rev = self.obs.canary.revision.as_deref();
+        if self.status.canary_weight != 0 && canary_rev.is_some_and(|c| c != rev) {
+            // The canary workload now runs a revision nobody analysed: it must not keep
+            // the traffic. The primary (old pods, or the promoted revision) takes it all while
+            // the promotion finishes; the new revision's rollout starts after it.
+            self.set_weights(0);
+            self.event(
+                EventType::Warning,
+                reasons::NEW_REVISION_WHILE_PROMOTING,
+                format!(
+                    "revision {} arrived while promoting {rev}: all traffic is back on the primary until the promotion finishes, then {0} is rolled out",
+                    canary_rev.unwrap_or_default()
+                ),
+            );
+        }
         if self.obs.primary.revision.as_deref() == Some(rev.as_str()) && self.obs.primary.ready {
             self.set_weights(0);
             self.actions.push(Action::ScaleCanaryDown);

@@ -631,6 +631,74 @@ fn unready_canary_fails_check() {
     assert_eq!(w.status.last_check.as_ref().unwrap().verdict, Verdict::Fail);
 }
 
+/// A canary workload that never becomes ready holds the first step only until
+/// spec.progressDeadline (default 10m), then the rollout fails; before, it waited forever.
+#[test]
+fn canary_never_ready_fails_after_the_progress_deadline() {
+    let mut w = World::stable_workload();
+    w.canary("rev2", false);
+    w.decide();
+    assert_eq!(w.status.phase, Phase::Progressing);
+    w.advance(599);
+    let d = w.decide();
+    assert!(weights(&d).is_empty(), "{d:?}");
+    assert_eq!(w.status.phase, Phase::Progressing);
+    w.advance(2);
+    let d = w.decide();
+    assert_eq!(w.status.phase, Phase::Failed);
+    assert_eq!(weights(&d), vec![0]);
+    assert!(d.actions.contains(&Action::ScaleCanaryDown));
+    assert!(reasons(&d).contains(&reasons::ROLLED_BACK), "{d:?}");
+    assert!(
+        w.status.history[0].reason.contains("spec.progressDeadline"),
+        "{:?}",
+        w.status.history[0]
+    );
+    // A shorter deadline applies as written.
+    let mut w = World::stable_workload();
+    w.spec.progress_deadline = Some(kube::core::Duration::from(std::time::Duration::from_secs(
+        30,
+    )));
+    w.canary("rev2", false);
+    w.decide();
+    w.advance(31);
+    w.decide();
+    assert_eq!(w.status.phase, Phase::Failed);
+}
+
+/// A new revision arriving while Promoting (all traffic on the canary workload, which now
+/// rolls to a template nobody analysed) sends all traffic back to the primary at once; the
+/// promotion finishes, then the new revision is rolled out from step 0. Before, the new
+/// template served 100% until the promotion finished.
+#[test]
+fn new_revision_while_promoting_takes_traffic_off_the_canary() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    w.pass_interval();
+    let d = w.pass_interval();
+    assert_eq!(weights(&d), vec![100]);
+    assert_eq!(w.status.phase, Phase::Promoting);
+    w.primary("rev1", true);
+    w.canary("rev3", false);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![0], "{d:?}");
+    assert!(reasons(&d).contains(&reasons::NEW_REVISION_WHILE_PROMOTING));
+    assert_eq!(w.status.phase, Phase::Promoting);
+    assert_eq!(w.status.canary_weight, 0);
+    // Nothing more while the primary updates.
+    assert!(weights(&w.decide()).is_empty());
+    // The promotion finishes, and in the same decision rev3 starts its own rollout.
+    w.primary("rev2", true);
+    let d = w.decide();
+    assert_eq!(w.status.stable_revision.as_deref(), Some("rev2"));
+    assert_eq!(w.status.history[0].result, RolloutResult::Promoted);
+    assert_eq!(w.status.history[0].revision, "rev2");
+    assert!(reasons(&d).contains(&reasons::PROMOTED), "{d:?}");
+    assert_eq!(w.status.revision.as_deref(), Some("rev3"));
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert_eq!(w.status.canary_weight, 0);
+}
+
 /// History is newest first and bounded by spec.historyLimit.
 #[test]
 fn history_is_bounded() {

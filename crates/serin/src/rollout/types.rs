@@ -141,6 +141,8 @@ pub mod reasons {
     pub const ROLLED_BACK: &str = "RolledBack";
     /// A newer revision replaced the rollout.
     pub const SUPERSEDED: &str = "Superseded";
+    /// A new revision arrived while promoting: all traffic went back to the primary.
+    pub const NEW_REVISION_WHILE_PROMOTING: &str = "NewRevisionWhilePromoting";
     /// `spec.paused` took effect.
     pub const PAUSED: &str = "Paused";
     /// `spec.paused` was cleared.
