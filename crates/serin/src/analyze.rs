@@ -234,6 +234,8 @@ impl<'a> Replay<'a> {
                 primary: ready(&stable),
                 metrics: vec![],
                 command: None,
+                // The replay has no data plane: its weights are those it decided.
+                weights: None,
             },
             new_revision: new,
         }

@@ -514,6 +514,15 @@ async fn observe<'a>(
         observed.observations.canary = canary_state;
         observed.observations.primary = primary_state;
     }
+    if matches!(
+        observed.status.phase,
+        Phase::Progressing | Phase::Paused | Phase::Promoting
+    ) {
+        // During a rollout the data plane is the truth: a weight write whose status write
+        // was lost is seen here, not taken from status (see rollout::believed_canary_weight).
+        let router = observed.router.unwrap_or(ctx.routers.for_canary(canary)?);
+        observed.observations.weights = Some(router.weights(canary).await?);
+    }
     if rollout::next_check_at(&canary.spec, &observed.status).is_some_and(|due| due <= now) {
         let context = CanaryContext::of(canary, router::data_plane_arms(canary)?);
         observed.observations.metrics = ctx.metrics_source.evaluate(&context, now).await;
@@ -601,7 +610,8 @@ fn decide(observed: &Observed<'_>, now: DateTime<Utc>) -> Decision {
 struct Applied(Decision);
 
 /// Prepares the routing objects when needed, then carries out the decision's actions in
-/// order. Weights move from what status says was written.
+/// order. Weights move from what the data plane holds (read in observe during a rollout),
+/// else from what status says was written.
 #[tracing::instrument(skip_all)]
 async fn act(observed: &Observed<'_>, ctx: &Context, decision: Decision) -> Result<Applied, Error> {
     let Some(router) = observed.router else {
@@ -621,7 +631,11 @@ async fn act(observed: &Observed<'_>, ctx: &Context, decision: Decision) -> Resu
     if observed.needs_prepare {
         prepare(observed, ctx, router).await?;
     }
-    let mut current = Weights::with_canary(observed.status.canary_weight);
+    let mut current = Weights::with_canary(rollout::believed_canary_weight(
+        &observed.canary.spec,
+        &observed.status,
+        observed.observations.weights,
+    ));
     let mut read_back = observed.status.phase == Phase::Initializing;
     for action in &decision.actions {
         match action {

@@ -82,6 +82,8 @@ pub fn decide(input: Input<'_>) -> Decision {
         requeue: None,
     };
     m.status.observed_generation = input.generation;
+    m.status.canary_weight =
+        believed_canary_weight(input.spec, input.status, input.observations.weights);
     if !input.problems.is_empty() {
         m.invalid(input.problems);
         return m.finish();
@@ -95,6 +97,23 @@ pub fn decide(input: Input<'_>) -> Decision {
     }
     m.ready_condition();
     m.finish()
+}
+
+/// The canary weight Serin holds to be on the data plane: what the router reports when
+/// that is a split Serin itself writes for this Canary (0, a step's weight, or 100) — for
+/// example after a weight write whose status write was lost — else what status says. Any
+/// other split is a hand edit, which the weight write then reports and does not overwrite.
+pub fn believed_canary_weight(
+    spec: &CanarySpec,
+    status: &CanaryStatus,
+    observed: Option<Weights>,
+) -> u8 {
+    match observed.map(|w| w.canary()) {
+        Some(found) if found == 0 || found == 100 || spec.steps.contains(&i32::from(found)) => {
+            found
+        }
+        _ => status.canary_weight,
+    }
 }
 
 /// When the next check of the current step is due, if a step is under analysis (while

@@ -699,6 +699,36 @@ fn new_revision_while_promoting_takes_traffic_off_the_canary() {
     assert_eq!(w.status.canary_weight, 0);
 }
 
+/// The data plane is the truth: a weight write whose status write was lost (status still
+/// says 20 while the route holds 50) is adopted, so the rollout goes on from 50 and status
+/// shows it; a split Serin never writes (a hand edit) is not adopted.
+#[test]
+fn weights_read_from_the_data_plane_override_a_stale_status() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    let stale = w.status.clone();
+    assert_eq!(stale.canary_weight, 20);
+    let d = w.pass_interval();
+    assert_eq!(weights(&d), vec![50]);
+    // The status write after that weight write failed: the next decision starts from the
+    // old status, with the route at 50.
+    w.status = stale.clone();
+    w.obs.weights = Some(Weights::with_canary(50));
+    let d = w.decide();
+    assert_eq!(w.status.canary_weight, 50);
+    assert_eq!(w.status.step, 1, "{d:?}");
+    assert_eq!(
+        believed_canary_weight(&w.spec, &stale, Some(Weights::with_canary(50))),
+        50
+    );
+    // A hand edit to a split Serin never writes is not taken for Serin's own.
+    assert_eq!(
+        believed_canary_weight(&w.spec, &stale, Some(Weights::with_canary(30))),
+        20
+    );
+    assert_eq!(believed_canary_weight(&w.spec, &stale, None), 20);
+}
+
 /// History is newest first and bounded by spec.historyLimit.
 #[test]
 fn history_is_bounded() {

@@ -17,6 +17,9 @@ pub struct Observations {
     pub metrics: Vec<MetricObservation>,
     /// An operator command, if one is pending.
     pub command: Option<Command>,
+    /// The split the router holds now, read during a rollout (`None` when not read). The
+    /// data plane is the truth: see [`super::believed_canary_weight`].
+    pub weights: Option<Weights>,
 }
 
 /// A workload's revision and readiness.

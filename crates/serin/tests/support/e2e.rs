@@ -121,7 +121,18 @@ impl Operator {
 
     /// Like [`Operator::start`], with extra environment variables (AWS credentials).
     pub fn start_with_env(env: &Env, log: PathBuf, extra: &[&str], envs: &[(&str, &str)]) -> Self {
-        let kubeconfig = &env.operator_kubeconfig;
+        Self::start_via(env, &env.operator_kubeconfig, log, extra, envs)
+    }
+
+    /// Like [`Operator::start_with_env`], reaching the API server through `kubeconfig`
+    /// (a fault proxy's, for example).
+    pub fn start_via(
+        env: &Env,
+        kubeconfig: &std::path::Path,
+        log: PathBuf,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
