@@ -1,14 +1,19 @@
 //! `serin run`: configuration parsed once into a [`Context`], then the controller, the
 //! metrics/health server and (optionally) leader election.
+//!
+//! With `--leader-elect`, every write through a client made by [`client`] is fenced by
+//! the leader lease ([`super::leader::fenced_client`]); the Lease itself is renewed through
+//! a separate, unfenced client. A standby serves `/readyz` as ready (it is healthy) but
+//! starts no controller until it holds the Lease.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::leader::{LeaderElector, LeaseConfig};
+use super::leader::{self, Fence, LeaderElector, LeaseConfig, LeaseTiming, TimingError};
 use super::telemetry::{self, Health, Metrics};
 use super::{Context, ControllerOptions, MetricSource};
 use crate::logging::LogFormat;
@@ -44,13 +49,80 @@ pub struct RunArgs {
     /// This replica's identity in the Lease (default: $POD_NAME, else the host name and pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
-    /// How long a leader's Lease lasts without renewal, in seconds.
+    /// How long a standby waits, after it last saw the leader renew, before taking the
+    /// Lease, in whole seconds.
     #[arg(long, default_value_t = 15)]
     pub lease_duration_secs: u64,
+    /// How long a leader goes on without a successful renewal before it stops writing and
+    /// exits, in seconds (fractions allowed); shorter than the lease duration. Every write
+    /// gets `lease duration − renew deadline` to finish. Default: 2/3 of the lease duration.
+    #[arg(long, value_name = "SECS")]
+    pub renew_deadline_secs: Option<f64>,
+    /// Pause between renewals, and between a standby's attempts to acquire, in seconds
+    /// (fractions allowed); shorter than the renew deadline. Default: 2/15 of the lease
+    /// duration (2 s for 15 s).
+    #[arg(long, value_name = "SECS")]
+    pub retry_period_secs: Option<f64>,
 }
 
-/// Builds the Kubernetes client from `--kubeconfig` or the environment.
+impl RunArgs {
+    /// The lease timing the flags ask for, or an error naming the flag to fix.
+    pub fn lease_timing(&self) -> anyhow::Result<LeaseTiming> {
+        let secs = |flag: &str, v: f64| -> anyhow::Result<Duration> {
+            Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{flag} must be a number of seconds above zero, not {v}")
+                })
+        };
+        let lease = self.lease_duration_secs;
+        let duration = secs("--lease-duration-secs", lease as f64)?;
+        let renew_deadline = match self.renew_deadline_secs {
+            Some(v) => secs("--renew-deadline-secs", v)?,
+            None => duration * 2 / 3,
+        };
+        let retry_period = match self.retry_period_secs {
+            Some(v) => secs("--retry-period-secs", v)?,
+            None => duration * 2 / 15,
+        };
+        LeaseTiming::new(duration, renew_deadline, retry_period).map_err(|e| {
+            let (r, p) = (renew_deadline.as_secs_f64(), retry_period.as_secs_f64());
+            match e {
+                TimingError::RenewDeadlineNotShorter => anyhow::anyhow!(
+                    "--renew-deadline-secs ({r}) must be shorter than --lease-duration-secs ({lease}): a leader must stop writing before its lease can expire for the others"
+                ),
+                TimingError::RetryPeriodNotShorter => anyhow::anyhow!(
+                    "--retry-period-secs ({p}) must be shorter than --renew-deadline-secs ({r}), so a leader can retry a failed renewal before its deadline"
+                ),
+                TimingError::TooLong => anyhow::anyhow!(
+                    "--lease-duration-secs ({lease}) must be at most {} seconds",
+                    LeaseTiming::MAX_DURATION.as_secs()
+                ),
+                TimingError::Zero => anyhow::anyhow!(
+                    "--lease-duration-secs ({lease}) is too short for a renew deadline and a retry period above zero; set them with --renew-deadline-secs and --retry-period-secs"
+                ),
+            }
+        })
+    }
+}
+
+/// The fence of every client [`client`] makes: open until `run` elects a leader (one
+/// operator per process, so one fence per process; `main` builds the client before `run`).
+static FENCE: LazyLock<Arc<Fence>> = LazyLock::new(|| Arc::new(Fence::open()));
+
+/// Builds the Kubernetes client from `--kubeconfig` or the environment. Its writes are
+/// fenced by the leader lease once [`run`] elects a leader, so pass it to [`run`] and build
+/// the routers from it.
 pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    Ok(leader::fenced_client(
+        unfenced_client(kubeconfig).await?,
+        FENCE.clone(),
+    ))
+}
+
+/// A client without the fence: for the Lease, whose writes are what open it.
+async fn unfenced_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -73,8 +145,11 @@ pub struct Parts {
 }
 
 /// Runs the operator until SIGTERM/Ctrl-C (returns Ok) or until leadership is lost
-/// (returns an error so the process exits non-zero and a standby takes over).
+/// (returns an error so the process exits non-zero and a standby takes over). With
+/// `--leader-elect`, writes through clients made by [`client`] go out only inside the
+/// lease.
 pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::Result<()> {
+    let timing = args.lease_timing()?;
     super::check_crd(&client, args.namespace.as_deref()).await?;
     let metrics = Arc::new(Metrics::new(parts.register));
     let health = Arc::new(Health::default());
@@ -91,10 +166,14 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
     .await?;
     tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
 
+    // A standby is healthy: ready, though it does not act until it leads.
+    health.set_ready(true);
     let elector = if args.leader_elect {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
+        // Before anything can write: from here on writes wait for a held lease.
+        FENCE.arm(&timing);
         let elector = LeaderElector::new(
-            client.clone(),
+            unfenced_client(args.kubeconfig.as_ref()).await?,
             LeaseConfig {
                 name: args.lease_name.clone(),
                 namespace: args
@@ -102,9 +181,9 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
                     .clone()
                     .unwrap_or_else(|| "default".into()),
                 identity,
-                duration: Duration::from_secs(args.lease_duration_secs.max(2)),
-                renew_every: Duration::from_secs((args.lease_duration_secs / 3).max(1)),
+                timing,
             },
+            FENCE.clone(),
         );
         tokio::select! {
             () = elector.acquire() => {}
@@ -122,7 +201,6 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
         metrics,
         args.identity.clone(),
     ));
-    health.set_ready(true);
     let controller = super::run(
         ctx,
         ControllerOptions {
@@ -145,7 +223,7 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
             Ok(())
         }
         Some(err) = lost => {
-            // Stop writing at once: exit without draining the queue.
+            // The fence already refuses every write; exit without draining the queue.
             Err(anyhow::anyhow!("lost leadership: {err}"))
         }
     }
@@ -178,5 +256,67 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn timing(flags: &[&str]) -> anyhow::Result<LeaseTiming> {
+        let cmd = Cmd::try_parse_from(std::iter::once("serin").chain(flags.iter().copied()))?;
+        cmd.run.lease_timing()
+    }
+
+    /// The defaults are client-go's (15 s lease, 10 s renew deadline, 2 s retry), and a
+    /// shorter lease scales them.
+    #[test]
+    fn lease_timing_defaults() {
+        let t = timing(&[]).unwrap();
+        assert_eq!(
+            (t.duration, t.renew_deadline, t.retry_period),
+            (
+                Duration::from_secs(15),
+                Duration::from_secs(10),
+                Duration::from_secs(2)
+            )
+        );
+        assert_eq!(t.write_timeout(), Duration::from_secs(5));
+        let t = timing(&["--lease-duration-secs", "3"]).unwrap();
+        assert_eq!(t.renew_deadline, Duration::from_secs(2));
+        assert_eq!(t.retry_period, Duration::from_millis(400));
+        let t = timing(&["--renew-deadline-secs", "4.5", "--retry-period-secs", "0.5"]).unwrap();
+        assert_eq!(t.renew_deadline, Duration::from_millis(4500));
+    }
+
+    /// Timing that could let a lease expire under a writing leader is refused, naming the
+    /// flag to fix.
+    #[test]
+    fn lease_timing_errors_name_the_flag() {
+        let err = |flags: &[&str]| timing(flags).unwrap_err().to_string();
+        assert!(
+            err(&["--renew-deadline-secs", "15"]).starts_with(
+                "--renew-deadline-secs (15) must be shorter than --lease-duration-secs (15)"
+            ),
+            "{}",
+            err(&["--renew-deadline-secs", "15"])
+        );
+        assert!(err(&["--retry-period-secs", "10"]).starts_with(
+            "--retry-period-secs (10) must be shorter than --renew-deadline-secs (10)"
+        ));
+        assert!(err(&["--lease-duration-secs", "0"]).starts_with("--lease-duration-secs must be"));
+        assert!(err(&["--retry-period-secs=-1"]).starts_with("--retry-period-secs must be"));
+        assert!(
+            err(&["--renew-deadline-secs", "NaN"]).starts_with("--renew-deadline-secs must be")
+        );
+        assert!(err(&["--lease-duration-secs", "999999"]).contains("at most 86400"));
+        assert!(err(&["--lease-duration-secs", "3", "--renew-deadline-secs", "5"]).contains("(3)"));
     }
 }

@@ -9,6 +9,7 @@
 pub mod cbor;
 pub mod cluster;
 pub mod e2e;
+pub mod fault_proxy;
 pub mod moto;
 pub mod prometheus;
 pub mod rbac;
