@@ -22,6 +22,7 @@ pub mod controller;
 pub mod demo;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod rollout;
 pub mod router;
 pub mod view;

@@ -176,7 +176,9 @@ async fn cloudwatch_promotes_healthy_and_rolls_back_failing() {
     let op = Operator::start_with_env(
         &env,
         env.cluster.dir.path().join("operator.log"),
-        &[],
+        // The Canary points Serin's AWS identity at the local moto: the operator must
+        // allow that endpoint (crate::policy).
+        &["--allow-aws-endpoint", "http://127.0.0.1:*"],
         &[
             ("AWS_ACCESS_KEY_ID", "AKIDTEST"),
             ("AWS_SECRET_ACCESS_KEY", "secret"),

@@ -137,10 +137,53 @@ async fn deleting_a_canary_mid_rollout_restores_the_primary() {
         )
         .await
         .unwrap();
+    // An operator that does not allow the endpoint refuses the Canary: Invalid, naming the
+    // field and the setting, and not one AWS call is made with Serin's identity.
+    let typed: Api<Canary> = Api::namespaced(env.client.clone(), &env.ns);
+    proxy.clear();
+    let mut strict = Operator::start_with_env(
+        &env,
+        env.cluster.dir.path().join("strict-operator.log"),
+        &[],
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIDTEST"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_REGION", REGION),
+        ],
+    );
+    let invalid = wait_for("the Canary to be Invalid", Duration::from_secs(30), || {
+        let typed = typed.clone();
+        async move {
+            let c = typed.get("colorteller").await.ok()?;
+            let status = c.status?;
+            serin::api::find_condition(&status.conditions, serin::api::INVALID)
+                .filter(|c| c.status == serin::api::ConditionStatus::True)
+                .map(|c| c.message.clone())
+        }
+    })
+    .await;
+    assert!(
+        invalid.contains("spec.router.appMeshApi.endpoint")
+            && invalid.contains("--allow-aws-endpoint")
+            && invalid.contains("aws.allowedEndpoints"),
+        "{invalid}"
+    );
+    let events = event_messages(&env, "colorteller").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "Invalid" && m.contains("spec.router.appMeshApi.endpoint")),
+        "{events:?}"
+    );
+    strict.kill();
+    assert_eq!(proxy.requests(), Vec::<String>::new(), "{}", strict.log());
+
     let op = Operator::start_with_env(
         &env,
         env.cluster.dir.path().join("operator.log"),
-        &[],
+        // The Canary points Serin's AWS identity at the local moto: the operator must
+        // allow that endpoint (crate::policy).
+        &["--allow-aws-endpoint", "http://127.0.0.1:*"],
         &[
             ("AWS_ACCESS_KEY_ID", "AKIDTEST"),
             ("AWS_SECRET_ACCESS_KEY", "secret"),
@@ -159,7 +202,6 @@ async fn deleting_a_canary_mid_rollout_restores_the_primary() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let typed: Api<Canary> = Api::namespaced(env.client.clone(), &env.ns);
     let c = typed.get("colorteller").await.unwrap();
     assert!(
         c.metadata

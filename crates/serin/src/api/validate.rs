@@ -140,6 +140,11 @@ fn check_name(field: &str, name: &str, p: &mut Vec<Problem>) {
     }
 }
 
+/// A DNS-1123 subdomain: what Kubernetes accepts as a Secret's name.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -457,6 +462,17 @@ fn check_provider(f: &str, m: &MetricSpec, p: &mut Vec<Problem>) {
         }
         if let Some(t) = &pr.timeout {
             check_duration(&format!("{f}.provider.prometheus.timeout"), t, p);
+        }
+        if let Some(r) = &pr.secret_ref
+            && !is_dns_subdomain(&r.name)
+        {
+            // Also what keeps a name like `../../kube-system/secrets/x` from reaching
+            // another namespace's Secret through the request path.
+            p.push(Problem::new(
+                format!("{f}.provider.prometheus.secretRef.name"),
+                format!("{:?} is not a Secret name", r.name),
+                "name a Secret in the Canary's own namespace (lowercase letters, digits, '-' and '.'); Serin never reads Secrets of other namespaces",
+            ));
         }
     }
     if let Some(c) = cw {

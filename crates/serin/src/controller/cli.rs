@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// duration (2 s for 15 s).
     #[arg(long, value_name = "SECS")]
     pub retry_period_secs: Option<f64>,
+    /// What Canaries may make Serin do with its identity (roles, endpoints, URLs).
+    #[command(flatten)]
+    pub policy: crate::policy::PolicyArgs,
 }
 
 impl RunArgs {
@@ -194,13 +197,16 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
         None
     };
 
-    let ctx = Arc::new(Context::new(
-        client,
-        parts.routers,
-        parts.metrics_source,
-        metrics,
-        args.identity.clone(),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            parts.routers,
+            parts.metrics_source,
+            metrics,
+            args.identity.clone(),
+        )
+        .with_policy(args.policy.policy()),
+    );
     let controller = super::run(
         ctx,
         ControllerOptions {

@@ -30,10 +30,10 @@ use kube::api::{Api, ApiResource, DeleteParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{self, Canary, DeletionPolicy, Phase};
+use crate::api::{Canary, DeletionPolicy, Phase};
 use crate::arms::{ArmNames, Weights, primary_name};
 use crate::rollout::EventType;
-use crate::router::{self, Router, WriteOutcome};
+use crate::router::{self, Router, RouterError, WriteOutcome};
 
 use super::{Context, Error, FINALIZER, workload};
 
@@ -95,18 +95,11 @@ pub(super) async fn finalize(canary: &Canary, ctx: &Context) -> Result<Requeue, 
 async fn restore(canary: &Canary, ctx: &Context, now: DateTime<Utc>) -> Result<Progress, Error> {
     // Whatever happens next, the garbage collector must not remove the serving path.
     release(canary, ctx).await?;
-    let problems = api::validate(&canary.spec);
+    let problems = ctx.problems(canary);
     if let Some(first) = problems.first() {
         return Ok(orphaned(format!(
             "the Canary is invalid ({first}), so Serin changed no traffic: what it created stays in place and serving, no longer owned by the Canary"
         )));
-    }
-    if canary.spec.deletion_policy == DeletionPolicy::Orphan {
-        return Ok(Progress::Done(vec![(
-            EventType::Normal,
-            reasons::ORPHANED,
-            orphan_message(canary),
-        )]));
     }
     let router = match ctx.routers.for_canary(canary) {
         Ok(r) => r,
@@ -116,6 +109,20 @@ async fn restore(canary: &Canary, ctx: &Context, now: DateTime<Utc>) -> Result<P
             )));
         }
     };
+    if canary.spec.deletion_policy == DeletionPolicy::Orphan {
+        // The data plane says where the traffic stays (status may be behind a hand edit).
+        let split = match router.weights(canary).await {
+            Ok(w) => format!("the canary keeps {}% of the traffic", w.canary()),
+            Err(e) => format!("the split could not be read ({e})"),
+        };
+        return Ok(Progress::Done(vec![(
+            EventType::Normal,
+            reasons::ORPHANED,
+            format!(
+                "deletionPolicy Orphan: everything Serin created stays in place and serving, no longer owned by the Canary; {split}"
+            ),
+        )]));
+    }
     let overdue = deadline(canary).is_some_and(|d| now > d);
     if canary.spec.is_traffic_mode() {
         revert_traffic(canary, router, overdue).await
@@ -141,13 +148,6 @@ fn orphaned(why: String) -> Progress {
     )])
 }
 
-fn orphan_message(canary: &Canary) -> String {
-    let weights = canary.status.as_ref().map(|s| s.canary_weight).unwrap_or(0);
-    format!(
-        "deletionPolicy Orphan: everything Serin created stays in place and serving, no longer owned by the Canary; the canary keeps {weights}% of the traffic"
-    )
-}
-
 /// Traffic mode: all traffic to `backends.primary`.
 async fn revert_traffic(
     canary: &Canary,
@@ -166,6 +166,9 @@ async fn revert_traffic(
             reasons::REVERTED,
             format!("all traffic is on the stable backend {primary} again"),
         )])),
+        Err(e @ RouterError::NotFound { .. }) => Ok(orphaned(format!(
+            "could not move traffic back to {primary}: {e}; there are no weights left to restore"
+        ))),
         Err(e) if e.needs_user() || overdue => Ok(orphaned(format!(
             "could not move traffic back to {primary}: {e}; the weights stay where they were"
         ))),

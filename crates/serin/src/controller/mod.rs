@@ -47,6 +47,7 @@ use crate::analysis::MetricObservation;
 use crate::api::{self, Canary, CanaryStatus, ConditionStatus, Phase};
 use crate::arms::{self, Weights};
 use crate::metrics::CanaryContext;
+use crate::policy::Policy;
 use crate::rollout::{
     self, Action, Command, CommandKind, Decision, EventType, Input, Observations, WorkloadState,
 };
@@ -95,6 +96,8 @@ pub struct Context {
     targets: Mutex<TargetIndex>,
     /// Unparsable Canaries already reported (uid + resourceVersion).
     reported: Mutex<HashSet<String>>,
+    /// What a Canary may make Serin do with its own identity (roles, endpoints, URLs).
+    policy: Policy,
 }
 
 impl Context {
@@ -118,7 +121,23 @@ impl Context {
             metrics,
             targets: Mutex::default(),
             reported: Mutex::default(),
+            policy: Policy::default(),
         }
+    }
+
+    /// The same context with the operator's allow-lists (the default allows no role ARN
+    /// and no AWS endpoint override, and every address).
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// What is wrong with `canary`'s spec, or refused by the operator's policy; empty
+    /// when Serin may act on it.
+    fn problems(&self, canary: &Canary) -> Vec<api::Problem> {
+        let mut problems = api::validate(&canary.spec);
+        problems.extend(self.policy.check(&canary.spec));
+        problems
     }
 }
 
@@ -488,7 +507,7 @@ async fn observe<'a>(
     now: DateTime<Utc>,
 ) -> Result<Observed<'a>, Error> {
     let status = canary.status.clone().unwrap_or_default();
-    let problems = api::validate(&canary.spec);
+    let problems = ctx.problems(canary);
     let mut observed = Observed {
         canary,
         needs_prepare: status.observed_generation != canary.metadata.generation
