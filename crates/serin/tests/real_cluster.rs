@@ -109,7 +109,7 @@ async fn kubectl_explain_shows_the_metric_docs() {
         "preset <string> enum: appmesh-error-rate, appmesh-latency-p99,",
         "Built-in queries. Error rates are percent of requests with 5xx responses; latencies are the 99th percentile in milliseconds.",
         "query <string> A PromQL query (Prometheus provider) returning one number.",
-        "window <string> Query window; defaults to `analysis.interval`.",
+        "window <string> Query window, at most `analysis.interval` (between 1s and 24h); defaults to `analysis.interval`.",
     ] {
         assert!(flat.contains(expected), "{expected:?} not in\n{out}");
     }
@@ -432,6 +432,33 @@ fn mistakes() -> Vec<(&'static str, &'static str, Mutation, Vec<&'static str>)> 
             vec!["spec.steps: Invalid value: the last step must be 100 (promotion)"],
         ),
         (
+            "interval-too-long",
+            WORKLOAD,
+            Box::new(|v| v["spec"]["analysis"]["interval"] = json!("25h")),
+            vec!["spec.analysis.interval: Invalid value: \"25h\": must be between 1s and 24h"],
+        ),
+        (
+            // Beyond what a duration holds: CEL cannot even convert it, and says so.
+            "interval-overflows",
+            WORKLOAD,
+            Box::new(|v| v["spec"]["analysis"]["interval"] = json!("3000000000h")),
+            vec!["spec.analysis.interval", "must be between 1s and 24h"],
+        ),
+        (
+            "window-negative",
+            WORKLOAD,
+            Box::new(|v| v["spec"]["analysis"]["metrics"][0]["window"] = json!("-1s")),
+            vec![
+                "spec.analysis.metrics[0].window: Invalid value: \"-1s\": must be between 1s and 24h",
+            ],
+        ),
+        (
+            "progress-deadline-too-short",
+            WORKLOAD,
+            Box::new(|v| v["spec"]["progressDeadline"] = json!("5s")),
+            vec!["spec.progressDeadline: Invalid value: \"5s\": must be between 10s and 24h"],
+        ),
+        (
             "steps-range",
             WORKLOAD,
             Box::new(|v| v["spec"]["steps"] = json!([0, 50, 100])),
@@ -590,7 +617,15 @@ fn mistakes() -> Vec<(&'static str, &'static str, Mutation, Vec<&'static str>)> 
 ///   add it) and rejects it; the in-memory server accepts it.
 /// - `empty-steps`: the real server reports the CEL rule besides `minItems`; the in-memory
 ///   server skips the rules of a field that fails its schema.
-const KNOWN_DIFFERENCES: [&str; 3] = ["null-max", "null-preset", "empty-steps"];
+/// - `interval-overflows`: both reject a duration beyond what CEL's duration holds with the
+///   rule's message, but the real server says first that the conversion failed (and shows
+///   the value as `"string"`).
+const KNOWN_DIFFERENCES: [&str; 4] = [
+    "null-max",
+    "null-preset",
+    "empty-steps",
+    "interval-overflows",
+];
 
 /// Each mistake is rejected by the real server with 422 and the rule's message; the same
 /// object sent to the in-memory server gets the same verdict and the same causes (wording

@@ -87,6 +87,7 @@ pub struct CanarySpec {
     /// that is not ready by then fails the rollout, and a target that is not ready by then
     /// during a `Revert` deletion leaves the primary serving (as `Orphan`). Between 10s and
     /// 24h. Default 10m.
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('24h')").message("must be between 10s and 24h"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress_deadline: Option<Duration>,
 }
@@ -341,7 +342,9 @@ pub struct ObjectRef {
 #[serde(rename_all = "camelCase")]
 pub struct AnalysisSpec {
     /// Time between checks at one step, as Kubernetes durations are written (`30s`, `1m`,
-    /// `2m30s`). It is also the default query window of each metric. Default 1m.
+    /// `2m30s`), between 1s and 24h. It is also the default query window of each metric.
+    /// Default 1m.
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("must be between 1s and 24h"))]
     #[serde(default = "default_interval")]
     pub interval: Duration,
     /// Successful checks needed at a step before the next step. Default 1.
@@ -426,7 +429,9 @@ pub struct MetricSpec {
     /// is inconclusive instead of pass or fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_sample_size: Option<u64>,
-    /// Query window; defaults to `analysis.interval`.
+    /// Query window, at most `analysis.interval` (between 1s and 24h); defaults to
+    /// `analysis.interval`.
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("must be between 1s and 24h"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<Duration>,
 }
@@ -470,7 +475,8 @@ impl ProviderSpec {
 pub struct PrometheusProvider {
     /// Base URL, for example `http://prometheus.monitoring:9090`.
     pub address: String,
-    /// Query timeout. Default 10s.
+    /// Query timeout, between 1s and 24h. Default 10s.
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("must be between 1s and 24h"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
     /// A Secret in the Canary's namespace with `token` (bearer) or `username` and `password`
