@@ -152,6 +152,8 @@ pub struct Parts {
 /// `--leader-elect`, writes through clients made by [`client`] go out only inside the
 /// lease.
 pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::Result<()> {
+    // The AWS writes of the routers pass the same fence as the client's.
+    crate::router::guard_writes(FENCE.clone());
     let timing = args.lease_timing()?;
     super::check_crd(&client, args.namespace.as_deref()).await?;
     let metrics = Arc::new(Metrics::new(parts.register));

@@ -364,6 +364,20 @@ impl Fence {
     }
 }
 
+/// The fence also guards the writes that do not go through the Kubernetes client (the App
+/// Mesh AWS API).
+impl crate::router::WriteGuard for Fence {
+    fn admit(&self) -> Result<Option<Duration>, String> {
+        match self.check(Instant::now()) {
+            FenceVerdict::Open => Ok(None),
+            FenceVerdict::Within(limit) => Ok(Some(limit)),
+            FenceVerdict::Refused => {
+                Err("this replica does not hold the leader lease long enough to write".into())
+            }
+        }
+    }
+}
+
 /// A client that sends everything through `inner`, except that each mutating request
 /// (POST, PUT, PATCH, DELETE) first asks `fence`: refused ones never leave the process
 /// (the caller gets a 503 `Status` saying why), the others are abandoned after the
@@ -708,6 +722,27 @@ impl LeaderElector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AWS writes ask the same fence: open without leader election, refused when not
+    /// leading or not renewed, and bounded by the write timeout when leading.
+    #[test]
+    fn the_fence_guards_writes_outside_kubernetes_too() {
+        use crate::router::WriteGuard as _;
+        let fence = Fence::open();
+        assert_eq!(fence.admit(), Ok(None));
+        let timing = LeaseTiming::new(
+            Duration::from_secs(15),
+            Duration::from_secs(10),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        fence.arm(&timing);
+        assert!(fence.admit().is_err(), "armed but never renewed");
+        fence.renewed(Instant::now());
+        assert_eq!(fence.admit(), Ok(Some(Duration::from_secs(5))));
+        fence.close();
+        assert!(fence.admit().unwrap_err().contains("leader lease"));
+    }
     use chrono::TimeZone;
 
     const S: fn(u64) -> Duration = Duration::from_secs;

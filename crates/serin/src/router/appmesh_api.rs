@@ -318,16 +318,34 @@ impl AppMeshAwsRouter {
             }
             targets[p].weight = i32::from(desired.primary());
             targets[c].weight = i32::from(desired.canary());
-            let out = client
+            let refused = |message: String| RouterError::Aws {
+                operation: "UpdateRoute",
+                mesh: t.spec.mesh.clone(),
+                name: t.spec.route.clone(),
+                message,
+                retryable: true,
+            };
+            // The leader lease must outlive the write (the Kubernetes client is fenced the
+            // same way): a write that may still land after a standby took over is not sent.
+            let deadline =
+                super::admit_write().map_err(|why| refused(format!("not sent: {why}")))?;
+            let send = client
                 .update_route()
                 .mesh_name(&t.spec.mesh)
                 .virtual_router_name(&t.spec.virtual_router)
                 .route_name(&t.spec.route)
                 .set_mesh_owner(t.spec.mesh_owner.clone())
                 .spec(spec)
-                .send()
-                .await
-                .map_err(|e| t.aws_error("UpdateRoute", &e))?;
+                .send();
+            let sent = match deadline {
+                None => send.await,
+                Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| {
+                    refused(format!(
+                        "abandoned after {limit:?}: the leader lease would not have outlived it"
+                    ))
+                })?,
+            };
+            let out = sent.map_err(|e| t.aws_error("UpdateRoute", &e))?;
             let new_version = out.route.and_then(|r| r.metadata).map(|m| m.version);
             match (version, new_version) {
                 (Some(v), Some(n)) if n != v + 1 => {

@@ -107,6 +107,29 @@ pub async fn move_all(
     Err(last.unwrap_or(RouterError::NotConfigured { kind: None }))
 }
 
+/// Asked before every write that does not go through the Kubernetes client (the App Mesh
+/// AWS API): whether it may be sent now, and how long it may take. The leader election's
+/// fence implements it (a write must finish while this replica still holds the lease);
+/// without one every write may go.
+pub trait WriteGuard: Send + Sync {
+    /// `Ok(None)`: send, without a deadline; `Ok(Some(t))`: send, and give up after `t`;
+    /// `Err(why)`: do not send.
+    fn admit(&self) -> Result<Option<std::time::Duration>, String>;
+}
+
+static WRITE_GUARD: std::sync::OnceLock<Arc<dyn WriteGuard>> = std::sync::OnceLock::new();
+
+/// Puts every non-Kubernetes write of this process behind `guard` (once per process: one
+/// operator per process, as the leader election's fence is).
+pub fn guard_writes(guard: Arc<dyn WriteGuard>) {
+    let _ = WRITE_GUARD.set(guard);
+}
+
+/// The verdict of the process's [`WriteGuard`] on a write about to be sent.
+pub(crate) fn admit_write() -> Result<Option<std::time::Duration>, String> {
+    WRITE_GUARD.get().map_or(Ok(None), |g| g.admit())
+}
+
 /// A data plane Serin can route, as the [`REGISTRY`] holds it.
 pub struct Registration {
     /// The `spec.router` field it serves.
