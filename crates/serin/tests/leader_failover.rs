@@ -115,6 +115,19 @@ impl Replica {
         at
     }
 
+    /// SIGTERM (a clean shutdown, as Kubernetes stops a pod); returns when it was sent.
+    fn terminate(&self) -> Instant {
+        let pid = self.child.lock().unwrap().id();
+        let at = Instant::now();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+        at
+    }
+
     fn exited(&self) -> Option<(Instant, ExitStatus)> {
         *self.exit.lock().unwrap()
     }
@@ -601,6 +614,49 @@ async fn a_leader_killed_mid_weight_write_hands_over_cleanly() {
             .all(|w| w.forwarded.is_some_and(|f| f > killed)),
         "{b_writes:#?}"
     );
+    case.assert_one_writer_at_a_time(&case.a, &case.b).await;
+}
+
+/// The leader is stopped cleanly (SIGTERM) mid-rollout: it stops writing, waits until
+/// every write it sent has ended, then releases the Lease, so the standby takes over well
+/// before a lease duration (10 s here) has passed, the writes never overlap, and the rollout
+/// completes with the uninterrupted weights. Before, a standby always waited out the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_cleanly_releases_the_lease() {
+    let Some(case) = Case::start("leader-term", None).await else {
+        return;
+    };
+    set_image(&case.env, "podinfo", "podinfo:2").await;
+    case.wait_weights(2).await;
+    let stopped = case.a.terminate();
+    let took_over = case.holders.wait_for("replica-b").await;
+    let (exited, status) = wait_for("replica-a to exit", Duration::from_secs(30), || async {
+        case.a.exited()
+    })
+    .await;
+    assert!(
+        status.success(),
+        "a clean shutdown exits 0: {status:?}\n{}",
+        case.a.log()
+    );
+    assert!(
+        case.a.log().contains("released leadership"),
+        "{}",
+        case.a.log()
+    );
+    let handover = took_over.duration_since(stopped);
+    eprintln!("handover after SIGTERM: {handover:?} (lease duration 10s)");
+    assert!(
+        handover < Duration::from_secs(10),
+        "the standby waited out the lease: {handover:?}"
+    );
+    assert!(
+        exited <= took_over + Duration::from_secs(1),
+        "replica-a still ran after the takeover"
+    );
+    case.wait_phase(Phase::Succeeded, Duration::from_secs(120))
+        .await;
+    assert_eq!(case.weights.pairs(), WEIGHTS.to_vec());
     case.assert_one_writer_at_a_time(&case.a, &case.b).await;
 }
 

@@ -223,11 +223,22 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
             None => std::future::pending().await,
         }
     };
+    tokio::pin!(controller);
     tokio::select! {
-        () = controller => Ok(()),
+        () = &mut controller => Ok(()),
         () = shutdown_signal() => {
             tracing::info!("shutting down");
-            let _ = stop_tx.send(true);
+            if let Some(elector) = &elector {
+                // No new write from here on; the reconciles under way end (each write is
+                // bounded by the write timeout), then the Lease goes to a standby at once.
+                FENCE.close();
+                let _ = stop_tx.send(true);
+                let drain = timing.write_timeout() + Duration::from_secs(1);
+                let _ = tokio::time::timeout(drain, &mut controller).await;
+                elector.release().await;
+            } else {
+                let _ = stop_tx.send(true);
+            }
             Ok(())
         }
         Some(err) = lost => {

@@ -685,6 +685,37 @@ impl LeaderElector {
     }
 
     /// One renewal; returns when its write was sent.
+    /// Gives the Lease up on a clean shutdown, so a standby takes over within its retry
+    /// period instead of a lease duration. Call it once the writes already sent have ended
+    /// (answered, or abandoned at the write timeout), so that the two replicas' writes
+    /// cannot overlap; the fence is closed here too. A Lease no longer ours, or an API
+    /// error, is left alone: the standby then waits out the lease.
+    pub async fn release(&self) {
+        self.fence.close();
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.renew_time = Some(micro_time(Utc::now()));
+        // Guarded by the resourceVersion read above: a takeover in between wins.
+        match self
+            .api
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.config.name, "released leadership"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the lease; a standby waits it out")
+            }
+        }
+    }
+
     async fn renew(&self) -> Result<Instant, RenewError> {
         let mut lease = self
             .api
