@@ -607,3 +607,55 @@ async fn warning_types(env: &Env, name: &str, reason: &str) -> bool {
         .collect();
     !types.is_empty() && types.iter().all(|t| t == "Warning")
 }
+
+/// A Canary that became invalid after Serin acted on it (here: a query with an unknown
+/// template variable, which the CRD accepts and Serin's validation refuses) still goes away
+/// when deleted: Serin changes no traffic for an invalid spec, says so in a Warning
+/// `RevertImpossible` Event, and releases the finalizer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_canary_does_not_wedge_the_deletion() {
+    let Some(env) = env(|_, _| vec![]).await else {
+        return;
+    };
+    let kind = Kind::GatewayApi;
+    arrange(&env, kind, None).await;
+    let op = start_operator(&env);
+    wait_first_step(&env, &op, kind).await;
+    canaries(&env)
+        .patch(
+            kind.canary(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{
+                    "op": "replace",
+                    "path": "/spec/analysis/metrics/0/query",
+                    "value": "vector({{ variables.nope }})"
+                }]))
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the Canary to be Invalid",
+        Duration::from_secs(30),
+        || async {
+            let c = canaries(&env).get(kind.canary()).await.ok()?;
+            serin::api::find_condition(&c.status?.conditions, serin::api::INVALID)
+                .filter(|c| c.status == serin::api::ConditionStatus::True)
+                .map(|_| ())
+        },
+    )
+    .await;
+    let before = weights(&env, kind).await;
+    delete_canary(&env, kind).await;
+    wait_gone(&env, &op, kind).await;
+    let (reasons, message) = event(&env, kind, "RevertImpossible").await;
+    assert!(message.contains("invalid"), "{message:?}");
+    assert!(!reasons.iter().any(|r| r == "Reverted"), "{reasons:?}");
+    assert_eq!(
+        weights(&env, kind).await,
+        before,
+        "no traffic change for an invalid Canary"
+    );
+}
