@@ -11,11 +11,13 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_cloudwatch::primitives::DateTime as AwsDateTime;
 use aws_sdk_cloudwatch::types::{Dimension, MetricDatum};
 use chrono::{DateTime, TimeZone, Utc};
-use serin::api::CanarySpec;
+use serin::analysis::MetricObservation;
+use serin::api::{CanarySpec, CanaryStatus, MetricResult, Phase, Verdict};
 use serin::metrics::{
     CanaryContext, CloudWatch, CloudWatchOptions, Evaluator, MetricEvaluation, MetricProvider,
     Prometheus, PrometheusOptions, ProviderMetrics, StaticSecrets,
 };
+use serin::rollout::{self, Input, Observations, WorkloadState};
 use support::cbor::{Injected, Translator};
 
 const CW_SERVICE: &str = "GraniteServiceVersion20100801";
@@ -437,4 +439,110 @@ async fn moto_percentiles_are_an_error() {
     .await;
     let err = e.result.expect_err("moto has no p99");
     assert_eq!(err.category(), "provider", "{err}");
+}
+
+/// Drives `rollout::decide` as the controller does: a rollout starts one interval before
+/// `now` (a minute boundary, as CloudWatch checks are), and its first check, due at `now`,
+/// sees `observation`. Returns that check's result for the metric.
+fn first_check(
+    spec: &CanarySpec,
+    observation: MetricObservation,
+    now: DateTime<Utc>,
+) -> MetricResult {
+    let interval = chrono::Duration::from_std(spec.analysis.interval.into()).unwrap();
+    let ready = |revision: &str| WorkloadState {
+        revision: Some(revision.into()),
+        ready: true,
+    };
+    let mut observations = Observations {
+        canary: ready("rev2"),
+        primary: ready("rev1"),
+        metrics: vec![],
+        command: None,
+        weights: None,
+    };
+    let waiting = CanaryStatus {
+        phase: Phase::Waiting,
+        revision: Some("rev1".into()),
+        stable_revision: Some("rev1".into()),
+        ..Default::default()
+    };
+    let started = rollout::decide(Input {
+        spec,
+        generation: Some(1),
+        status: &waiting,
+        problems: &[],
+        observations: &observations,
+        now: now - interval,
+    });
+    assert_eq!(
+        started.status.phase,
+        Phase::Progressing,
+        "{:?}",
+        started.status
+    );
+    assert_eq!(rollout::next_check_at(spec, &started.status), Some(now));
+    observations.metrics = vec![observation];
+    let checked = rollout::decide(Input {
+        spec,
+        generation: Some(1),
+        status: &started.status,
+        problems: &[],
+        observations: &observations,
+        now,
+    });
+    let check = checked.status.last_check.expect("a check at its due time");
+    check
+        .results
+        .into_iter()
+        .next()
+        .expect("the metric's result")
+}
+
+/// A 30-minute window of one-minute datapoints whose newest datapoint is from 20 minutes
+/// ago: the value is stamped with that datapoint's time plus its period (where its data
+/// ends), and the check due now judges it stale. A datapoint in the last minute is fresh
+/// and passes.
+#[tokio::test]
+async fn an_old_datapoint_is_stamped_with_its_time_plus_period_and_judged_stale() {
+    let moto = support::moto::shared();
+    let tr = Translator::start(&moto.url, CW_SERVICE).await;
+    let client = sdk(&tr.url).await;
+    // A minute boundary: the window is the 30 whole minutes before it.
+    let at = now() - chrono::Duration::seconds(20);
+    let returns = "        - id: e1\n          expression: m1\n          returnData: true\n";
+    let thirty_minutes = |ns: &str| {
+        let mut s = spec(&tr.url, &user_metric(returns));
+        s.analysis.interval = std::time::Duration::from_secs(1800).into();
+        (ns.to_string(), s)
+    };
+    let (ns, stale) = thirty_minutes("cw-stale");
+    let old = at - chrono::Duration::minutes(20) + chrono::Duration::seconds(15);
+    put(&client, arm_data(&ns, "podinfo", 7.0, 0.0, old)).await;
+    let ev = evaluator(options());
+    let e = one(&ev, &ns, stale.clone(), at).await;
+    let sample = e.result.clone().expect("a value from the old datapoint");
+    assert_eq!(sample.value, 7.0);
+    let period_start = at - chrono::Duration::minutes(20);
+    let ends = period_start + chrono::Duration::seconds(60);
+    assert_eq!(sample.timestamp, ends, "evaluated at {at}");
+    let observation = e.observation();
+    assert_eq!(observation.at, ends);
+    let result = first_check(&stale, observation, at);
+    assert_eq!(result.verdict, Verdict::Inconclusive, "{result:?}");
+    assert!(
+        result.message.starts_with("stale: measured at"),
+        "{result:?}"
+    );
+
+    let (ns, fresh) = thirty_minutes("cw-fresh");
+    put(
+        &client,
+        arm_data(&ns, "podinfo", 9.0, 0.0, at - chrono::Duration::seconds(40)),
+    )
+    .await;
+    let e = one(&ev, &ns, fresh.clone(), at).await;
+    assert_eq!(e.result.as_ref().expect("a value").timestamp, at);
+    let result = first_check(&fresh, e.observation(), at);
+    assert_eq!(result.verdict, Verdict::Pass, "{result:?}");
 }

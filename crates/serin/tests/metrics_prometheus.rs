@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use serin::analysis::Outcome;
-use serin::api::CanarySpec;
+use serin::analysis::{MetricObservation, Outcome};
+use serin::api::{CanarySpec, CanaryStatus, MetricResult, Phase, Verdict};
 use serin::metrics::{Evaluator, EvaluatorConfig, MetricError, MetricEvaluation, StaticSecrets};
+use serin::rollout::{self, Input, Observations, WorkloadState};
 use support::prometheus::{History, TestPrometheus};
 
 /// Canary request rates (per second) written into the history.
@@ -31,10 +32,15 @@ const BUCKETS: [(&str, f64); 9] = [
     ("+Inf", 10.0),
 ];
 
+/// The `stale` canary's series have no samples after base + this many seconds.
+const STALE_AFTER: i64 = 1025;
+
 struct Fixture {
     prometheus: TestPrometheus,
     /// Evaluation time: inside the history, between two samples.
     at: DateTime<Utc>,
+    /// The first sample's time (Unix seconds); samples every 10 s.
+    base: i64,
 }
 
 fn fixture() -> &'static Fixture {
@@ -74,9 +80,36 @@ fn fixture() -> &'static Fixture {
             &format!(r#"envoy_cluster_name="{}""#, am("podinfo-canary")),
             10.0,
         );
-        let prometheus = TestPrometheus::start(&h.render(base, base + 1800, 10));
+        // Canary `stale` (arms stale-primary and stale-canary): its series stopped being
+        // scraped three minutes before the evaluation time; the last sample is at
+        // base + 1020.
+        for arm in ["stale-canary", "stale-primary"] {
+            h.counter(
+                "envoy_cluster_upstream_rq",
+                &format!(r#"envoy_cluster_name="{}",envoy_response_code="200""#, am(arm)),
+                10.0,
+            );
+        }
+        let history: String = h
+            .render(base, base + 1800, 10)
+            .lines()
+            .filter(|line| {
+                !line.contains("_stale-")
+                    || line
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|t| t.parse::<i64>().ok())
+                        .is_some_and(|t| t <= base + STALE_AFTER)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let prometheus = TestPrometheus::start(&history);
         let at = Utc.timestamp_opt(base + 1200 + 5, 0).unwrap();
-        Fixture { prometheus, at }
+        Fixture {
+            prometheus,
+            at,
+            base,
+        }
     })
 }
 
@@ -132,12 +165,20 @@ async fn appmesh_error_rate_with_evidence() {
     assert!((ev.canary.errors - 30.0).abs() < 1e-6);
     assert!((ev.primary.requests - 1200.0).abs() < 1e-6);
     assert!((ev.primary.errors - 12.0).abs() < 1e-6);
-    assert_eq!(e.queries.len(), 4);
+    assert_eq!(e.queries.len(), 5, "four counts and the freshness query");
     assert!(
         e.queries[3].contains("cds_egress_.+_podinfo-canary_test_"),
         "{:?}",
         e.queries
     );
+    assert!(
+        e.queries[4].starts_with("max(timestamp(envoy_cluster_upstream_rq{")
+            && e.queries[4].contains("_podinfo-canary_test_"),
+        "{:?}",
+        e.queries
+    );
+    // The newest sample (at - 5 s) stands until the next scrape, after `at`.
+    assert_eq!(s.timestamp, f.at);
 }
 
 /// histogram_quantile's linear interpolation, computed by hand from the bucket rates.
@@ -217,7 +258,8 @@ async fn user_query_renders_templates() {
     assert_eq!(
         e.queries,
         vec![
-            r#"sum(rate(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_podinfo-canary_test_http_.+"}[1m]))"#
+            r#"sum(rate(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_podinfo-canary_test_http_.+"}[1m]))"#,
+            r#"max(timestamp(envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_podinfo-canary_test_http_.+"}))"#,
         ]
     );
     assert!((e.result.expect("a sample").value - 10.0).abs() < 1e-9);
@@ -333,9 +375,15 @@ async fn refused_and_hanging_servers() {
 async fn credentials_and_headers() {
     let seen: Arc<Mutex<Vec<HashMap<String, String>>>> = Arc::default();
     let record = seen.clone();
-    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
         let record = record.clone();
         async move {
+            // The value query, and the freshness (range) query sent with it.
+            let body = if uri.path().ends_with("query_range") {
+                r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1699999990,"1699999990"],[1700000000,"1700000000"]]}]}}"#
+            } else {
+                r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.5"]}]}}"#
+            };
             let h: HashMap<String, String> = headers
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
@@ -346,7 +394,7 @@ async fn credentials_and_headers() {
                 (
                     axum::http::StatusCode::OK,
                     [("content-type", "application/json")],
-                    r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1700000000,"0.5"]}]}}"#,
+                    body,
                 )
             } else {
                 (axum::http::StatusCode::UNAUTHORIZED, [("content-type", "text/plain")], "unauthorized")
@@ -423,8 +471,162 @@ async fn requests_are_counted() {
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
         text.contains(
-            r#"serin_provider_requests_total{provider="prometheus",outcome="success"} 4"#
+            r#"serin_provider_requests_total{provider="prometheus",outcome="success"} 5"#
         ),
         "{text}"
     );
+}
+
+/// Drives `rollout::decide` as the controller does: a rollout starts one interval before
+/// `now`, and its first check, due at `now`, sees `observation`. Returns that check's
+/// result for the metric.
+fn first_check(
+    spec: &CanarySpec,
+    observation: MetricObservation,
+    now: DateTime<Utc>,
+) -> MetricResult {
+    let interval = chrono::Duration::from_std(spec.analysis.interval.into()).unwrap();
+    let mut observations = Observations {
+        canary: WorkloadState {
+            revision: Some("rev2".into()),
+            ready: true,
+        },
+        primary: WorkloadState {
+            revision: Some("rev1".into()),
+            ready: true,
+        },
+        metrics: vec![],
+        command: None,
+        weights: None,
+    };
+    let waiting = CanaryStatus {
+        phase: Phase::Waiting,
+        revision: Some("rev1".into()),
+        stable_revision: Some("rev1".into()),
+        ..Default::default()
+    };
+    let started = rollout::decide(Input {
+        spec,
+        generation: Some(1),
+        status: &waiting,
+        problems: &[],
+        observations: &observations,
+        now: now - interval,
+    });
+    assert_eq!(
+        started.status.phase,
+        Phase::Progressing,
+        "{:?}",
+        started.status
+    );
+    assert_eq!(
+        rollout::next_check_at(spec, &started.status),
+        Some(now),
+        "the first check is due at `now`"
+    );
+    observations.metrics = vec![observation];
+    let checked = rollout::decide(Input {
+        spec,
+        generation: Some(1),
+        status: &started.status,
+        problems: &[],
+        observations: &observations,
+        now,
+    });
+    let check = checked.status.last_check.expect("a check at its due time");
+    check
+        .results
+        .into_iter()
+        .next()
+        .expect("the metric's result")
+}
+
+/// A canary whose series stopped being scraped three minutes ago still has a value over a
+/// 5-minute window (Prometheus stamps it with the evaluation time), but the observation is
+/// stamped where its data ends (the last sample plus the 10 s scrape interval), so the
+/// check due now judges it stale, never a pass. The same check on live series passes.
+#[tokio::test]
+async fn a_series_that_stopped_is_stamped_with_its_last_sample_and_judged_stale() {
+    let f = fixture();
+    let five_minutes = |target: &str| {
+        let mut s = spec(
+            appmesh(),
+            &metric(&f.prometheus.url, "preset: appmesh-error-rate", ""),
+        );
+        s.target_ref.as_mut().unwrap().name = target.into();
+        s.analysis.interval = std::time::Duration::from_secs(300).into();
+        s
+    };
+    let stale = five_minutes("stale");
+    let e = evaluate(stale.clone(), f.at).await;
+    let sample = e
+        .result
+        .clone()
+        .expect("a value from the old samples in the window");
+    assert_eq!(sample.value, 0.0);
+    let last_sample = Utc.timestamp_opt(f.base + 1020, 0).unwrap();
+    let ends = last_sample + chrono::Duration::seconds(10);
+    assert_eq!(sample.timestamp, ends, "evaluated at {}", f.at);
+    let observation = e.observation();
+    assert_eq!(observation.at, ends);
+    let result = first_check(&stale, observation, f.at);
+    assert_eq!(result.verdict, Verdict::Inconclusive, "{result:?}");
+    assert!(
+        result.message.starts_with("stale: measured at"),
+        "{result:?}"
+    );
+
+    let live = five_minutes("podinfo");
+    let e = evaluate(live.clone(), f.at).await;
+    assert_eq!(e.result.as_ref().expect("a value").timestamp, f.at);
+    let result = first_check(&live, e.observation(), f.at);
+    assert_eq!(result.verdict, Verdict::Pass, "{result:?}");
+}
+
+/// The freshness query Serin derives from each shape of user query is valid PromQL to a
+/// real Prometheus, and the value comes back stamped where the live series' data ends.
+#[tokio::test]
+async fn freshness_queries_of_user_queries_are_valid_promql() {
+    let f = fixture();
+    let rq = r#"envoy_cluster_upstream_rq{envoy_cluster_name=~"cds_egress_.+_podinfo-canary_test_http_.+"}"#;
+    let queries = [
+        format!("sum(rate({rq}[{{{{ interval }}}}]))"),
+        format!(r#"sum(rate({rq}[1m])) / sum(rate({{__name__="envoy_cluster_upstream_rq"}}[1m]))"#),
+        format!(
+            "sum(sum by (envoy_response_code) (rate({rq}[1m])) * on (envoy_response_code) group_left sum by (envoy_response_code) (rate({rq}[1m] offset 1m)) > bool 0)"
+        ),
+        format!("max_over_time(sum(rate({rq}[1m]))[5m:30s])"),
+        format!("count(count_values(\"v\", {rq} @ {}))", f.at.timestamp()),
+        format!("scalar(sum(rate({rq}[1m])))"),
+        format!("sum(rate({rq}[1m])) or vector(0)"),
+    ];
+    for q in queries {
+        let source = format!("query: '{}'", q.replace('\'', "''"));
+        let e = evaluate(
+            spec(appmesh(), &metric(&f.prometheus.url, &source, "")),
+            f.at,
+        )
+        .await;
+        assert_eq!(e.queries.len(), 2, "{:?}", e.queries);
+        let s = e
+            .result
+            .unwrap_or_else(|err| panic!("{q}: {err}; sent {:?}", e.queries));
+        assert!(s.timestamp <= f.at, "{q}: {}", s.timestamp);
+        assert!(
+            s.timestamp > f.at - chrono::Duration::seconds(10),
+            "{q}: {}",
+            s.timestamp
+        );
+    }
+    // A query that reads no series is as fresh as its evaluation.
+    let e = evaluate(
+        spec(
+            appmesh(),
+            &metric(&f.prometheus.url, "query: 'vector(3)'", ""),
+        ),
+        f.at,
+    )
+    .await;
+    assert_eq!(e.queries.len(), 1);
+    assert_eq!(e.result.expect("a value").timestamp, f.at);
 }

@@ -34,14 +34,17 @@ pub enum Outcome {
     },
 }
 
-/// A metric's outcome and when it was measured (the end of its query window).
+/// A metric's outcome and the time its data reaches.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricObservation {
     /// `spec.analysis.metrics[].name`.
     pub name: String,
     /// What the provider returned.
     pub outcome: Outcome,
-    /// Evaluation time of the query.
+    /// The time the data reaches (`metrics::Sample::timestamp`): the newest sample plus
+    /// its sampling interval, or the newest CloudWatch datapoint plus its period; the
+    /// evaluation time when there is no value. `rollout` judges an observation older than
+    /// the check's due time stale.
     pub at: DateTime<Utc>,
 }
 

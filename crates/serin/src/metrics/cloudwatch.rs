@@ -9,6 +9,11 @@
 //! (a minute by default: the period of standard-resolution metrics), so Canaries checked in
 //! the same minute share a call.
 //!
+//! The queries and the window are planned without I/O ([`plan_queries`]). A sample is
+//! stamped where its data ends: the newest datapoint's time plus its period (at most the
+//! window's end), so a value whose datapoints stopped long ago is judged stale. A preset's
+//! period is its whole window, so a preset is fresh whenever its window has data.
+//!
 //! Credentials come from the standard AWS chain (IRSA in clusters), optionally through an
 //! assumed role (`roleArn`, via STS). Throttling and transient failures are retried with
 //! exponential backoff, a bounded number of times.
@@ -177,105 +182,188 @@ impl CloudWatch {
         conn: &AwsConnection,
         now: DateTime<Utc>,
     ) -> Measurement {
-        let window = canary.window(metric);
-        let vars = Vars::new(canary, window);
-        let period = (window.as_secs().div_ceil(60).max(1) * 60).min(i32::MAX as u64) as i32;
-        let specs: Vec<MetricDataQuery> = match (metric.preset, &metric.metric_data_queries) {
-            (Some(p), _) => presets::cloudwatch_queries(p, period, &canary.data_plane),
-            (None, Some(q)) => q.clone(),
-            (None, None) => {
-                return Measurement::failed(
-                    vec![],
-                    MetricError::Config(
-                        "the metric has neither a preset nor metricDataQueries".into(),
-                    ),
-                );
-            }
-        };
-        let rendered = match specs
-            .iter()
-            .map(|q| render_query(q, &vars))
-            .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(r) => r,
-            Err(e) => return Measurement::failed(vec![], MetricError::Template(e)),
-        };
-        let shown: Vec<String> = rendered.iter().map(describe).collect();
-        if metric.preset.is_none() {
-            let returning: Vec<&str> = rendered
-                .iter()
-                .filter(|q| q.return_data != Some(false))
-                .map(|q| q.id.as_str())
-                .collect();
-            if returning.len() != 1 {
-                return Measurement::failed(
-                    shown,
-                    MetricError::BadQuery(format!(
-                        "{} queries return data ({}); CloudWatch treats a missing returnData as true. Set returnData: true on the one query that gives the value and false on every other",
-                        returning.len(),
-                        returning.join(", ")
-                    )),
-                );
-            }
-        }
-        if rendered.len() > MAX_QUERIES_PER_CALL {
-            return Measurement::failed(
-                shown,
-                MetricError::BadQuery(format!(
-                    "{} queries are more than GetMetricData accepts ({MAX_QUERIES_PER_CALL})",
-                    rendered.len()
-                )),
-            );
-        }
-        let align = self.options.align.as_millis().max(1) as i64;
-        let end_ms = now.timestamp_millis().div_euclid(align) * align;
-        let longest_period = rendered
-            .iter()
-            .filter_map(|q| q.metric_stat.as_ref().map(|m| m.period).or(q.period))
-            .max()
-            .unwrap_or(period)
-            .max(1) as i64;
-        let lookback_ms = (window.as_millis() as i64).max(longest_period * 1000);
-        let (Some(end), Some(start)) = (
-            DateTime::from_timestamp_millis(end_ms),
-            DateTime::from_timestamp_millis(end_ms - lookback_ms),
-        ) else {
-            return Measurement::failed(
-                shown,
-                MetricError::Config("the evaluation time is out of range".into()),
-            );
+        let plan = match plan_queries(canary, metric, now, self.options.align) {
+            Ok(p) => p,
+            Err(failed) => return failed,
         };
         let key = Key {
             region: conn.region.clone(),
             role_arn: conn.role_arn.clone(),
             endpoint: conn.endpoint.clone(),
         };
-        let queries = rendered.iter().map(to_sdk).collect();
-        let series = match self.submit(key, queries, start, end).await {
+        let queries = plan.queries.iter().map(to_sdk).collect();
+        let series = match self.submit(key, queries, plan.start, plan.end).await {
             Ok(s) => s,
-            Err(e) => return Measurement::failed(shown, e),
+            Err(e) => return Measurement::failed(plan.shown, e),
         };
-        let window_text = format!("{} to {}", start.to_rfc3339(), end.to_rfc3339());
-        let result = match metric.preset.map(presets::kind) {
-            Some(Kind::ErrorRate) => error_rate(&series, &window_text, end),
-            Some(Kind::LatencyP99) => latency(&series, &window_text),
+        let result = plan.sample(&series, metric);
+        Measurement {
+            queries: plan.shown,
+            result,
+        }
+    }
+}
+
+/// What one metric asks GetMetricData for, built without I/O: the rendered queries, how
+/// they are shown, and the window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueryPlan {
+    /// One line per query, for people (`serin analyze`, messages).
+    pub shown: Vec<String>,
+    /// The queries with their templates rendered.
+    pub queries: Vec<MetricDataQuery>,
+    /// The start of the window.
+    pub start: DateTime<Utc>,
+    /// The end of the window: the evaluation time rounded down to the alignment.
+    pub end: DateTime<Utc>,
+    /// The period of queries that name none (seconds): the longest one named, else the
+    /// window in whole minutes.
+    pub default_period: i64,
+}
+
+/// Renders `metric`'s queries for `canary` at `now`, checks them, and computes the window
+/// (ending on a multiple of `align`). An unusable metric is the failed [`Measurement`] to
+/// report, with the queries shown when they could be rendered.
+pub fn plan_queries(
+    canary: &CanaryContext,
+    metric: &MetricSpec,
+    now: DateTime<Utc>,
+    align: Duration,
+) -> Result<QueryPlan, Measurement> {
+    let window = canary.window(metric);
+    let vars = Vars::new(canary, window);
+    let period = i32::try_from(window.as_secs().div_ceil(60).max(1).saturating_mul(60))
+        .unwrap_or(i32::MAX / 60 * 60);
+    let specs: Vec<MetricDataQuery> = match (metric.preset, &metric.metric_data_queries) {
+        (Some(p), _) => presets::cloudwatch_queries(p, period, &canary.data_plane),
+        (None, Some(q)) => q.clone(),
+        (None, None) => {
+            return Err(Measurement::failed(
+                vec![],
+                MetricError::Config("the metric has neither a preset nor metricDataQueries".into()),
+            ));
+        }
+    };
+    let rendered = specs
+        .iter()
+        .map(|q| render_query(q, &vars))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Measurement::failed(vec![], MetricError::Template(e)))?;
+    let shown: Vec<String> = rendered.iter().map(describe).collect();
+    if metric.preset.is_none() {
+        let returning: Vec<&str> = rendered
+            .iter()
+            .filter(|q| q.return_data != Some(false))
+            .map(|q| q.id.as_str())
+            .collect();
+        if returning.len() != 1 {
+            return Err(Measurement::failed(
+                shown,
+                MetricError::BadQuery(format!(
+                    "{} queries return data ({}); CloudWatch treats a missing returnData as true. Set returnData: true on the one query that gives the value and false on every other",
+                    returning.len(),
+                    returning.join(", ")
+                )),
+            ));
+        }
+    }
+    if rendered.len() > MAX_QUERIES_PER_CALL {
+        return Err(Measurement::failed(
+            shown,
+            MetricError::BadQuery(format!(
+                "{} queries are more than GetMetricData accepts ({MAX_QUERIES_PER_CALL})",
+                rendered.len()
+            )),
+        ));
+    }
+    let longest_period = rendered
+        .iter()
+        .filter_map(|q| q.metric_stat.as_ref().map(|m| m.period).or(q.period))
+        .max()
+        .unwrap_or(period)
+        .max(1);
+    // Checked: a window or period that slipped past validation must not panic.
+    let align = i64::try_from(align.as_millis()).unwrap_or(i64::MAX).max(1);
+    let end_ms = now.timestamp_millis().div_euclid(align) * align;
+    let lookback_ms = i64::try_from(window.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(i64::from(longest_period) * 1000);
+    let (Some(end), Some(start)) = (
+        DateTime::from_timestamp_millis(end_ms),
+        end_ms
+            .checked_sub(lookback_ms)
+            .and_then(DateTime::from_timestamp_millis),
+    ) else {
+        return Err(Measurement::failed(
+            shown,
+            MetricError::Config(
+                "the evaluation time or the window is out of range (at most 24h)".into(),
+            ),
+        ));
+    };
+    Ok(QueryPlan {
+        shown,
+        queries: rendered,
+        start,
+        end,
+        default_period: i64::from(longest_period),
+    })
+}
+
+impl QueryPlan {
+    /// The queries as a batched call sends them when this metric is item `prefix` of the
+    /// call: ids, and the references to them in expressions, prefixed.
+    pub fn sdk_queries(&self, prefix: &str) -> Vec<cw::MetricDataQuery> {
+        let queries: Vec<cw::MetricDataQuery> = self.queries.iter().map(to_sdk).collect();
+        prefixed(&queries, prefix)
+    }
+
+    /// The period of query `id`'s datapoints in seconds: its own, else (an expression)
+    /// the longest of the plan.
+    fn period_of(&self, id: &str) -> i64 {
+        self.queries
+            .iter()
+            .find(|q| q.id == id)
+            .and_then(|q| q.metric_stat.as_ref().map(|m| m.period).or(q.period))
+            .map(i64::from)
+            .unwrap_or(self.default_period)
+            .max(1)
+    }
+
+    /// When the data of `id`'s datapoint at `t` ends: `t` plus its period, never after the
+    /// window.
+    fn ends(&self, id: &str, t: DateTime<Utc>) -> DateTime<Utc> {
+        t.checked_add_signed(chrono::Duration::seconds(self.period_of(id)))
+            .unwrap_or(self.end)
+            .min(self.end)
+    }
+
+    /// The sample of `metric` from the series GetMetricData returned for this plan.
+    fn sample(
+        &self,
+        series: &HashMap<String, Series>,
+        metric: &MetricSpec,
+    ) -> Result<Sample, MetricError> {
+        let window = format!("{} to {}", self.start.to_rfc3339(), self.end.to_rfc3339());
+        match metric.preset.map(presets::kind) {
+            Some(Kind::ErrorRate) => {
+                error_rate(series, &window, |t| self.ends("canary_requests", t))
+            }
+            Some(Kind::LatencyP99) => latency(series, &window, |t| self.ends("canary_p99", t)),
             None => {
-                let id = rendered
+                let id = self
+                    .queries
                     .iter()
                     .find(|q| q.return_data != Some(false))
                     .map(|q| q.id.clone())
                     .unwrap_or_default();
-                latest(&series, &id, &window_text).map(|(timestamp, value)| Sample {
+                latest(series, &id, &window).map(|(t, value)| Sample {
                     value,
-                    timestamp,
+                    timestamp: self.ends(&id, t),
                     sample_size: None,
                     evidence: None,
                 })
             }
-        };
-        Measurement {
-            queries: shown,
-            result,
         }
     }
 }
@@ -738,10 +826,12 @@ fn latest(
     }
 }
 
+/// The canary's error rate from both arms' sums, stamped where the canary's request data
+/// ends (`ends` of its newest datapoint).
 fn error_rate(
     series: &HashMap<String, Series>,
     window: &str,
-    end: DateTime<Utc>,
+    ends: impl Fn(DateTime<Utc>) -> DateTime<Utc>,
 ) -> Result<Sample, MetricError> {
     let arm = |name: &str| -> Result<(Option<f64>, ArmCounts), MetricError> {
         let requests = sum(series, &format!("{name}_requests"))?;
@@ -756,10 +846,14 @@ fn error_rate(
     };
     let (_, primary) = arm("primary")?;
     let (canary_requests, canary) = arm("canary")?;
-    match canary_requests {
-        Some(r) if r > 0.0 => Ok(Sample {
+    let newest = series
+        .get("canary_requests")
+        .and_then(|s| s.points.first())
+        .map(|&(t, _)| t);
+    match (canary_requests, newest) {
+        (Some(r), Some(t)) if r > 0.0 => Ok(Sample {
             value: 100.0 * canary.errors / r,
-            timestamp: end,
+            timestamp: ends(t),
             sample_size: Some(r.round() as u64),
             evidence: Some(Evidence { primary, canary }),
         }),
@@ -769,17 +863,21 @@ fn error_rate(
     }
 }
 
-fn latency(series: &HashMap<String, Series>, window: &str) -> Result<Sample, MetricError> {
+fn latency(
+    series: &HashMap<String, Series>,
+    window: &str,
+    ends: impl Fn(DateTime<Utc>) -> DateTime<Utc>,
+) -> Result<Sample, MetricError> {
     let requests = sum(series, "canary_requests")?.unwrap_or(0.0);
     if requests <= 0.0 {
         return Err(MetricError::NoData(format!(
             "no requests reached the canary from {window}: is it receiving traffic?"
         )));
     }
-    let (timestamp, value) = latest(series, "canary_p99", window)?;
+    let (t, value) = latest(series, "canary_p99", window)?;
     Ok(Sample {
         value,
-        timestamp,
+        timestamp: ends(t),
         sample_size: Some(requests.round() as u64),
         evidence: None,
     })

@@ -37,8 +37,10 @@ use crate::analysis::{MetricObservation, Outcome};
 use crate::api::{Canary, CanarySpec, MetricSpec, ProviderKind};
 use crate::arms::{ArmNames, DataPlaneArms};
 
-pub use cloudwatch::{CloudWatch, CloudWatchOptions, MAX_QUERIES_PER_CALL, prefix_ids};
-pub use prometheus::{Prometheus, PrometheusOptions};
+pub use cloudwatch::{
+    CloudWatch, CloudWatchOptions, MAX_QUERIES_PER_CALL, QueryPlan, plan_queries, prefix_ids,
+};
+pub use prometheus::{Prometheus, PrometheusOptions, freshness_query, promql_selectors};
 pub use telemetry::ProviderMetrics;
 
 /// The names a Canary's queries refer to.
@@ -107,7 +109,9 @@ impl CanaryContext {
 pub struct Sample {
     /// The value the metric's bounds apply to.
     pub value: f64,
-    /// When the value was measured (the end of its window).
+    /// The time the data behind the value reaches, never after the evaluation time:
+    /// Prometheus, the newest sample of the judged series plus its sampling interval;
+    /// CloudWatch, the newest datapoint's time plus its period.
     pub timestamp: DateTime<Utc>,
     /// How many requests (or samples) it summarises, when known.
     pub sample_size: Option<u64>,
@@ -332,12 +336,17 @@ impl MetricEvaluation {
         }
     }
 
-    /// The observation for `rollout::decide`.
+    /// The observation for `rollout::decide`, stamped with the time its data reaches
+    /// (the sample's timestamp), so that old data is judged stale; without a sample, the
+    /// evaluation time.
     pub fn observation(&self) -> MetricObservation {
         MetricObservation {
             name: self.name.clone(),
             outcome: self.outcome(),
-            at: self.at,
+            at: match &self.result {
+                Ok(s) => s.timestamp,
+                Err(_) => self.at,
+            },
         }
     }
 }

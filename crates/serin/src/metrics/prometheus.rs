@@ -1,5 +1,16 @@
 //! The Prometheus provider: instant queries at the evaluation time, with a timeout, optional
 //! bearer or basic auth from a Secret, and custom headers.
+//!
+//! Prometheus stamps every instant-query result with the evaluation time, whatever the age
+//! of the samples behind it: `sum(increase(x[5m]))` still has a value three minutes after
+//! `x` stopped being scraped. So each metric also sends one freshness query, at the same
+//! time as its value queries: the newest sample time of the series the judged query reads
+//! (`max(timestamp(selector))`, [`freshness_query`]), as a range query over the window. Its
+//! last value is the newest sample `T`; the step before it changed gives the series'
+//! sampling interval `S`. The sample is stamped `min(T + S, now)`: a scraped value stands
+//! for its series until the next scrape is due, as a CloudWatch datapoint stands for its
+//! period. The selectors are found by [`promql_selectors`], a small PromQL scanner that
+//! never fails: what it cannot read it skips.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -227,12 +238,30 @@ impl Prometheus {
             Ok(h) => h,
             Err(e) => return Measurement::failed(queries, e),
         };
-        let results = futures::future::join_all(
+        // The judged query's data: the canary's requests for an error rate, its request
+        // count for a latency, the user's query itself.
+        let judged = match metric.preset.map(presets::kind) {
+            Some(Kind::ErrorRate) => queries.get(2),
+            Some(Kind::LatencyP99) => queries.get(1),
+            None => queries.first(),
+        };
+        let freshness = judged.and_then(|q| freshness_query(q));
+        let values = futures::future::join_all(
             queries
                 .iter()
                 .map(|q| self.instant(&client, &headers, timeout, q, now)),
-        )
-        .await;
+        );
+        let newest = async {
+            match &freshness {
+                Some(f) => Some(
+                    self.newest_sample(&client, &headers, timeout, f, window, now)
+                        .await,
+                ),
+                None => None,
+            }
+        };
+        // One round trip: the freshness query goes out with the value queries.
+        let (results, newest) = futures::join!(values, newest);
         let result = match metric.preset.map(presets::kind) {
             Some(Kind::ErrorRate) => error_rate(&queries, results, now),
             Some(Kind::LatencyP99) => latency(&queries, results),
@@ -242,7 +271,80 @@ impl Prometheus {
                 .unwrap_or_else(|| Err(MetricError::Provider("no query was run".into())))
                 .and_then(|v| single(&queries[0], v)),
         };
+        let result = result.and_then(|mut sample| {
+            sample.timestamp = match newest {
+                // Nothing read from series (`vector(1)`), or none of them has a sample
+                // near the window (`sum(rate(errors[1m])) or vector(0)` without errors):
+                // the value is computed at the evaluation time.
+                None | Some(Ok(None)) => now,
+                Some(Ok(Some(at))) => at,
+                Some(Err(e)) => return Err(e),
+            };
+            Ok(sample)
+        });
+        let mut queries = queries;
+        queries.extend(freshness);
         Measurement { queries, result }
+    }
+
+    /// When the data behind a value ends ([`fresh_until`]): `freshness` (from
+    /// [`freshness_query`]) as a range query over `window` up to `now`, `None` when no
+    /// series has a sample in it.
+    async fn newest_sample(
+        &self,
+        client: &Client,
+        headers: &[(HeaderName, HeaderValue)],
+        timeout: Duration,
+        freshness: &str,
+        window: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, MetricError> {
+        // The API takes whole seconds: the range covers the window, rounded outwards.
+        let end = now.timestamp() + i64::from(now.timestamp_subsec_millis() > 0);
+        let start = now
+            .timestamp()
+            .saturating_sub(i64::try_from(window.as_secs()).unwrap_or(i64::MAX));
+        // Sixty steps: the sampling interval is measured to a sixtieth of the window.
+        let step = ((end.saturating_sub(start)) as f64 / 60.0).max(0.001);
+        let mut q = client
+            .query_range(freshness, start, end, step)
+            .timeout(timeout.as_millis().min(i64::MAX as u128) as i64);
+        for (name, value) in headers {
+            q = q.header(name.clone(), value.clone());
+        }
+        let context = |e: MetricError| match e {
+            MetricError::BadQuery(m) => MetricError::BadQuery(format!(
+                "cannot tell how fresh the data is: {m}. Serin asks for the newest sample time of the query's series; report this query to Serin's maintainers"
+            )),
+            other => other,
+        };
+        let result = match tokio::time::timeout(timeout, q.get()).await {
+            Err(_) => Err(MetricError::Timeout(format!(
+                "Prometheus at {} did not answer within {}s; is it overloaded, or is provider.prometheus.timeout too short? query was {freshness}",
+                client.base_url(),
+                timeout.as_secs_f64()
+            ))),
+            Ok(Err(e)) => Err(context(map_error(client, freshness, e))),
+            Ok(Ok(r)) => match r.data() {
+                Data::Matrix(series) => Ok(newest_two(
+                    series
+                        .iter()
+                        .flat_map(|s| s.samples().iter().map(|p| p.value())),
+                )
+                .map(|(newest, previous)| fresh_until(newest, previous, window, now))),
+                _ => Err(MetricError::Provider(format!(
+                    "Prometheus answered a range query without a range result; is the address a Prometheus API? Query was {freshness}"
+                ))),
+            },
+        };
+        self.metrics.inc(
+            PROVIDER,
+            match &result {
+                Ok(_) => "success",
+                Err(e) => e.category(),
+            },
+        );
+        result
     }
 }
 
@@ -490,9 +592,439 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
+/// The label that keeps the selectors of a freshness query apart (see [`freshness_query`]).
+const SELECTOR_LABEL: &str = "serin_selector";
+
+/// The PromQL whose value is the newest sample time, in seconds, of the series `query`
+/// reads: `max(timestamp(selector))` over every vector selector of `query` (their ranges
+/// dropped, their `offset` and `@` modifiers kept, so that the time is that of the data
+/// the query really uses). `None` when `query` reads no series (`vector(1)`, `time()`):
+/// its value is computed at the evaluation time.
+pub fn freshness_query(query: &str) -> Option<String> {
+    let selectors = promql_selectors(query);
+    match selectors.as_slice() {
+        [] => None,
+        [one] => Some(format!("max(timestamp({one}))")),
+        many => {
+            // `timestamp` drops metric names: without a label of their own, two selectors'
+            // series with the same labels would collide in `or`.
+            let parts: Vec<String> = many
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    format!(r#"label_replace(timestamp({s}), "{SELECTOR_LABEL}", "{i}", "", "")"#)
+                })
+                .collect();
+            Some(format!("max({})", parts.join(" or ")))
+        }
+    }
+}
+
+/// Keywords after which a parenthesised list holds label names, not expressions.
+const LABEL_LIST_KEYWORDS: [&str; 6] = [
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
+
+/// Keywords that are never metric names where they stand (PromQL keywords are
+/// case-insensitive).
+const KEYWORDS: [&str; 22] = [
+    "and",
+    "or",
+    "unless",
+    "atan2",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+    "sum",
+    "avg",
+    "count",
+    "min",
+    "max",
+    "group",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "count_values",
+    "quantile",
+    "limitk",
+    "limit_ratio",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TokenKind {
+    Ident,
+    Number,
+    Str,
+    /// `{...}`, to its closing brace (or the end).
+    Matchers,
+    /// `[...]`: a range or a subquery's range and resolution.
+    Range,
+    LParen,
+    RParen,
+    At,
+    Sign,
+    Other,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Token {
+    kind: TokenKind,
+    start: usize,
+    end: usize,
+}
+
+/// Splits PromQL into tokens. Every position it stops at is an ASCII byte or the end, so
+/// every `start..end` is a valid `str` range.
+fn tokens(q: &str) -> Vec<Token> {
+    let b = q.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let ident_start = |c: u8| c.is_ascii_alphabetic() || c == b'_' || c == b':';
+    let ident_char = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+    // Skips a quoted string starting at `i`; returns the index after its closing quote.
+    let skip_string = |mut i: usize| -> usize {
+        let quote = b[i];
+        i += 1;
+        while i < b.len() && b[i] != quote {
+            if b[i] == b'\\' && quote != b'`' {
+                i += 1;
+            }
+            i += 1;
+        }
+        (i + 1).min(b.len())
+    };
+    while i < b.len() {
+        let c = b[i];
+        let start = i;
+        let kind = match c {
+            c if c.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' | b'`' => {
+                i = skip_string(i);
+                TokenKind::Str
+            }
+            b'{' | b'[' => {
+                let close = if c == b'{' { b'}' } else { b']' };
+                i += 1;
+                while i < b.len() && b[i] != close {
+                    if matches!(b[i], b'"' | b'\'' | b'`') {
+                        i = skip_string(i);
+                    } else {
+                        i += 1;
+                    }
+                }
+                i = (i + 1).min(b.len());
+                if c == b'{' {
+                    TokenKind::Matchers
+                } else {
+                    TokenKind::Range
+                }
+            }
+            c if c.is_ascii_digit()
+                || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) =>
+            {
+                // Numbers and durations: 1, 0.5, 1e-3, 0x1f, 5m, 1h30m.
+                i += 1;
+                while i < b.len() {
+                    let d = b[i];
+                    let exponent_sign = matches!(d, b'+' | b'-')
+                        && matches!(b[i - 1], b'e' | b'E')
+                        && !q[start..i].starts_with("0x");
+                    if d.is_ascii_alphanumeric() || d == b'.' || d == b'_' || exponent_sign {
+                        i += 1;
+                    } else {
+                        break;
+                    }
+                }
+                TokenKind::Number
+            }
+            c if ident_start(c) => {
+                while i < b.len() && ident_char(b[i]) {
+                    i += 1;
+                }
+                TokenKind::Ident
+            }
+            b'(' => {
+                i += 1;
+                TokenKind::LParen
+            }
+            b')' => {
+                i += 1;
+                TokenKind::RParen
+            }
+            b'@' => {
+                i += 1;
+                TokenKind::At
+            }
+            b'+' | b'-' => {
+                i += 1;
+                TokenKind::Sign
+            }
+            _ => {
+                // Operators and anything else; a multi-byte character is skipped whole.
+                i += 1;
+                while i < b.len() && !b[i].is_ascii() && (b[i] & 0xC0) == 0x80 {
+                    i += 1;
+                }
+                TokenKind::Other
+            }
+        };
+        out.push(Token {
+            kind,
+            start,
+            end: i,
+        });
+    }
+    out
+}
+
+/// The vector selectors of a PromQL expression, each as an instant selector with its
+/// `offset` and `@` modifiers (`x{a="b"}[5m] offset 1h` gives `x{a="b"} offset 1h`), in
+/// order of appearance and without repeats. Function names, keywords, label lists (`by`,
+/// `on`...), strings and numbers are not selectors. Never fails: text it cannot make sense
+/// of is skipped (Prometheus reports the errors of the query itself).
+pub fn promql_selectors(query: &str) -> Vec<String> {
+    let toks = tokens(query);
+    let text = |t: &Token| &query[t.start..t.end];
+    let kind = |i: usize| toks.get(i).map(|t| t.kind);
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < toks.len() {
+        let t = toks[i];
+        let selector_end = match t.kind {
+            TokenKind::Ident => {
+                let word = text(&t).to_ascii_lowercase();
+                if kind(i + 1) == Some(TokenKind::LParen) {
+                    if LABEL_LIST_KEYWORDS.contains(&word.as_str()) {
+                        // Skip the label names up to the closing parenthesis.
+                        i += 2;
+                        while i < toks.len() && toks[i].kind != TokenKind::RParen {
+                            i += 1;
+                        }
+                    }
+                    // A function call or an aggregation: its arguments are scanned next.
+                    i += 1;
+                    continue;
+                }
+                if LABEL_LIST_KEYWORDS.contains(&word.as_str()) || KEYWORDS.contains(&word.as_str())
+                {
+                    i += 1;
+                    continue;
+                }
+                if kind(i + 1) == Some(TokenKind::Matchers) {
+                    i += 2;
+                    toks[i - 1].end
+                } else {
+                    i += 1;
+                    t.end
+                }
+            }
+            TokenKind::Matchers => {
+                i += 1;
+                t.end
+            }
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        let mut selector = query[t.start..selector_end].to_string();
+        // Modifiers: a range (dropped), `offset [+-]duration`, `@ time|start()|end()`.
+        loop {
+            match kind(i) {
+                Some(TokenKind::Range) => i += 1,
+                Some(TokenKind::Ident) if text(&toks[i]).eq_ignore_ascii_case("offset") => {
+                    let from = toks[i].start;
+                    let mut j = i + 1;
+                    if kind(j) == Some(TokenKind::Sign) {
+                        j += 1;
+                    }
+                    if kind(j) != Some(TokenKind::Number) {
+                        break;
+                    }
+                    selector.push(' ');
+                    selector.push_str(&query[from..toks[j].end]);
+                    i = j + 1;
+                }
+                Some(TokenKind::At) => {
+                    let from = toks[i].start;
+                    let mut j = i + 1;
+                    if kind(j) == Some(TokenKind::Sign) {
+                        j += 1;
+                    }
+                    let end = match kind(j) {
+                        Some(TokenKind::Number) => toks[j].end,
+                        Some(TokenKind::Ident)
+                            if kind(j + 1) == Some(TokenKind::LParen)
+                                && kind(j + 2) == Some(TokenKind::RParen) =>
+                        {
+                            j += 2;
+                            toks[j].end
+                        }
+                        _ => break,
+                    };
+                    selector.push(' ');
+                    selector.push_str(&query[from..end]);
+                    i = j + 1;
+                }
+                _ => break,
+            }
+        }
+        if !out.contains(&selector) {
+            out.push(selector);
+        }
+    }
+    out
+}
+
+/// The newest sample time and the one before it, from a freshness range query's values
+/// (each step's newest sample time).
+fn newest_two(values: impl IntoIterator<Item = f64>) -> Option<(f64, Option<f64>)> {
+    let mut newest: Option<f64> = None;
+    let mut previous: Option<f64> = None;
+    for v in values.into_iter().filter(|v| v.is_finite()) {
+        match newest {
+            Some(n) if v == n => {}
+            Some(n) if v > n => {
+                previous = Some(n);
+                newest = Some(v);
+            }
+            Some(_) => {
+                if previous.is_none_or(|p| v > p) {
+                    previous = Some(v);
+                }
+            }
+            None => newest = Some(v),
+        }
+    }
+    newest.map(|n| (n, previous))
+}
+
+/// The time a sample whose newest data is at `newest` (seconds) stands for: until the next
+/// sample is due, one sampling interval later (the gap to the sample before, at most the
+/// window), never after `now`. A lone sample stands for its own time only.
+fn fresh_until(
+    newest: f64,
+    previous: Option<f64>,
+    window: Duration,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let gap = previous
+        .map(|p| (newest - p).clamp(0.0, window.as_secs_f64()))
+        .unwrap_or(0.0);
+    time(newest + gap).min(now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Selectors are found inside functions and aggregations, their ranges dropped;
+    /// functions, keywords, label lists, strings and numbers are not selectors.
+    #[test]
+    fn finds_the_selectors_a_query_reads() {
+        let cases: [(&str, &[&str]); 12] = [
+            (
+                r#"sum(increase(envoy_cluster_upstream_rq{envoy_cluster_name=~"a_.+"}[1m]))"#,
+                &[r#"envoy_cluster_upstream_rq{envoy_cluster_name=~"a_.+"}"#],
+            ),
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(rq_time_bucket{c=\"x\"}[90s])))",
+                &["rq_time_bucket{c=\"x\"}"],
+            ),
+            ("up", &["up"]),
+            ("vector(0) / vector(0)", &[]),
+            ("time() - 5", &[]),
+            (
+                "sum(rate(errors[5m])) / sum(rate(requests[5m])) * 100",
+                &["errors", "requests"],
+            ),
+            (
+                "SUM BY (job) (rate(x[1m])) AND ON (job) GROUP_LEFT (team) y",
+                &["x", "y"],
+            ),
+            (
+                "rate(x[5m] offset -1h) / rate(x[5m] @ end()) + x @ 1700000000.5 offset 1w",
+                &["x offset -1h", "x @ end()", "x @ 1700000000.5 offset 1w"],
+            ),
+            (
+                r#"max_over_time(rate({__name__="a:b:c", x="}[5m]"}[1m])[10m:30s])"#,
+                &[r#"{__name__="a:b:c", x="}[5m]"}"#],
+            ),
+            (
+                "count_values(\"le\", x) # a comment with y{z=\"1\"}\n + inf + NaN",
+                &["x"],
+            ),
+            ("x == bool 1e-3 unless topk(3, y)", &["x", "y"]),
+            ("sum(x) + sum(x)", &["x"]),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(promql_selectors(query), expected, "{query}");
+        }
+    }
+
+    /// One selector is `max(timestamp(...))`; several are kept apart by a label so that
+    /// `or` keeps them all.
+    #[test]
+    fn freshness_queries() {
+        assert_eq!(
+            freshness_query("sum(rate(x{a=\"b\"}[1m]))").as_deref(),
+            Some("max(timestamp(x{a=\"b\"}))")
+        );
+        assert_eq!(
+            freshness_query("rate(x[1m]) / rate(y[1m] offset 1h)").as_deref(),
+            Some(
+                r#"max(label_replace(timestamp(x), "serin_selector", "0", "", "") or label_replace(timestamp(y offset 1h), "serin_selector", "1", "", ""))"#
+            )
+        );
+        assert_eq!(freshness_query("vector(1)"), None);
+    }
+
+    /// A sample stands for its series for one sampling interval (at most the window), and
+    /// never past the evaluation time.
+    #[test]
+    fn fresh_until_the_next_sample_is_due() {
+        let now = Utc.timestamp_opt(1_000, 0).unwrap();
+        let w = Duration::from_secs(300);
+        assert_eq!(
+            newest_two([700.0, 700.0, 710.0, 720.0, 720.0]),
+            Some((720.0, Some(710.0)))
+        );
+        assert_eq!(newest_two([f64::NAN, 5.0, 5.0]), Some((5.0, None)));
+        assert_eq!(newest_two([]), None);
+        assert_eq!(
+            fresh_until(720.0, Some(710.0), w, now),
+            Utc.timestamp_opt(730, 0).unwrap()
+        );
+        assert_eq!(fresh_until(995.0, Some(985.0), w, now), now);
+        assert_eq!(
+            fresh_until(720.0, None, w, now),
+            Utc.timestamp_opt(720, 0).unwrap()
+        );
+        assert_eq!(
+            fresh_until(720.0, Some(0.0), w, now),
+            Utc.timestamp_opt(1_000, 0).unwrap()
+        );
+        assert_eq!(
+            fresh_until(720.0, Some(0.0), Duration::from_secs(60), now),
+            Utc.timestamp_opt(780, 0).unwrap()
+        );
+    }
 
     /// Basic auth is standard base64 with padding.
     #[test]
