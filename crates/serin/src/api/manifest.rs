@@ -46,7 +46,7 @@ pub struct ManifestReport {
 /// no Canary at all is a problem.
 pub fn check_manifests(text: &str) -> ManifestReport {
     let mut report = ManifestReport::default();
-    let schema = canary_schema();
+    let schema = schema();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
         let value = match Value::deserialize(doc) {
@@ -68,7 +68,7 @@ pub fn check_manifests(text: &str) -> ManifestReport {
         if value.is_null() {
             continue;
         }
-        check_document(document, &value, &schema, &mut report);
+        check_document(document, &value, schema, &mut report);
     }
     if report.canaries.is_empty() && report.problems.is_empty() {
         report.problems.push(ManifestProblem {
@@ -197,14 +197,23 @@ fn type_problem(e: &serde_path_to_error::Error<serde_json::Error>) -> Problem {
 
 /// The openAPIV3Schema of the Canary CRD.
 pub fn canary_schema() -> Value {
-    let crd = Canary::crd();
-    crd.spec
-        .versions
-        .first()
-        .and_then(|v| v.schema.as_ref())
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .and_then(|s| serde_json::to_value(s).ok())
-        .unwrap_or(Value::Null)
+    schema().clone()
+}
+
+/// The schema, generated once per process: building the CRD is by far the costliest part of
+/// a check.
+fn schema() -> &'static Value {
+    static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let crd = Canary::crd();
+        crd.spec
+            .versions
+            .first()
+            .and_then(|v| v.schema.as_ref())
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .and_then(|s| serde_json::to_value(s).ok())
+            .unwrap_or(Value::Null)
+    })
 }
 
 /// Collects fields of `value` that `schema` does not declare.

@@ -88,7 +88,11 @@ pub struct CanarySpec {
     /// during a `Revert` deletion leaves the primary serving (as `Orphan`). Between 10s and
     /// 24h. Default 10m.
     #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('24h')").message("must be between 10s and 24h"))]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "checked_duration::optional"
+    )]
     pub progress_deadline: Option<Duration>,
 }
 
@@ -345,7 +349,10 @@ pub struct AnalysisSpec {
     /// `2m30s`), between 1s and 24h. It is also the default query window of each metric.
     /// Default 1m.
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("must be between 1s and 24h"))]
-    #[serde(default = "default_interval")]
+    #[serde(
+        default = "default_interval",
+        deserialize_with = "checked_duration::required"
+    )]
     pub interval: Duration,
     /// Successful checks needed at a step before the next step. Default 1.
     #[serde(default = "default_checks_per_step")]
@@ -432,7 +439,11 @@ pub struct MetricSpec {
     /// Query window, at most `analysis.interval` (between 1s and 24h); defaults to
     /// `analysis.interval`.
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("must be between 1s and 24h"))]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "checked_duration::optional"
+    )]
     pub window: Option<Duration>,
 }
 
@@ -477,7 +488,11 @@ pub struct PrometheusProvider {
     pub address: String,
     /// Query timeout, between 1s and 24h. Default 10s.
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("must be between 1s and 24h"))]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "checked_duration::optional"
+    )]
     pub timeout: Option<Duration>,
     /// A Secret in the Canary's namespace with `token` (bearer) or `username` and `password`
     /// (basic auth).
@@ -624,4 +639,113 @@ pub struct Dimension {
     pub name: String,
     /// Dimension value.
     pub value: String,
+}
+
+/// Durations as Kubernetes writes them (`30s`, `1h30m`, `2.5s`), parsed without panicking:
+/// kube-core's parser panics on a sign inside (`1m-1s`) or a value too large for a
+/// `std::time::Duration` (`99999999999999999999h`), and it runs while a watch decodes a
+/// Canary, where a panic would stop the whole operator. Those are refused as a decoding
+/// error of the field instead.
+pub mod checked_duration {
+    use kube::core::Duration;
+    use serde::{Deserialize, Deserializer, de::Error as _};
+
+    /// The longest duration that is parsed at all (10^15 s, well inside what a
+    /// `std::time::Duration` holds); validation then keeps every field within its own,
+    /// much smaller, bounds and says so.
+    const LONGEST_NANOS: f64 = 1e15 * 1e9;
+
+    /// Parses `s`, refusing what kube-core's parser would panic on.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let body = s.strip_prefix(['+', '-']).unwrap_or(s);
+        if body.is_empty() {
+            return Err(format!(
+                "{s:?} is not a duration: write one such as 30s, 1m or 2m30s"
+            ));
+        }
+        if body != "0" {
+            let mut rest = body;
+            let mut nanos = 0.0_f64;
+            while !rest.is_empty() {
+                let number_len = rest
+                    .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                    .unwrap_or(rest.len());
+                let (number, after) = rest.split_at(number_len);
+                let value: f64 = number.parse().map_err(|_| {
+                    format!("{s:?} is not a duration: write one such as 30s, 1m or 2m30s")
+                })?;
+                let unit_len = after
+                    .find(|c: char| c.is_ascii_digit() || c == '.')
+                    .unwrap_or(after.len());
+                let (unit, after) = after.split_at(unit_len);
+                let per = match unit {
+                    "ns" => 1.0,
+                    "us" | "\u{00b5}s" | "\u{03bc}s" => 1e3,
+                    "ms" => 1e6,
+                    "s" => 1e9,
+                    "m" => 60e9,
+                    "h" => 3600e9,
+                    _ => {
+                        return Err(format!(
+                            "{s:?} is not a duration: each number needs a unit (h, m, s, ms), as in 1m30s"
+                        ));
+                    }
+                };
+                nanos += value * per;
+                rest = after;
+            }
+            if !nanos.is_finite() || nanos > LONGEST_NANOS {
+                return Err(format!("{s:?} is far too long: write at most 24h"));
+            }
+        }
+        s.parse::<Duration>().map_err(|e| format!("{s:?}: {e}"))
+    }
+
+    /// `deserialize_with` for a required duration.
+    pub fn required<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        parse(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    /// `deserialize_with` for an optional duration.
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => parse(&s).map(Some).map_err(D::Error::custom),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::parse;
+
+        #[test]
+        fn what_kube_core_would_panic_on_is_an_error() {
+            for bad in [
+                "1m-1s",
+                "444407ms-7ms",
+                "99999999999999999999h",
+                "5124095576030431h1h",
+                "",
+                "-",
+                "1",
+                "1x",
+                "1..5s",
+                "m",
+            ] {
+                assert!(parse(bad).is_err(), "{bad:?}");
+            }
+            for (good, secs) in [
+                ("30s", 30.0),
+                ("1m", 60.0),
+                ("2m30s", 150.0),
+                ("1.5h", 5400.0),
+                ("0", 0.0),
+                ("250ms", 0.25),
+            ] {
+                let d: std::time::Duration = parse(good).unwrap().into();
+                assert_eq!(d.as_secs_f64(), secs, "{good}");
+            }
+            assert!(parse("-1s").unwrap().is_negative());
+        }
+    }
 }
