@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use serde_json::{Value, json};
@@ -233,22 +232,6 @@ async fn arrange(kind: Kind) -> Option<(Env, WeightLog)> {
 
 // ---------------------------------------------------------------------------------------
 // The data plane, as a client sees it
-
-/// The ready endpoints in the EndpointSlices of Service `ns/svc` (`kubernetes.io/service-name`).
-async fn ready_endpoints(client: &kube::Client, ns: &str, svc: &str) -> usize {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={svc}"));
-    slices
-        .list(&lp)
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .flat_map(|s| s.endpoints.iter().flatten())
-        // An unknown readiness counts as ready, as the API documents for consumers.
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .count()
-}
 
 async fn get(
     client: &kube::Client,

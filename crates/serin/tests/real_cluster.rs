@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -809,22 +808,6 @@ async fn inventory(client: &kube::Client, ns: &str, uid: &str) -> BTreeMap<Strin
         ready_endpoints(client, ns, "podinfo").await.to_string(),
     );
     out
-}
-
-/// The ready endpoints in the EndpointSlices of Service `svc` (`kubernetes.io/service-name`).
-async fn ready_endpoints(client: &kube::Client, ns: &str, svc: &str) -> usize {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={svc}"));
-    slices
-        .list(&lp)
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .flat_map(|s| s.endpoints.iter().flatten())
-        // An unknown readiness counts as ready, as the API documents for consumers.
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .count()
 }
 
 /// One client "request" routed as the data plane would route it: through Service `podinfo`

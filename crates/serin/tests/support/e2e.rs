@@ -631,3 +631,20 @@ pub async fn events_after(env: &Env, name: &str, reason: &str) -> Vec<(String, S
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The ready endpoints in the EndpointSlices of Service `ns/svc` (`kubernetes.io/service-name`).
+pub async fn ready_endpoints(client: &kube::Client, ns: &str, svc: &str) -> usize {
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client.clone(), ns);
+    let lp = kube::api::ListParams::default().labels(&format!("kubernetes.io/service-name={svc}"));
+    slices
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        // An unknown readiness counts as ready, as the API documents for consumers.
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .count()
+}
