@@ -168,7 +168,8 @@ async fn deleting_a_canary_mid_rollout_restores_the_primary() {
             && invalid.contains("aws.allowedEndpoints"),
         "{invalid}"
     );
-    let events = event_messages(&env, "colorteller").await;
+    // The Event follows the status write: wait for it.
+    let events = events_after(&env, "colorteller", "Invalid").await;
     assert!(
         events
             .iter()
