@@ -656,7 +656,10 @@ impl Demo {
             .as_ref()
             .and_then(|s| s.history.first())
             .filter(|h| h.finished_at >= started)
-            .map(|h| h.reason.clone())
+            .map(|h| match h.result {
+                crate::api::RolloutResult::Promoted => crate::rollout::reasons::PROMOTED,
+                _ => crate::rollout::reasons::ROLLED_BACK,
+            })
         else {
             return Ok(());
         };
