@@ -167,6 +167,7 @@ fn verdict_str(v: Verdict) -> &'static str {
         Verdict::Pass => "Pass",
         Verdict::Fail => "Fail",
         Verdict::Inconclusive => "Inconclusive",
+        Verdict::Waiting => "Waiting",
     }
 }
 
@@ -236,6 +237,8 @@ impl<'a> Replay<'a> {
                 command: None,
                 // The replay has no data plane: its weights are those it decided.
                 weights: None,
+                looks: None,
+                evidence: None,
             },
             new_revision: new,
         }

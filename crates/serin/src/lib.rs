@@ -17,6 +17,7 @@ pub mod analysis;
 pub mod analyze;
 pub mod api;
 pub mod arms;
+pub mod bench;
 pub mod controller;
 #[cfg(feature = "demo")]
 pub mod demo;

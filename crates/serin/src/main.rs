@@ -49,6 +49,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         args: Vec<String>,
     },
+    /// Benchmarks that need no cluster: `serin bench judge` compares the canary judges on
+    /// simulated traffic and prints a Markdown table.
+    Bench {
+        #[command(subcommand)]
+        which: serin::bench::BenchCommand,
+    },
     /// Print the version.
     Version,
 }
@@ -56,6 +62,18 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench { which } => {
+            match serin::bench::run(&which, &mut |line| eprintln!("{line}")) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Crd => match serin::api::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

@@ -337,6 +337,7 @@ fn colour(verdict: Option<Verdict>) -> (&'static str, &'static str) {
         Some(Verdict::Pass) => ("\x1b[32m", "Pass"),
         Some(Verdict::Fail) => ("\x1b[31m", "Fail"),
         Some(Verdict::Inconclusive) => ("\x1b[33m", "Inconclusive"),
+        Some(Verdict::Waiting) => ("\x1b[36m", "Waiting"),
         None => ("", "-"),
     }
 }

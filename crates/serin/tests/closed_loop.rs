@@ -17,16 +17,64 @@ const BAD: Behaviour = Behaviour {
     p99_ms: 80.0,
 };
 
-/// A canary answering 5% errors against a 1% bound is rolled back after failureThreshold
-/// (2) failed checks at its first step; prints the time from the first bad traffic, and
-/// from the first failed check, to canary weight 0.
+/// A canary answering 5% errors against a 1% bound is rolled back by the sequential judge
+/// (the default for presets) at its first look with enough errors: the canary is compared
+/// with the primary at every look (here every interval, 3 s, the lookInterval's default of
+/// 10 s capped at the interval). Prints the time from the first bad traffic to weight 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_canary_rolled_back_and_timed() {
+async fn failing_canary_rolled_back_at_a_look() {
     require("prometheus");
     let Some((env, weights)) = podinfo_env(BAD).await else {
         return;
     };
     let op = ready_operator(&env, "podinfo").await;
+    set_image(&env, "podinfo", "podinfo:2").await;
+    wait_weights(&env, &op, &weights, 2).await;
+    let c = wait_phase(&env, &op, "podinfo", Phase::Failed, Duration::from_secs(60)).await;
+    let status = c.status.unwrap();
+    assert_eq!(status.history[0].result, RolloutResult::RolledBack);
+    assert_eq!(status.history[0].reached_weight, 20);
+    assert_eq!(status.failed_checks, 0, "no threshold check was needed");
+    assert!(
+        status.history[0]
+            .reason
+            .starts_with("error-rate: the canary is"),
+        "{}",
+        status.history[0].reason
+    );
+    assert_eq!(weights.pairs(), vec![(100, 0), (80, 20), (100, 0)]);
+    let breach = weights.seen_at(1).unwrap();
+    let zero = weights.seen_at(2).unwrap();
+    println!(
+        "breach-to-rollback (sequential judge, looks every {INTERVAL_SECS}s, scrape 1s): first bad traffic -> canary weight 0: {:.1}s",
+        (zero - breach).as_secs_f64(),
+    );
+    // The first look is one look interval after the weight write; the evidence of one look
+    // of 5% errors at this traffic suffices, so two looks (and a scrape) bound it on a
+    // loaded machine, well under the threshold judge's two intervals.
+    assert!(
+        zero - breach <= Duration::from_secs(2 * INTERVAL_SECS + 2),
+        "rollback took {:?} after the breach",
+        zero - breach
+    );
+    let events = events_after(&env, "podinfo", "RolledBack").await;
+    assert!(
+        events.iter().any(|(r, _)| r == "RegressionDetected"),
+        "{events:?}"
+    );
+}
+
+/// With `judge: Threshold`, a canary answering 5% errors against a 1% bound is rolled back
+/// after failureThreshold (2) failed checks at its first step; prints the time from the first bad traffic, and
+/// from the first failed check, to canary weight 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_canary_rolled_back_by_the_threshold_judge() {
+    require("prometheus");
+    let Some((env, weights)) = podinfo_env(BAD).await else {
+        return;
+    };
+    let op = ready_operator(&env, "podinfo").await;
+    set_judge(&env, "podinfo", "Threshold").await;
     set_image(&env, "podinfo", "podinfo:2").await;
     wait_weights(&env, &op, &weights, 2).await;
     // The first failed check, observed by polling status.

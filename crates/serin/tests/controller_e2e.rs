@@ -74,8 +74,21 @@ async fn appmesh_workload_promotes_healthy_canary() {
         Some(0),
         "canary scaled down"
     );
-    // One Event per thing that happened, each with its own message, in order.
+    // One Event per thing that happened, each with its own message, in order. A step whose
+    // interval passed before the canary had the 200 requests the sequential judge needs
+    // (minSampleSize's default, as the simulated primary has no errors) says it waits; how
+    // often depends on the machine's speed, so those Events are checked apart.
     let events = events_after(&env, "podinfo", "Promoted").await;
+    let (waiting, events): (Vec<_>, Vec<_>) = events
+        .into_iter()
+        .partition(|(r, _)| r == "WaitingForEvidence");
+    for (_, message) in &waiting {
+        assert!(
+            message.contains("waiting for evidence: ")
+                && message.contains(" of 200 canary requests"),
+            "{message}"
+        );
+    }
     let reasons: Vec<&str> = events.iter().map(|(r, _)| r.as_str()).collect();
     assert_eq!(
         reasons,

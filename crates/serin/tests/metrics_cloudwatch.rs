@@ -460,6 +460,8 @@ fn first_check(
         metrics: vec![],
         command: None,
         weights: None,
+        looks: None,
+        evidence: None,
     };
     let waiting = CanaryStatus {
         phase: Phase::Waiting,

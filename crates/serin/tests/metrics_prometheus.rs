@@ -498,6 +498,8 @@ fn first_check(
         metrics: vec![],
         command: None,
         weights: None,
+        looks: None,
+        evidence: None,
     };
     let waiting = CanaryStatus {
         phase: Phase::Waiting,

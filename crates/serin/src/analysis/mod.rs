@@ -5,6 +5,9 @@
 //! no I/O: providers in `metrics` produce [`Outcome`]s, and the rollout state machine asks
 //! [`judge`] what they mean.
 
+pub mod sequential;
+pub mod simulate;
+
 use chrono::{DateTime, Utc};
 
 use crate::api::{MetricSpec, Verdict};
@@ -47,6 +50,49 @@ pub struct MetricObservation {
     /// the check's due time stale.
     pub at: DateTime<Utc>,
 }
+
+/// The looks of every sequential metric on one grid: `from`, `from + lookInterval`, ...,
+/// `through`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LookBatch {
+    /// The time the first look's window starts (the state's `through`).
+    pub from: DateTime<Utc>,
+    /// The end of the last look's window.
+    pub through: DateTime<Utc>,
+    /// One entry per sequential metric.
+    pub metrics: Vec<MetricLooks>,
+}
+
+/// One sequential metric's looks, in time order, or why there are none (an `Outcome`
+/// that is `NoData` or `Error`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricLooks {
+    /// `spec.analysis.metrics[].name`.
+    pub name: String,
+    /// Each look's per-arm increases, or why they could not be read.
+    pub result: Result<Vec<sequential::Look>, Outcome>,
+}
+
+/// The grid of look times from `from` (its whole second) by `step` (whole seconds, at
+/// least one) up to `now`, at most [`MAX_LOOKS`] looks: `from` first, then one time per look.
+pub fn look_grid(
+    from: DateTime<Utc>,
+    step: std::time::Duration,
+    now: DateTime<Utc>,
+) -> Vec<DateTime<Utc>> {
+    let step = step.as_secs().max(1) as i64;
+    let start = from.timestamp();
+    let looks = (now.timestamp() - start)
+        .div_euclid(step)
+        .clamp(0, MAX_LOOKS as i64);
+    (0..=looks)
+        .filter_map(|k| DateTime::from_timestamp(start + k * step, 0))
+        .collect()
+}
+
+/// The most looks one fetch covers (a Prometheus range query answers at most 11,000
+/// points); a longer gap is caught up over several reconciles.
+pub const MAX_LOOKS: usize = 5_000;
 
 /// The verdict on one outcome, with a one-line explanation.
 pub fn judge(metric: &MetricSpec, outcome: &Outcome) -> (Verdict, String) {
@@ -110,23 +156,26 @@ fn bounds_text(metric: &MetricSpec) -> String {
     }
 }
 
-/// The verdict of a whole check: any failure fails it; it passes only when every metric
-/// passed; anything else is inconclusive.
+/// The verdict of a whole check: any failure fails it; any inconclusive metric makes it
+/// inconclusive; otherwise a metric still waiting for evidence makes it wait; it passes only
+/// when every metric passed (and there was at least one).
 pub fn combine(verdicts: impl IntoIterator<Item = Verdict>) -> Verdict {
-    let mut all_pass = true;
-    let mut any = false;
+    let (mut any, mut inconclusive, mut waiting) = (false, false, false);
     for v in verdicts {
         any = true;
         match v {
             Verdict::Fail => return Verdict::Fail,
-            Verdict::Inconclusive => all_pass = false,
+            Verdict::Inconclusive => inconclusive = true,
+            Verdict::Waiting => waiting = true,
             Verdict::Pass => {}
         }
     }
-    if any && all_pass {
-        Verdict::Pass
-    } else {
+    if !any || inconclusive {
         Verdict::Inconclusive
+    } else if waiting {
+        Verdict::Waiting
+    } else {
+        Verdict::Pass
     }
 }
 
@@ -150,6 +199,7 @@ mod tests {
             preset: None,
             query: Some("x".into()),
             metric_data_queries: None,
+            judge: None,
             min,
             max,
             min_sample_size: min_samples,
@@ -224,5 +274,7 @@ mod tests {
         assert_eq!(combine([Pass, Inconclusive]), Inconclusive);
         assert_eq!(combine([Inconclusive, Fail]), Fail);
         assert_eq!(combine([]), Inconclusive);
+        assert_eq!(combine([Pass, Waiting]), Waiting);
+        assert_eq!(combine([Waiting, Inconclusive]), Inconclusive);
     }
 }

@@ -371,6 +371,47 @@ pub struct AnalysisSpec {
     /// hold forever on a broken metric source. 0 means never. Default 5.
     #[serde(default = "default_max_inconclusive")]
     pub max_inconclusive_checks: u32,
+    /// How often the sequential judge (`metrics[].judge: Sequential`, the default for
+    /// presets) counts the requests since its previous look, between 1s and 24h. Any look
+    /// can roll back; only `interval` lets traffic move on. Default 10s, or 1m when a
+    /// sequential metric reads CloudWatch (its data comes in one-minute periods).
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("must be between 1s and 24h"))]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "checked_duration::optional"
+    )]
+    pub look_interval: Option<Duration>,
+    /// The chance, per rollout, that the sequential judge rolls back a canary that is no
+    /// worse than the primary, however often it looks. Between 0.0001 and 0.2. Default 0.01.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0001, max = 0.2))]
+    pub alpha: Option<f64>,
+    /// The regression, as a multiple of the primary's error (or slow-request) rate, that a
+    /// step must have seen enough canary requests to catch before it advances. At least
+    /// 1.1. Default 3. The floor is each metric's `minSampleSize` (default 200 requests),
+    /// which alone applies while the primary shows no bad requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.1, max = 100.0))]
+    pub min_detectable_ratio: Option<f64>,
+    /// A warm-up after the canary first gets traffic, between 1s and 1h: looks that end
+    /// within it roll back only a canary many times (×20 or more) worse than the primary,
+    /// and are kept out of the main tests, so a cold start (caches, JIT, connection pools)
+    /// is not mistaken for a regression while a hard failure is still caught at once. It
+    /// delays the detection of milder regressions by about its length. Default none.
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('1h')").message("must be between 1s and 1h"))]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "checked_duration::optional"
+    )]
+    pub warmup: Option<Duration>,
+    /// What the sequential judge does when the canary and the primary are both surely above
+    /// `max` and the canary is no worse than the primary (the baseline is unhealthy too):
+    /// `RollBack` (default: a bad canary can degrade both arms through shared dependencies)
+    /// or `Hold` (stay at this step, keep looking, and wait for a person's command).
+    #[serde(default)]
+    pub baseline_unhealthy: BaselineUnhealthyPolicy,
     /// Values for `{{ variables.NAME }}` in metric queries.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub variables: BTreeMap<String, String>,
@@ -391,6 +432,28 @@ fn default_failure_threshold() -> u32 {
 }
 fn default_max_inconclusive() -> u32 {
     5
+}
+
+/// What the sequential judge does when both arms breach the bound alike.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BaselineUnhealthyPolicy {
+    /// Roll the canary back.
+    #[default]
+    RollBack,
+    /// Hold the step (no traffic moves on) and keep looking; a relative regression still
+    /// rolls back.
+    Hold,
+}
+
+/// How a metric is judged.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judge {
+    /// Canary against primary, anytime-valid: every look may roll back, and the chance of
+    /// rolling back a canary that is no worse stays below `analysis.alpha`. Presets only.
+    Sequential,
+    /// The canary's value over each `interval` against `min`/`max`; `failureThreshold`
+    /// failed checks roll back.
+    Threshold,
 }
 
 /// What an inconclusive check counts as.
@@ -426,6 +489,12 @@ pub struct MetricSpec {
     /// `returnData: true` and gives the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric_data_queries: Option<Vec<MetricDataQuery>>,
+    /// How this metric is judged: `Sequential` (the default for presets that support it:
+    /// canary against primary at every look, see docs/analysis.md) or `Threshold` (the
+    /// default, and the only judge, for `query` and `metricDataQueries`, and for
+    /// `cloudwatch-appmesh-latency-p99`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<Judge>,
     /// Lower bound: the check fails when the value is below it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,
@@ -433,7 +502,8 @@ pub struct MetricSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
     /// Minimum sample size (for presets: canary requests in the window) below which the check
-    /// is inconclusive instead of pass or fail.
+    /// is inconclusive instead of pass or fail. With the sequential judge: the fewest canary
+    /// requests before a step may advance (default 200).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_sample_size: Option<u64>,
     /// Query window, at most `analysis.interval` (between 1s and 24h); defaults to
@@ -747,5 +817,93 @@ pub mod checked_duration {
             }
             assert!(parse("-1s").unwrap().is_negative());
         }
+    }
+}
+
+/// The upper edges, in milliseconds, of Envoy's default request-time histogram buckets
+/// (`envoy_cluster_upstream_rq_time_bucket{le}`): the sequential judge of a latency preset
+/// counts requests slower than `max`, so `max` must be one of them.
+pub const ENVOY_LATENCY_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// The default `analysis.lookInterval` against Prometheus.
+pub const DEFAULT_LOOK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The default `analysis.lookInterval` when a sequential metric reads CloudWatch.
+pub const DEFAULT_CLOUDWATCH_LOOK_INTERVAL: std::time::Duration =
+    std::time::Duration::from_secs(60);
+
+impl Preset {
+    /// True for presets the sequential judge can read: the Prometheus presets (error rates
+    /// from the request counters, latency from the histogram buckets). CloudWatch presets
+    /// stay on the threshold judge (see docs/analysis.md).
+    pub fn supports_sequential(self) -> bool {
+        !self.is_cloudwatch()
+    }
+}
+
+impl MetricSpec {
+    /// The judge of this metric: `judge` when set, else `Sequential` for presets that
+    /// support it and `Threshold` for everything else.
+    pub fn judge(&self) -> Judge {
+        match (self.judge, self.preset) {
+            (Some(j), _) => j,
+            (None, Some(p)) if p.supports_sequential() => Judge::Sequential,
+            _ => Judge::Threshold,
+        }
+    }
+
+    /// True when the sequential judge applies (and the spec allows it).
+    pub fn is_sequential(&self) -> bool {
+        self.judge() == Judge::Sequential && self.preset.is_some_and(Preset::supports_sequential)
+    }
+}
+
+impl AnalysisSpec {
+    /// `alpha`, or its default.
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+            .filter(|a| a.is_finite() && *a > 0.0 && *a < 1.0)
+            .unwrap_or(crate::analysis::sequential::DEFAULT_ALPHA)
+    }
+
+    /// `minDetectableRatio`, or its default.
+    pub fn min_detectable_ratio(&self) -> f64 {
+        self.min_detectable_ratio
+            .filter(|r| r.is_finite() && *r > 1.0)
+            .unwrap_or(crate::analysis::sequential::DEFAULT_MIN_DETECTABLE_RATIO)
+    }
+
+    /// True when at least one metric is judged sequentially.
+    pub fn has_sequential(&self) -> bool {
+        self.metrics.iter().any(MetricSpec::is_sequential)
+    }
+
+    /// `lookInterval`, or its default (never longer than `interval`).
+    pub fn look_interval(&self) -> std::time::Duration {
+        let interval: std::time::Duration = if self.interval.is_negative() {
+            std::time::Duration::from_secs(1)
+        } else {
+            self.interval.into()
+        };
+        let default = if self
+            .metrics
+            .iter()
+            .any(|m| m.is_sequential() && m.provider.cloud_watch.is_some())
+        {
+            DEFAULT_CLOUDWATCH_LOOK_INTERVAL
+        } else {
+            DEFAULT_LOOK_INTERVAL
+        };
+        let look = match self.look_interval {
+            Some(d) if !d.is_negative() => d.into(),
+            _ => default,
+        };
+        look.clamp(
+            std::time::Duration::from_secs(1),
+            interval.max(std::time::Duration::from_secs(1)),
+        )
     }
 }

@@ -57,6 +57,81 @@ pub struct CanaryStatus {
     /// Finished rollouts, newest first, bounded by `spec.historyLimit`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
+    /// The sequential judge's evidence in the current rollout, written at most once per
+    /// `analysis.interval`; the looks since `through` are recomputed from the provider's
+    /// history after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<EvidenceStatus>,
+}
+
+/// The sequential judge's state of a rollout (see `docs/analysis.md`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EvidenceStatus {
+    /// The revision this evidence is about.
+    #[serde(default)]
+    pub revision: String,
+    /// When its rollout started (`rolloutStartedAt`): evidence never crosses rollouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_started_at: Option<DateTime<Utc>>,
+    /// The time of the last look folded in: the next look counts requests after it.
+    pub through: DateTime<Utc>,
+    /// The end of the warm-up (`analysis.warmup` after the first step started): looks that
+    /// end by then feed only the warm-up test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_until: Option<DateTime<Utc>>,
+    /// The combined e-value (the average over every test); the rollout is rolled back when
+    /// it reaches 1/α.
+    #[serde(default)]
+    pub e_value: f64,
+    /// One entry per metric judged sequentially.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricEvidence>,
+}
+
+/// One metric's counts and tests over the rollout.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricEvidence {
+    /// `spec.analysis.metrics[].name`.
+    pub metric: String,
+    /// Looks folded in.
+    #[serde(default)]
+    pub looks: u32,
+    /// Canary requests counted.
+    #[serde(default)]
+    pub canary_requests: f64,
+    /// Canary requests that were bad (5xx, or slower than the bound).
+    #[serde(default)]
+    pub canary_bad: f64,
+    /// Primary requests counted.
+    #[serde(default)]
+    pub primary_requests: f64,
+    /// Primary requests that were bad.
+    #[serde(default)]
+    pub primary_bad: f64,
+    /// Canary requests needed before a step may advance (see `analysis.minDetectableRatio`).
+    #[serde(default)]
+    pub required_canary_requests: u64,
+    /// Cumulative log-likelihood ratio of "canary worse by ×δ" for each δ of the grid.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_likelihood_ratios: Vec<f64>,
+    /// Cumulative log-likelihood ratio of "canary above the bound" for each alternative.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guard_log_likelihood_ratios: Vec<f64>,
+    /// The same for the primary (to tell an unhealthy baseline from a bad canary).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub primary_guard_log_likelihood_ratios: Vec<f64>,
+    /// Looks folded into the warm-up test (`analysis.warmup`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub warmup_looks: u32,
+    /// Cumulative log-likelihood ratios of the warm-up test ("canary many times worse").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warmup_log_likelihood_ratios: Vec<f64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Lifecycle phase.
@@ -148,6 +223,9 @@ pub enum Verdict {
     Fail,
     /// No usable value: no data, NaN, stale, too few samples, or a provider error.
     Inconclusive,
+    /// The sequential judge found no regression but the canary has not yet had enough
+    /// requests for one to be caught: the step holds without counting an inconclusive check.
+    Waiting,
 }
 
 impl Verdict {
@@ -157,6 +235,7 @@ impl Verdict {
             Verdict::Pass => "Pass",
             Verdict::Fail => "Fail",
             Verdict::Inconclusive => "Inconclusive",
+            Verdict::Waiting => "Waiting",
         }
     }
 }

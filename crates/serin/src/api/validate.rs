@@ -346,6 +346,51 @@ fn check_analysis(a: &AnalysisSpec, p: &mut Vec<Problem>) {
             "use at least 1: the number of failed checks that trigger a rollback",
         ));
     }
+    if let Some(look) = &a.look_interval {
+        check_duration("spec.analysis.lookInterval", look, p);
+        let (look, interval): (std::time::Duration, std::time::Duration) =
+            ((*look).into(), a.interval.into());
+        if !a.interval.is_negative() && look > interval {
+            p.push(Problem::new(
+                "spec.analysis.lookInterval",
+                format!(
+                    "is {}s, longer than analysis.interval ({}s)",
+                    look.as_secs(),
+                    interval.as_secs()
+                ),
+                "make lookInterval at most the interval (the default, 10s, suits Prometheus)",
+            ));
+        }
+    }
+    if let Some(w) = &a.warmup {
+        check_duration("spec.analysis.warmup", w, p);
+        let w: std::time::Duration = (*w).into();
+        if w > std::time::Duration::from_secs(3600) {
+            p.push(Problem::new(
+                "spec.analysis.warmup",
+                format!("is {}s, longer than 1h", w.as_secs()),
+                "use the time a new version needs to warm up, for example 30s",
+            ));
+        }
+    }
+    if let Some(alpha) = a.alpha
+        && !(0.0001..=0.2).contains(&alpha)
+    {
+        p.push(Problem::new(
+            "spec.analysis.alpha",
+            format!("is {alpha}, outside 0.0001..0.2"),
+            "use a small probability such as 0.01 (one good release in a hundred rolled back at most)",
+        ));
+    }
+    if let Some(r) = a.min_detectable_ratio
+        && !(1.1..=100.0).contains(&r)
+    {
+        p.push(Problem::new(
+            "spec.analysis.minDetectableRatio",
+            format!("is {r}, outside 1.1..100"),
+            "use the smallest regression worth catching, as a multiple of the primary's rate, for example 3",
+        ));
+    }
     for key in a.variables.keys() {
         if !is_identifier(key) {
             p.push(Problem::new(
@@ -415,6 +460,65 @@ fn check_metric(f: &str, m: &MetricSpec, a: &AnalysisSpec, p: &mut Vec<Problem>)
     }
     check_source(f, m, a, p);
     check_bounds(f, m, p);
+    check_judge(f, m, p);
+}
+
+/// The sequential judge only where it can read per-arm counts, and latency bounds on a
+/// histogram bucket edge.
+fn check_judge(f: &str, m: &MetricSpec, p: &mut Vec<Problem>) {
+    if m.judge != Some(Judge::Sequential) && !m.is_sequential() {
+        return;
+    }
+    let Some(preset) = m.preset else {
+        p.push(Problem::new(
+            format!("{f}.judge"),
+            "is Sequential, which needs per-arm request counts that only presets provide",
+            "use a preset, or set judge: Threshold for a query or metricDataQueries",
+        ));
+        return;
+    };
+    if !preset.supports_sequential() {
+        p.push(Problem::new(
+            format!("{f}.judge"),
+            format!(
+                "is Sequential, but preset {} reads CloudWatch, where Serin does not run the sequential judge yet",
+                preset.as_str()
+            ),
+            "leave judge out or set judge: Threshold (see docs/analysis.md), or use a Prometheus preset",
+        ));
+        return;
+    }
+    if m.min.is_some() {
+        p.push(Problem::new(
+            format!("{f}.min"),
+            "does not apply to the sequential judge, which tests for rates that are too high",
+            "remove min, or set judge: Threshold",
+        ));
+    }
+    if crate::metrics::presets::kind(preset) == crate::metrics::presets::Kind::LatencyP99 {
+        match m.max {
+            None => p.push(Problem::new(
+                format!("{f}.max"),
+                "is missing: the sequential latency judge counts requests slower than max",
+                "set max in milliseconds on a bucket edge, for example max: 500",
+            )),
+            Some(max) if !ENVOY_LATENCY_BUCKETS_MS.contains(&max) => p.push(Problem::new(
+                format!("{f}.max"),
+                format!(
+                    "is {max}, not an edge of Envoy's latency histogram buckets, so requests slower than it cannot be counted"
+                ),
+                format!(
+                    "use one of {} (milliseconds), or set judge: Threshold",
+                    ENVOY_LATENCY_BUCKETS_MS
+                        .iter()
+                        .map(|b| crate::analysis::display_value(*b))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
 }
 
 /// A window no longer than the step interval: a longer one reaches back into the traffic of

@@ -43,8 +43,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::Instrument as _;
 
-use crate::analysis::MetricObservation;
-use crate::api::{self, Canary, CanaryStatus, ConditionStatus, Phase};
+use crate::analysis::{LookBatch, MetricObservation};
+use crate::api::{self, Canary, CanaryStatus, ConditionStatus, EvidenceStatus, Phase};
 use crate::arms::{self, Weights};
 use crate::metrics::CanaryContext;
 use crate::policy::Policy;
@@ -73,6 +73,16 @@ pub trait MetricSource: Send + Sync {
     /// Evaluates every metric of `canary` at `now`, naming series from the arms its router
     /// resolved. Failures are outcomes, not errors.
     async fn evaluate(&self, canary: &CanaryContext, now: DateTime<Utc>) -> Vec<MetricObservation>;
+
+    /// The sequential judge's looks of `canary` from `from`, every `step`, up to `now`
+    /// (see `metrics::Evaluator::looks`). Failures are outcomes, not errors.
+    async fn looks(
+        &self,
+        canary: &CanaryContext,
+        from: DateTime<Utc>,
+        step: Duration,
+        now: DateTime<Utc>,
+    ) -> LookBatch;
 }
 
 /// `(namespace, "deployment/NAME" | "configmap/NAME" | "secret/NAME")` → the Canaries whose
@@ -96,6 +106,10 @@ pub struct Context {
     targets: Mutex<TargetIndex>,
     /// Unparsable Canaries already reported (uid + resourceVersion).
     reported: Mutex<HashSet<String>>,
+    /// The sequential judge's state of each Canary in a rollout (by uid), newer than its
+    /// `status.evidence`, which is written only at checks; lost on restart, when the looks
+    /// since `status.evidence` are fetched again from the provider's history.
+    evidence: Mutex<HashMap<String, EvidenceStatus>>,
     /// What a Canary may make Serin do with its own identity (roles, endpoints, URLs).
     policy: Policy,
 }
@@ -121,7 +135,29 @@ impl Context {
             metrics,
             targets: Mutex::default(),
             reported: Mutex::default(),
+            evidence: Mutex::default(),
             policy: Policy::default(),
+        }
+    }
+
+    /// The sequential judge's state kept for `canary` since its last status write.
+    fn remembered_evidence(&self, canary: &Canary) -> Option<EvidenceStatus> {
+        let uid = canary.metadata.uid.as_deref()?;
+        self.evidence.lock().ok()?.get(uid).cloned()
+    }
+
+    /// Keeps (or, outside a rollout, forgets) the sequential judge's state of `canary`.
+    fn remember_evidence(&self, canary: &Canary, evidence: Option<EvidenceStatus>) {
+        let (Some(uid), Ok(mut map)) = (canary.metadata.uid.clone(), self.evidence.lock()) else {
+            return;
+        };
+        match evidence {
+            Some(e) => {
+                map.insert(uid, e);
+            }
+            None => {
+                map.remove(&uid);
+            }
         }
     }
 
@@ -542,10 +578,26 @@ async fn observe<'a>(
         let router = observed.router.unwrap_or(ctx.routers.for_canary(canary)?);
         observed.observations.weights = Some(router.weights(canary).await?);
     }
-    if rollout::next_check_at(&canary.spec, &observed.status).is_some_and(|due| due <= now) {
+    let memory = ctx.remembered_evidence(canary);
+    let check_due =
+        rollout::next_check_at(&canary.spec, &observed.status).is_some_and(|due| due <= now);
+    let look_due = rollout::next_look_at(&canary.spec, &observed.status, memory.as_ref(), now)
+        .is_some_and(|due| due <= now);
+    if check_due || look_due {
         let context = CanaryContext::of(canary, router::data_plane_arms(canary)?);
-        observed.observations.metrics = ctx.metrics_source.evaluate(&context, now).await;
+        if check_due {
+            observed.observations.metrics = ctx.metrics_source.evaluate(&context, now).await;
+        }
+        if let Some(base) = rollout::evidence_base(&observed.status, memory.as_ref()) {
+            let step = canary.spec.analysis.look_interval();
+            observed.observations.looks = Some(
+                ctx.metrics_source
+                    .looks(&context, base.through, step, now)
+                    .await,
+            );
+        }
     }
+    observed.observations.evidence = memory;
     observed.observations.command = command(canary);
     Ok(observed)
 }
@@ -645,6 +697,7 @@ async fn act(observed: &Observed<'_>, ctx: &Context, decision: Decision) -> Resu
             status: observed.status.clone(),
             actions: Vec::new(),
             requeue_after: Some(Duration::from_secs(1)),
+            evidence: observed.observations.evidence.clone(),
         }));
     }
     if observed.needs_prepare {
@@ -778,6 +831,9 @@ async fn record(
     let canary = observed.canary;
     if decision.status != observed.status {
         write_status(canary, ctx, &decision.status).await?;
+    }
+    ctx.remember_evidence(canary, decision.evidence.clone());
+    if decision.status != observed.status {
         ctx.metrics.observe_status(
             &canary.namespace().unwrap_or_default(),
             &canary.name_any(),

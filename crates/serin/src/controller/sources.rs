@@ -9,13 +9,23 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 
 use super::MetricSource;
-use crate::analysis::MetricObservation;
+use crate::analysis::{LookBatch, MetricObservation};
 use crate::metrics::{CanaryContext, Evaluator, SecretLookup};
 
 #[async_trait]
 impl MetricSource for Evaluator {
     async fn evaluate(&self, canary: &CanaryContext, now: DateTime<Utc>) -> Vec<MetricObservation> {
         Evaluator::evaluate(self, canary, now).await
+    }
+
+    async fn looks(
+        &self,
+        canary: &CanaryContext,
+        from: DateTime<Utc>,
+        step: std::time::Duration,
+        now: DateTime<Utc>,
+    ) -> LookBatch {
+        Evaluator::looks(self, canary, from, step, now).await
     }
 }
 

@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use super::traffic::{ArmTotals, ENVOY_BUCKETS_MS, TrafficSimulator};
-use crate::analysis::{MetricObservation, Outcome};
+use crate::analysis::sequential::{Counts, Look};
+use crate::analysis::{LookBatch, MetricLooks, MetricObservation, Outcome};
 use crate::arms::PerArm;
 use crate::controller::MetricSource;
 use crate::metrics::CanaryContext;
@@ -41,6 +42,8 @@ pub struct Sample {
     pub canary: ArmTotals,
     /// Canary latency histogram: requests per bucket of [`ENVOY_BUCKETS_MS`] (not cumulative).
     pub canary_buckets: Vec<u64>,
+    /// Primary latency histogram, the same way.
+    pub primary_buckets: Vec<u64>,
 }
 
 /// An arm's simulator totals as the view shows them.
@@ -67,18 +70,20 @@ impl Sample {
             primary: ArmTotals::default(),
             canary: ArmTotals::default(),
             canary_buckets: vec![0; ENVOY_BUCKETS_MS.len()],
+            primary_buckets: vec![0; ENVOY_BUCKETS_MS.len()],
         }
     }
 
     /// Reads service `index` of `sim`.
     pub fn read(sim: &TrafficSimulator, index: usize, at: DateTime<Utc>) -> Option<Sample> {
         let (primary, canary) = sim.totals(index)?;
-        let (_, canary_buckets) = sim.histograms(index)?;
+        let (primary_buckets, canary_buckets) = sim.histograms(index)?;
         Some(Sample {
             at,
             primary,
             canary,
             canary_buckets,
+            primary_buckets,
         })
     }
 }
@@ -110,6 +115,12 @@ impl History {
         while samples.len() > 2 && samples.get(1).is_some_and(|s| s.at <= horizon) {
             samples.pop_front();
         }
+    }
+
+    /// The last sample at or before `t`.
+    pub fn at(&self, t: DateTime<Utc>) -> Option<Sample> {
+        let samples = self.samples.lock().ok()?;
+        samples.iter().rev().find(|s| s.at <= t).cloned()
     }
 
     /// The newest sample.
@@ -202,6 +213,74 @@ pub fn histogram_quantile(q: f64, bounds: &[f64], counts: &[u64]) -> Option<f64>
     bounds.last().copied()
 }
 
+/// The sequential judge's counts of one arm between two samples: requests and errors, or
+/// requests and requests slower than `max` ms (for latency presets).
+fn arm_counts(
+    kind: Kind,
+    max: Option<f64>,
+    from: (&ArmTotals, &[u64]),
+    to: (&ArmTotals, &[u64]),
+) -> Counts {
+    match kind {
+        Kind::ErrorRate => Counts {
+            requests: to.0.requests.saturating_sub(from.0.requests) as f64,
+            bad: to.0.errors.saturating_sub(from.0.errors) as f64,
+        },
+        Kind::LatencyP99 => {
+            let increase: Vec<u64> =
+                to.1.iter()
+                    .zip(from.1.iter().chain(std::iter::repeat(&0)))
+                    .map(|(b, a)| b.saturating_sub(*a))
+                    .collect();
+            let requests: u64 = increase.iter().sum();
+            let fast: u64 = ENVOY_BUCKETS_MS
+                .iter()
+                .zip(&increase)
+                .filter(|(edge, _)| max.is_some_and(|m| **edge <= m))
+                .map(|(_, n)| *n)
+                .sum();
+            Counts {
+                requests: requests as f64,
+                bad: requests.saturating_sub(fast) as f64,
+            }
+        }
+    }
+}
+
+/// The looks between consecutive `grid` times of `history`, as the Prometheus provider
+/// computes them from cumulative counters.
+pub fn looks(
+    history: &History,
+    kind: Kind,
+    max: Option<f64>,
+    grid: &[DateTime<Utc>],
+) -> Result<Vec<Look>, Outcome> {
+    let samples: Vec<Sample> = grid
+        .iter()
+        .map(|t| history.at(*t))
+        .collect::<Option<_>>()
+        .ok_or_else(|| Outcome::NoData {
+            reason: "no simulated traffic samples at the look times".into(),
+        })?;
+    Ok(samples
+        .windows(2)
+        .map(|w| Look {
+            primary: arm_counts(
+                kind,
+                max,
+                (&w[0].primary, &w[0].primary_buckets),
+                (&w[1].primary, &w[1].primary_buckets),
+            ),
+            canary: arm_counts(
+                kind,
+                max,
+                (&w[0].canary, &w[0].canary_buckets),
+                (&w[1].canary, &w[1].canary_buckets),
+            ),
+        })
+        .collect())
+}
+
 /// The metric source the demo's controller uses: one [`History`] per Canary.
 #[derive(Default)]
 pub struct InProcessSource {
@@ -275,6 +354,48 @@ impl InProcessSource {
 impl MetricSource for InProcessSource {
     async fn evaluate(&self, canary: &CanaryContext, now: DateTime<Utc>) -> Vec<MetricObservation> {
         self.evaluate_at(canary, now)
+            .into_iter()
+            .filter(|o| {
+                canary
+                    .spec
+                    .analysis
+                    .metrics
+                    .iter()
+                    .any(|m| m.name == o.name && !m.is_sequential())
+            })
+            .collect()
+    }
+
+    async fn looks(
+        &self,
+        canary: &CanaryContext,
+        from: DateTime<Utc>,
+        step: Duration,
+        now: DateTime<Utc>,
+    ) -> LookBatch {
+        let grid = crate::analysis::look_grid(from, step, now);
+        let history = self.history(canary);
+        let metrics = canary
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .filter(|m| m.is_sequential())
+            .map(|m| MetricLooks {
+                name: m.name.clone(),
+                result: match (m.preset, &history) {
+                    (Some(preset), Some(h)) => looks(h, presets::kind(preset), m.max, &grid),
+                    _ => Err(Outcome::NoData {
+                        reason: "no simulated traffic for this Canary".into(),
+                    }),
+                },
+            })
+            .collect();
+        LookBatch {
+            from: grid.first().copied().unwrap_or(from),
+            through: grid.last().copied().unwrap_or(from),
+            metrics,
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tracing::Instrument as _;
 
-use crate::analysis::{MetricObservation, Outcome};
+use crate::analysis::{LookBatch, MetricLooks, MetricObservation, Outcome, sequential};
 use crate::api::{Canary, CanarySpec, MetricSpec, ProviderKind};
 use crate::arms::{ArmNames, DataPlaneArms};
 
@@ -248,6 +248,64 @@ pub trait MetricProvider: Send + Sync {
         metric: &MetricSpec,
         now: DateTime<Utc>,
     ) -> Measurement;
+
+    /// The sequential judge's looks of `metric` (a preset) on `grid` (see
+    /// [`crate::analysis::look_grid`]): one [`sequential::Look`] per interval between
+    /// consecutive grid times, each the increase of the arms' cumulative counters.
+    async fn looks(
+        &self,
+        _canary: &CanaryContext,
+        metric: &MetricSpec,
+        _grid: &[DateTime<Utc>],
+    ) -> LookMeasurement {
+        LookMeasurement {
+            queries: vec![],
+            result: Err(MetricError::Config(format!(
+                "the {} provider does not serve the sequential judge: set judge: Threshold on metric {}",
+                self.name(),
+                metric.name
+            ))),
+        }
+    }
+}
+
+/// What a provider returns for one sequential metric's looks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LookMeasurement {
+    /// The queries as sent.
+    pub queries: Vec<String>,
+    /// One look per grid interval, or why there are none.
+    pub result: Result<Vec<sequential::Look>, MetricError>,
+}
+
+/// A series of a range query: (unix seconds, value) points in time order.
+pub type Points = Vec<(i64, f64)>;
+
+/// The increases of the sum of cumulative counters `series` between consecutive `grid`
+/// times (unix seconds), one per interval. Per series: a value lower than the one before is
+/// a counter reset (the series restarted from zero, so its whole new value is new); a series
+/// absent at the earlier time and present at the later one is new since then (a new pod, or
+/// the first request with a new response code), so its whole value counts too; a series
+/// absent at the later time contributes nothing.
+pub fn increases(series: &[Points], grid: &[i64]) -> Vec<f64> {
+    let mut out = vec![0.0; grid.len().saturating_sub(1)];
+    for points in series {
+        let at = |t: i64| {
+            points
+                .binary_search_by_key(&t, |p| p.0)
+                .ok()
+                .map(|i| points[i].1)
+                .filter(|v| v.is_finite() && *v >= 0.0)
+        };
+        for (k, pair) in grid.windows(2).enumerate() {
+            out[k] += match (at(pair[0]), at(pair[1])) {
+                (Some(before), Some(after)) if after >= before => after - before,
+                (_, Some(after)) => after,
+                (_, None) => 0.0,
+            };
+        }
+    }
+    out
 }
 
 /// Reads a Secret's data for a provider's credentials. The controller implements it with its
@@ -416,13 +474,21 @@ impl Evaluator {
         &self.metrics
     }
 
-    /// Every metric of `canary` evaluated at `now`, as `rollout::decide` wants them.
+    /// Every threshold-judged metric of `canary` evaluated at `now`, as `rollout::decide`
+    /// wants them (sequential metrics are read by [`Evaluator::looks`]).
     pub async fn evaluate(
         &self,
         canary: &CanaryContext,
         now: DateTime<Utc>,
     ) -> Vec<MetricObservation> {
-        self.evaluate_detailed(canary, now)
+        let futures = canary
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .filter(|m| !m.is_sequential())
+            .map(|metric| self.evaluate_metric(canary, metric, now));
+        futures::future::join_all(futures)
             .await
             .iter()
             .map(MetricEvaluation::observation)
@@ -443,6 +509,59 @@ impl Evaluator {
             .iter()
             .map(|metric| self.evaluate_metric(canary, metric, now));
         futures::future::join_all(futures).await
+    }
+
+    /// The looks of every sequential metric of `canary` from `from`, every `step`, up to
+    /// `now` (all metrics on the same grid), run concurrently.
+    pub async fn looks(
+        &self,
+        canary: &CanaryContext,
+        from: DateTime<Utc>,
+        step: Duration,
+        now: DateTime<Utc>,
+    ) -> LookBatch {
+        let grid = crate::analysis::look_grid(from, step, now);
+        let through = grid.last().copied().unwrap_or(from);
+        let futures = canary
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .filter(|m| m.is_sequential())
+            .map(|metric| {
+                let grid = &grid;
+                async move {
+                    let kind = metric.provider.kind();
+                    let result = match self.providers.iter().find(|p| Some(p.kind()) == kind) {
+                        None => Err(MetricError::Config(format!(
+                            "no provider serves metric {}",
+                            metric.name
+                        ))),
+                        Some(provider) => {
+                            let span = tracing::info_span!(
+                                "looks",
+                                provider = provider.name(),
+                                metric = %metric.name,
+                                looks = grid.len().saturating_sub(1)
+                            );
+                            provider
+                                .looks(canary, metric, grid)
+                                .instrument(span)
+                                .await
+                                .result
+                        }
+                    };
+                    MetricLooks {
+                        name: metric.name.clone(),
+                        result: result.map_err(|e| e.outcome()),
+                    }
+                }
+            });
+        LookBatch {
+            from: grid.first().copied().unwrap_or(from),
+            through,
+            metrics: futures::future::join_all(futures).await,
+        }
     }
 
     /// One metric of `canary` at `now`.

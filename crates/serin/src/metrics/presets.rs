@@ -88,6 +88,58 @@ pub fn promql_latency(preset: Preset, canary: &CanaryContext) -> (String, String
     )
 }
 
+/// The counters the sequential judge reads for one arm, as PromQL selectors of raw
+/// cumulative series (not `increase()`: Serin takes the differences itself, so each request
+/// counts in exactly one look and nothing is extrapolated).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Counters {
+    /// `envoy_cluster_upstream_rq{...}` by response code: every series is requests, those
+    /// with a 5xx `envoy_response_code` are bad.
+    Responses(String),
+    /// `envoy_cluster_upstream_rq_time_count{...}` (requests) and
+    /// `envoy_cluster_upstream_rq_time_bucket{...}` (the series whose `le` is the bound are
+    /// the requests at most that slow).
+    Latency {
+        /// The request count selector.
+        count: String,
+        /// The bucket selector.
+        buckets: String,
+    },
+}
+
+impl Counters {
+    /// The selectors, as sent.
+    pub fn queries(&self) -> Vec<String> {
+        match self {
+            Counters::Responses(q) => vec![q.clone()],
+            Counters::Latency { count, buckets } => vec![count.clone(), buckets.clone()],
+        }
+    }
+}
+
+/// The counter selectors of a Prometheus preset for each arm, primary first.
+pub fn promql_counters(preset: Preset, canary: &CanaryContext) -> Vec<(Arm, Counters)> {
+    Arm::BOTH
+        .iter()
+        .map(|&arm| {
+            let m = cluster_matcher(preset, &canary.data_plane, arm);
+            let counters = match kind(preset) {
+                Kind::ErrorRate => Counters::Responses(format!("envoy_cluster_upstream_rq{{{m}}}")),
+                Kind::LatencyP99 => Counters::Latency {
+                    count: format!("envoy_cluster_upstream_rq_time_count{{{m}}}"),
+                    buckets: format!("envoy_cluster_upstream_rq_time_bucket{{{m}}}"),
+                },
+            };
+            (arm, counters)
+        })
+        .collect()
+}
+
+/// True for an Envoy response code label that is a 5xx.
+pub fn is_server_error(code: &str) -> bool {
+    code.len() == 3 && code.starts_with('5') && code.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// CloudWatch namespace the CloudWatch agent (Container Insights, Prometheus support) writes
 /// EKS metrics to.
 pub const CLOUDWATCH_NAMESPACE: &str = "ContainerInsights/Prometheus";

@@ -24,12 +24,13 @@ use reqwest::header::{HeaderName, HeaderValue};
 
 use crate::api::{MetricSpec, PrometheusProvider, ProviderKind};
 
-use super::presets::{self, Kind};
+use super::presets::{self, Counters, Kind};
 use super::template::Vars;
 use super::{
     ArmCounts, CanaryContext, Evidence, Measurement, MetricError, MetricProvider, ProviderMetrics,
     Sample, SecretLookup,
 };
+use crate::analysis::sequential;
 
 const PROVIDER: &str = "prometheus";
 
@@ -348,6 +349,223 @@ impl Prometheus {
     }
 }
 
+/// A range query's series: labels and (unix seconds, value) points.
+type Matrix = Vec<(HashMap<String, String>, super::Points)>;
+
+impl Prometheus {
+    /// Runs one range query on the look grid (whole seconds).
+    async fn range(
+        &self,
+        client: &Client,
+        headers: &[(HeaderName, HeaderValue)],
+        timeout: Duration,
+        query: &str,
+        grid: &[i64],
+    ) -> Result<Matrix, MetricError> {
+        let (Some(&start), Some(&end)) = (grid.first(), grid.last()) else {
+            return Ok(vec![]);
+        };
+        let step = grid.get(1).map(|t| t - start).unwrap_or(1).max(1) as f64;
+        let mut q = client
+            .query_range(query, start, end, step)
+            .timeout(timeout.as_millis().min(i64::MAX as u128) as i64);
+        for (name, value) in headers {
+            q = q.header(name.clone(), value.clone());
+        }
+        let result = match tokio::time::timeout(timeout, q.get()).await {
+            Err(_) => Err(MetricError::Timeout(format!(
+                "Prometheus at {} did not answer within {}s; is it overloaded, or is provider.prometheus.timeout too short? query was {query}",
+                client.base_url(),
+                timeout.as_secs_f64()
+            ))),
+            Ok(Err(e)) => Err(map_error(client, query, e)),
+            Ok(Ok(r)) => match r.data() {
+                Data::Matrix(series) => Ok(series
+                    .iter()
+                    .map(|s| {
+                        let points = s
+                            .samples()
+                            .iter()
+                            .map(|p| (p.timestamp().round() as i64, p.value()))
+                            .collect();
+                        (s.metric().clone(), points)
+                    })
+                    .collect()),
+                _ => Err(MetricError::Provider(format!(
+                    "Prometheus answered a range query without a range result; is the address a Prometheus API? Query was {query}"
+                ))),
+            },
+        };
+        self.metrics.inc(
+            PROVIDER,
+            match &result {
+                Ok(_) => "success",
+                Err(e) => e.category(),
+            },
+        );
+        result
+    }
+
+    /// The sequential judge's looks of a preset on `grid`.
+    async fn run_looks(
+        &self,
+        canary: &CanaryContext,
+        metric: &MetricSpec,
+        provider: &PrometheusProvider,
+        grid: &[DateTime<Utc>],
+    ) -> super::LookMeasurement {
+        let Some(preset) = metric.preset else {
+            return super::LookMeasurement {
+                queries: vec![],
+                result: Err(MetricError::Config(format!(
+                    "metric {} has no preset: the sequential judge reads presets only; set judge: Threshold",
+                    metric.name
+                ))),
+            };
+        };
+        let counters = presets::promql_counters(preset, canary);
+        let queries: Vec<String> = counters.iter().flat_map(|(_, c)| c.queries()).collect();
+        let fail = |queries: Vec<String>, e| super::LookMeasurement {
+            queries,
+            result: Err(e),
+        };
+        let client = match self.client(&provider.address) {
+            Ok(c) => c,
+            Err(e) => return fail(queries, e),
+        };
+        let headers = match self.headers(&canary.namespace, provider).await {
+            Ok(h) => h,
+            Err(e) => return fail(queries, e),
+        };
+        let timeout = provider
+            .timeout
+            .filter(|t| !t.is_negative())
+            .map(Duration::from)
+            .unwrap_or(self.options.default_timeout);
+        let seconds: Vec<i64> = grid.iter().map(|t| t.timestamp()).collect();
+        let answers = futures::future::join_all(
+            queries
+                .iter()
+                .map(|q| self.range(&client, &headers, timeout, q, &seconds)),
+        )
+        .await;
+        let mut answers = answers.into_iter();
+        let mut arms = Vec::new();
+        for (_, c) in &counters {
+            let looks = match c {
+                Counters::Responses(q) => answers
+                    .next()
+                    .unwrap_or_else(|| Err(MetricError::Provider("no answer".into())))
+                    .and_then(|m| nonempty(q, m))
+                    .map(|m| responses(&m, &seconds)),
+                Counters::Latency { count, buckets } => {
+                    let (c, b) = (
+                        answers
+                            .next()
+                            .unwrap_or_else(|| Err(MetricError::Provider("no answer".into()))),
+                        answers
+                            .next()
+                            .unwrap_or_else(|| Err(MetricError::Provider("no answer".into()))),
+                    );
+                    c.and_then(|c| nonempty(count, c)).and_then(|c| {
+                        b.and_then(|b| slower_than(buckets, &c, &b, metric.max, &seconds))
+                    })
+                }
+            };
+            match looks {
+                Ok(l) => arms.push(l),
+                Err(e) => return fail(queries, e),
+            }
+        }
+        let (primary, canary_arm) = match arms.as_slice() {
+            [p, c] => (p, c),
+            _ => return fail(queries, MetricError::Provider("expected two arms".into())),
+        };
+        let result = primary
+            .iter()
+            .zip(canary_arm)
+            .map(|(p, c)| sequential::Look {
+                primary: *p,
+                canary: *c,
+            })
+            .collect();
+        super::LookMeasurement {
+            queries,
+            result: Ok(result),
+        }
+    }
+}
+
+/// A selector that matched nothing over the whole range is a configuration problem the
+/// user must see, never zero requests.
+fn nonempty(query: &str, m: Matrix) -> Result<Matrix, MetricError> {
+    if m.is_empty() {
+        return Err(MetricError::NoData(format!(
+            "no series matched: do the router's arms have traffic, and do the label matchers fit the data plane's series? query was {query}"
+        )));
+    }
+    Ok(m)
+}
+
+/// Requests and 5xx responses per look from `envoy_cluster_upstream_rq` series.
+fn responses(m: &Matrix, grid: &[i64]) -> Vec<sequential::Counts> {
+    let all: Vec<super::Points> = m.iter().map(|(_, p)| p.clone()).collect();
+    let bad: Vec<super::Points> = m
+        .iter()
+        .filter(|(labels, _)| {
+            labels
+                .get("envoy_response_code")
+                .is_some_and(|c| presets::is_server_error(c))
+        })
+        .map(|(_, p)| p.clone())
+        .collect();
+    super::increases(&all, grid)
+        .into_iter()
+        .zip(super::increases(&bad, grid))
+        .map(|(requests, bad)| sequential::Counts { requests, bad })
+        .collect()
+}
+
+/// Requests and requests slower than `max` ms per look, from the histogram's count and the
+/// bucket whose `le` is `max`.
+fn slower_than(
+    query: &str,
+    count: &Matrix,
+    buckets: &Matrix,
+    max: Option<f64>,
+    grid: &[i64],
+) -> Result<Vec<sequential::Counts>, MetricError> {
+    let Some(max) = max else {
+        return Err(MetricError::Config(
+            "the sequential latency judge needs max (a bucket edge in milliseconds)".into(),
+        ));
+    };
+    let at_most: Vec<super::Points> = buckets
+        .iter()
+        .filter(|(labels, _)| {
+            labels
+                .get("le")
+                .and_then(|le| le.parse::<f64>().ok())
+                .is_some_and(|le| (le - max).abs() <= 1e-9 * max.abs().max(1.0))
+        })
+        .map(|(_, p)| p.clone())
+        .collect();
+    if at_most.is_empty() {
+        return Err(MetricError::NoData(format!(
+            "no histogram bucket has le={max}: the data plane's buckets differ from Envoy's defaults; use one of its bucket edges as max, or set judge: Threshold. Query was {query}"
+        )));
+    }
+    let counts: Vec<super::Points> = count.iter().map(|(_, p)| p.clone()).collect();
+    Ok(super::increases(&counts, grid)
+        .into_iter()
+        .zip(super::increases(&at_most, grid))
+        .map(|(requests, fast)| sequential::Counts {
+            requests,
+            bad: (requests - fast).max(0.0),
+        })
+        .collect())
+}
+
 #[async_trait]
 impl MetricProvider for Prometheus {
     fn name(&self) -> &'static str {
@@ -370,6 +588,23 @@ impl MetricProvider for Prometheus {
                 vec![],
                 MetricError::Config("the metric's provider is not prometheus".into()),
             ),
+        }
+    }
+
+    async fn looks(
+        &self,
+        canary: &CanaryContext,
+        metric: &MetricSpec,
+        grid: &[DateTime<Utc>],
+    ) -> super::LookMeasurement {
+        match &metric.provider.prometheus {
+            Some(p) => self.run_looks(canary, metric, p, grid).await,
+            None => super::LookMeasurement {
+                queries: vec![],
+                result: Err(MetricError::Config(
+                    "the metric's provider is not prometheus".into(),
+                )),
+            },
         }
     }
 }

@@ -38,12 +38,14 @@ pub use types::*;
 
 use chrono::{DateTime, Utc};
 
-use crate::analysis::{self, Outcome};
+use crate::analysis::{self, Outcome, sequential};
 use crate::api::{
-    self, CanarySpec, CanaryStatus, CheckRecord, ConditionStatus, HistoryEntry, InconclusivePolicy,
-    MetricResult, Phase, RolloutResult, Verdict,
+    self, BaselineUnhealthyPolicy, CanarySpec, CanaryStatus, CheckRecord, ConditionStatus,
+    EvidenceStatus, HistoryEntry, InconclusivePolicy, MetricEvidence, MetricResult, MetricSpec,
+    Phase, RolloutResult, Verdict,
 };
 use crate::arms::Weights;
+use crate::metrics::presets;
 
 /// How long to wait before looking again while waiting for a workload to become ready.
 pub const READINESS_POLL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -80,6 +82,8 @@ pub fn decide(input: Input<'_>) -> Decision {
         status: input.status.clone(),
         actions: Vec::new(),
         requeue: None,
+        evidence: evidence_base(input.status, input.observations.evidence.as_ref()),
+        look_failures: Vec::new(),
     };
     m.status.observed_generation = input.generation;
     m.status.canary_weight =
@@ -126,6 +130,8 @@ pub fn next_check_at(spec: &CanarySpec, status: &CanaryStatus) -> Option<DateTim
     let started = status.step_started_at?;
     let interval = chrono::Duration::from_std(spec.analysis.interval.into()).ok()?;
     let anchor = match &status.last_check {
+        // Waiting for evidence: checked again at every look until the evidence is there.
+        Some(c) if c.time > started && c.verdict == Verdict::Waiting => return Some(c.time),
         Some(c) if c.time > started => c.time,
         _ => started,
     };
@@ -165,15 +171,385 @@ struct Machine<'a> {
     status: CanaryStatus,
     actions: Vec<Action>,
     requeue: Option<std::time::Duration>,
+    /// The sequential judge's state (kept in memory by the controller between checks).
+    evidence: Option<EvidenceStatus>,
+    /// Sequential metrics whose looks could not be read in this decision: (name, why).
+    look_failures: Vec<(String, String)>,
+}
+
+/// The sequential judge's state to continue from: the newer of the controller's memory and
+/// `status.evidence`, when it belongs to the rollout under way.
+pub fn evidence_base(
+    status: &CanaryStatus,
+    memory: Option<&EvidenceStatus>,
+) -> Option<EvidenceStatus> {
+    let rev = status.revision.as_deref()?;
+    let ours = |e: &&EvidenceStatus| {
+        e.revision == rev && e.rollout_started_at == status.rollout_started_at
+    };
+    let stored = status.evidence.as_ref().filter(ours);
+    match (memory.filter(ours), stored) {
+        (Some(m), Some(s)) if m.through < s.through => Some(s.clone()),
+        (Some(m), _) => Some(m.clone()),
+        (None, s) => s.cloned(),
+    }
+}
+
+/// When the sequential judge's next look is due: `lookInterval` after the last look folded
+/// in, while a step is under analysis (also while paused: a pause stops advancing, never the
+/// looks that can roll back). `None` without sequential metrics; the decision time itself
+/// when a step runs without any state yet.
+pub fn next_look_at(
+    spec: &CanarySpec,
+    status: &CanaryStatus,
+    memory: Option<&EvidenceStatus>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    if !matches!(status.phase, Phase::Progressing | Phase::Paused)
+        || status.step_started_at.is_none()
+        || !spec.analysis.has_sequential()
+    {
+        return None;
+    }
+    let Some(base) = evidence_base(status, memory) else {
+        return Some(now);
+    };
+    let look = chrono::Duration::from_std(spec.analysis.look_interval()).ok()?;
+    base.through.checked_add_signed(look)
+}
+
+/// The guard's bound of a sequential metric as a fraction: an error rate's `max` percent;
+/// for latency, 1% of requests slower than `max` (p99 at most `max`).
+fn guard_bound(metric: &MetricSpec) -> Option<f64> {
+    let max = metric.max?;
+    match metric.preset.map(presets::kind) {
+        Some(presets::Kind::LatencyP99) => Some(0.01),
+        _ => Some(max / 100.0),
+    }
+}
+
+/// `t` without its fraction of a second: looks fall on whole seconds, as Prometheus range
+/// queries do.
+fn whole_second(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
+}
+
+fn thousands(n: f64) -> String {
+    let n = n.max(0.0).round() as u64;
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn percent(bad: f64, requests: f64) -> String {
+    if requests <= 0.0 {
+        return "no requests".into();
+    }
+    format!(
+        "{}% ({} of {})",
+        analysis::display_value(100.0 * bad / requests),
+        thousands(bad),
+        thousands(requests)
+    )
+}
+
+/// One line on a metric's counts: "canary 0.6% (12 of 2,000), primary 0.04% (3 of 8,000)".
+fn counts_text(m: &MetricEvidence) -> String {
+    format!(
+        "canary {}, primary {}",
+        percent(m.canary_bad, m.canary_requests),
+        percent(m.primary_bad, m.primary_requests)
+    )
+}
+
+fn e_text(e: f64) -> String {
+    if e >= 1e6 {
+        format!("{e:.1e}")
+    } else {
+        analysis::display_value(e)
+    }
 }
 
 impl Machine<'_> {
     fn finish(self) -> Decision {
+        let in_rollout = matches!(self.status.phase, Phase::Progressing | Phase::Paused);
         Decision {
             status: self.status,
             actions: self.actions,
             requeue_after: self.requeue,
+            evidence: if in_rollout { self.evidence } else { None },
         }
+    }
+
+    fn sequential_metrics(&self) -> impl Iterator<Item = &MetricSpec> {
+        self.spec
+            .analysis
+            .metrics
+            .iter()
+            .filter(|m| m.is_sequential())
+    }
+
+    /// A fresh state for the rollout under way, starting now.
+    fn fresh_evidence(&self) -> EvidenceStatus {
+        EvidenceStatus {
+            revision: self.status.revision.clone().unwrap_or_default(),
+            rollout_started_at: self.status.rollout_started_at,
+            through: whole_second(self.now),
+            warmup_until: self.spec.analysis.warmup.and_then(|w| {
+                let w = chrono::Duration::from_std(w.into()).ok()?;
+                whole_second(self.now).checked_add_signed(w)
+            }),
+            e_value: 1.0,
+            metrics: self
+                .sequential_metrics()
+                .map(|m| sequential::start(&m.name))
+                .collect(),
+        }
+    }
+
+    fn settings(&self, metric: &MetricSpec) -> sequential::Settings {
+        let a = &self.spec.analysis;
+        sequential::Settings {
+            alpha: a.alpha(),
+            min_detectable_ratio: a.min_detectable_ratio(),
+            min_sample_size: metric
+                .min_sample_size
+                .unwrap_or(sequential::DEFAULT_MIN_SAMPLE_SIZE),
+        }
+    }
+
+    /// How many tests the sequential judge averages (one per metric, one more per bound).
+    fn test_count(&self) -> usize {
+        self.sequential_metrics()
+            .map(|m| 1 + usize::from(guard_bound(m).is_some()))
+            .sum()
+    }
+
+    /// Folds the looks the controller fetched into the state and judges it. Returns true
+    /// when that rolled the canary back.
+    fn look(&mut self) -> bool {
+        if !self.spec.analysis.has_sequential() || self.status.step_started_at.is_none() {
+            return false;
+        }
+        if self.evidence.is_none() {
+            // A rollout without state (written by an older Serin, or lost): count from now.
+            self.evidence = Some(self.fresh_evidence());
+            return false;
+        }
+        let Some(batch) = self.obs.looks.as_ref() else {
+            return false;
+        };
+        let mut ev = self
+            .evidence
+            .take()
+            .unwrap_or_else(|| self.fresh_evidence());
+        if batch.from != ev.through || batch.through <= ev.through {
+            // Fetched for another starting point (a race with a newer state): ignore.
+            self.evidence = Some(ev);
+            return false;
+        }
+        for m in &batch.metrics {
+            if let Err(outcome) = &m.result {
+                let why = match outcome {
+                    Outcome::NoData { reason } => format!("no data: {reason}"),
+                    Outcome::Error { message, .. } => format!("provider error: {message}"),
+                    Outcome::Value { .. } => "no looks".into(),
+                };
+                self.look_failures.push((m.name.clone(), why));
+            }
+        }
+        if !self.look_failures.is_empty() {
+            // Fold nothing: the next look reads again from the same point, so no request is
+            // lost or counted twice.
+            self.evidence = Some(ev);
+            return false;
+        }
+        for metric in self
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .filter(|m| m.is_sequential())
+        {
+            let Some(looks) = batch
+                .metrics
+                .iter()
+                .find(|m| m.name == metric.name)
+                .and_then(|m| m.result.as_ref().ok())
+            else {
+                continue;
+            };
+            let bound = guard_bound(metric);
+            let settings = self.settings(metric);
+            let tests = self.test_count();
+            let warmup_until = ev.warmup_until;
+            let step = chrono::Duration::from_std(self.spec.analysis.look_interval())
+                .unwrap_or(chrono::Duration::seconds(10));
+            let state = match ev.metrics.iter().position(|s| s.metric == metric.name) {
+                Some(i) => &mut ev.metrics[i],
+                None => {
+                    ev.metrics.push(sequential::start(&metric.name));
+                    let last = ev.metrics.len() - 1;
+                    &mut ev.metrics[last]
+                }
+            };
+            for (k, look) in looks.iter().enumerate() {
+                let end = batch.from + step * (k as i32 + 1);
+                if warmup_until.is_some_and(|w| end <= w) {
+                    sequential::update_warmup(state, look);
+                } else {
+                    sequential::update(state, look, bound);
+                }
+            }
+            state.required_canary_requests =
+                sequential::required_canary_requests(state, &settings, tests);
+        }
+        ev.through = batch.through;
+        let finding = self.finding(&ev);
+        ev.e_value = match &finding {
+            sequential::Finding::NoRegression { e } => *e,
+            sequential::Finding::Regression { combined, .. }
+            | sequential::Finding::BaselineUnhealthy { combined, .. } => *combined,
+        };
+        self.evidence = Some(ev);
+        self.act_on(finding)
+    }
+
+    fn finding(&self, ev: &EvidenceStatus) -> sequential::Finding {
+        let judged: Vec<sequential::Judged<'_>> = self
+            .sequential_metrics()
+            .filter_map(|m| {
+                ev.metrics
+                    .iter()
+                    .find(|s| s.metric == m.name)
+                    .map(|state| sequential::Judged {
+                        state,
+                        guarded: guard_bound(m).is_some(),
+                    })
+            })
+            .collect();
+        sequential::judge(
+            &judged,
+            self.spec.analysis.alpha(),
+            self.spec.analysis.warmup.is_some(),
+        )
+    }
+
+    fn evidence_of(&self, metric: &str) -> Option<&MetricEvidence> {
+        self.evidence
+            .as_ref()
+            .and_then(|e| e.metrics.iter().find(|m| m.metric == metric))
+    }
+
+    /// Rolls back on a regression (and on an unhealthy baseline when the policy says so).
+    fn act_on(&mut self, finding: sequential::Finding) -> bool {
+        let threshold = 1.0 / self.spec.analysis.alpha();
+        match finding {
+            sequential::Finding::NoRegression { .. } => false,
+            sequential::Finding::Regression {
+                metric,
+                e,
+                combined,
+                test,
+            } => {
+                let counts = self
+                    .evidence_of(&metric)
+                    .map(counts_text)
+                    .unwrap_or_default();
+                let what = match test {
+                    "bound" => "the canary is above max",
+                    "warm-up" => "the canary is many times worse than the primary while warming up",
+                    _ => "the canary is worse than the primary",
+                };
+                let reason = format!(
+                    "{metric}: {what} (e-value {} of this test, combined {} >= {} = 1/alpha): {counts}",
+                    e_text(e),
+                    e_text(combined),
+                    e_text(threshold)
+                );
+                self.event(EventType::Warning, reasons::REGRESSION, reason.clone());
+                self.rollback(RolloutResult::RolledBack, reason);
+                true
+            }
+            sequential::Finding::BaselineUnhealthy { metric, combined } => {
+                let counts = self
+                    .evidence_of(&metric)
+                    .map(counts_text)
+                    .unwrap_or_default();
+                let reason = format!(
+                    "{metric}: the baseline is unhealthy too: both arms are above max and the canary is no worse than the primary (combined e-value {}): {counts}",
+                    e_text(combined)
+                );
+                match self.spec.analysis.baseline_unhealthy {
+                    BaselineUnhealthyPolicy::RollBack => {
+                        self.event(
+                            EventType::Warning,
+                            reasons::BASELINE_UNHEALTHY,
+                            reason.clone(),
+                        );
+                        self.rollback(RolloutResult::RolledBack, reason);
+                        true
+                    }
+                    BaselineUnhealthyPolicy::Hold => false,
+                }
+            }
+        }
+    }
+
+    /// The result of a sequential metric at a check.
+    fn sequential_result(&self, metric: &MetricSpec) -> MetricResult {
+        let result = |verdict, message: String, value| MetricResult {
+            metric: metric.name.clone(),
+            value,
+            verdict,
+            message,
+        };
+        if let Some((_, why)) = self.look_failures.iter().find(|(n, _)| *n == metric.name) {
+            return result(Verdict::Inconclusive, why.clone(), None);
+        }
+        let Some(state) = self.evidence_of(&metric.name) else {
+            return result(Verdict::Inconclusive, "no looks yet".into(), None);
+        };
+        let value =
+            (state.canary_requests > 0.0).then(|| 100.0 * state.canary_bad / state.canary_requests);
+        let e = sequential::e_values(state, guard_bound(metric).is_some());
+        let counts = counts_text(state);
+        if let Some(ev) = &self.evidence
+            && let sequential::Finding::BaselineUnhealthy { .. } = self.finding(ev)
+        {
+            return result(
+                Verdict::Waiting,
+                format!("held: the baseline is unhealthy too (both arms above max): {counts}"),
+                value,
+            );
+        }
+        if state.canary_requests < state.required_canary_requests as f64 {
+            return result(
+                Verdict::Waiting,
+                format!(
+                    "waiting for evidence: {} of {} canary requests (e-value {}): {counts}",
+                    thousands(state.canary_requests),
+                    thousands(state.required_canary_requests as f64),
+                    e_text(e.relative)
+                ),
+                value,
+            );
+        }
+        result(
+            Verdict::Pass,
+            format!(
+                "no regression (e-value {} < {}): {counts}",
+                e_text(e.relative.max(e.guard.unwrap_or(0.0))),
+                e_text(1.0 / self.spec.analysis.alpha())
+            ),
+            value,
+        )
     }
 
     fn event(&mut self, type_: EventType, reason: &'static str, message: String) {
@@ -381,6 +757,8 @@ impl Machine<'_> {
         s.rollout_started_at = Some(self.now);
         s.step_started_at = None;
         s.last_check = None;
+        s.evidence = None;
+        self.evidence = None;
         if s.canary_weight != 0 {
             self.set_weights(0);
         }
@@ -408,6 +786,12 @@ impl Machine<'_> {
             self.supersede(rev);
             return;
         }
+        // Looks run paused or not: a pause stops advancing, never the looks that can roll
+        // back.
+        if self.look() {
+            return;
+        }
+        self.wait_for_look();
         if self.spec.paused {
             if self.status.phase != Phase::Paused {
                 self.status.phase = Phase::Paused;
@@ -456,11 +840,27 @@ impl Machine<'_> {
         self.check(due);
     }
 
+    /// Asks to be called again when the sequential judge's next look is due.
+    fn wait_for_look(&mut self) {
+        if let Some(at) = next_look_at(self.spec, &self.status, self.evidence.as_ref(), self.now) {
+            self.wait((at - self.now).to_std().unwrap_or_default());
+        }
+    }
+
     fn enter_step(&mut self, step: usize) {
         let weight = self.step_weight(step);
         self.status.step = step as u32;
         self.status.passed_checks = 0;
         self.status.step_started_at = Some(self.now);
+        if self.spec.analysis.has_sequential() {
+            // No look spans a weight change: the new step counts requests from now (the
+            // short tail since the last look is dropped, never counted twice).
+            match (&mut self.evidence, step) {
+                (Some(ev), s) if s > 0 => ev.through = whole_second(self.now),
+                _ => self.evidence = Some(self.fresh_evidence()),
+            }
+            self.status.evidence = self.evidence.clone();
+        }
         self.set_weights(weight);
         self.event(
             EventType::Normal,
@@ -485,15 +885,35 @@ impl Machine<'_> {
             .map(|r| format!("{}: {}", r.metric, r.message))
             .collect::<Vec<_>>()
             .join("; ");
+        let interval = chrono::Duration::from_std(self.spec.analysis.interval.into())
+            .unwrap_or(chrono::Duration::MAX);
+        if verdict == Verdict::Waiting
+            && self
+                .status
+                .last_check
+                .as_ref()
+                .is_some_and(|c| c.verdict == Verdict::Waiting && self.now - c.time < interval)
+        {
+            // Still waiting: checked again at every look, recorded once per interval.
+            return;
+        }
         self.status.last_check = Some(CheckRecord {
             time: self.now,
             verdict,
             results,
         });
+        if self.evidence.is_some() {
+            self.status.evidence = self.evidence.clone();
+        }
         match verdict {
             Verdict::Pass => self.check_passed(),
             Verdict::Fail => self.check_failed(&summary),
             Verdict::Inconclusive => self.check_inconclusive(&summary),
+            Verdict::Waiting => self.event(
+                EventType::Normal,
+                reasons::WAITING_FOR_EVIDENCE,
+                format!("step {} holds: {summary}", self.status.step + 1),
+            ),
         }
     }
 
@@ -506,6 +926,9 @@ impl Machine<'_> {
             .metrics
             .iter()
             .map(|metric| {
+                if metric.is_sequential() {
+                    return self.sequential_result(metric);
+                }
                 let obs = self.obs.metrics.iter().find(|o| o.name == metric.name);
                 let (verdict, message, value) = self.judge_metric(metric, obs, due);
                 MetricResult {
@@ -739,6 +1162,9 @@ impl Machine<'_> {
             self.actions.push(Action::ScaleCanaryDown);
         }
         self.record(result, reached, reason.clone());
+        if self.evidence.is_some() {
+            self.status.evidence = self.evidence.clone();
+        }
         self.status.phase = Phase::Failed;
         let rev = self.status.revision.clone().unwrap_or_default();
         self.condition(
@@ -838,3 +1264,6 @@ fn ready_message(s: &CanaryStatus) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod sequential_tests;

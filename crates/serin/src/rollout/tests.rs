@@ -20,10 +20,12 @@ analysis:
     - name: error-rate
       provider: {prometheus: {address: "http://prometheus:9090"}}
       preset: appmesh-error-rate
+      judge: Threshold
       max: 1
     - name: latency
       provider: {prometheus: {address: "http://prometheus:9090"}}
       preset: appmesh-latency-p99
+      judge: Threshold
       max: 500
 "#;
 
@@ -37,6 +39,7 @@ analysis:
     - name: error-rate
       provider: {prometheus: {address: "http://prometheus:9090"}}
       preset: gloo-error-rate
+      judge: Threshold
       max: 1
 "#;
 

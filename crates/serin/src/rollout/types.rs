@@ -1,7 +1,8 @@
 //! The values that go into and come out of [`decide`](super::decide).
 
 use crate::analysis::MetricObservation;
-use crate::api::CanaryStatus;
+pub use crate::analysis::{LookBatch, MetricLooks};
+use crate::api::{CanaryStatus, EvidenceStatus};
 use crate::arms::Weights;
 
 /// What the controller observed before deciding.
@@ -20,6 +21,12 @@ pub struct Observations {
     /// The split the router holds now, read during a rollout (`None` when not read). The
     /// data plane is the truth: see [`super::believed_canary_weight`].
     pub weights: Option<Weights>,
+    /// The sequential judge's looks since its last one, fetched when a look was due.
+    pub looks: Option<LookBatch>,
+    /// The sequential judge's state the controller kept in memory since the last status
+    /// write (see [`Decision::evidence`]); `None` after a restart, when the looks since
+    /// `status.evidence` are fetched from the provider's history instead.
+    pub evidence: Option<EvidenceStatus>,
 }
 
 /// A workload's revision and readiness.
@@ -82,6 +89,9 @@ pub struct Decision {
     pub actions: Vec<Action>,
     /// When to look again without a watch event (a timed check, or a readiness poll).
     pub requeue_after: Option<std::time::Duration>,
+    /// The sequential judge's state after this decision, for the controller to keep in
+    /// memory: `status.evidence` is written only at checks, at most once per interval.
+    pub evidence: Option<EvidenceStatus>,
 }
 
 /// One thing the controller must do. Every action is absolute, so repeating it is harmless.
@@ -136,6 +146,12 @@ pub mod reasons {
     pub const CHECK_FAILED: &str = "CheckFailed";
     /// A check had no usable data.
     pub const CHECK_INCONCLUSIVE: &str = "CheckInconclusive";
+    /// A check found no regression but the canary has not had enough requests yet.
+    pub const WAITING_FOR_EVIDENCE: &str = "WaitingForEvidence";
+    /// The sequential judge found the canary worse than the primary, or above its bound.
+    pub const REGRESSION: &str = "RegressionDetected";
+    /// Both arms breach the bound alike: the baseline is unhealthy too.
+    pub const BASELINE_UNHEALTHY: &str = "BaselineUnhealthy";
     /// Promotion started.
     pub const PROMOTING: &str = "Promoting";
     /// Promotion finished.

@@ -530,6 +530,20 @@ pub async fn dump(env: &Env, op: &Operator, name: &str) {
     );
 }
 
+/// Sets the judge of every metric of Canary `name` (`Sequential` or `Threshold`).
+pub async fn set_judge(env: &Env, name: &str, judge: &str) {
+    let api: Api<Canary> = Api::namespaced(env.client.clone(), &env.ns);
+    let c = api.get(name).await.unwrap();
+    let mut metrics = serde_json::to_value(&c.spec.analysis.metrics).unwrap();
+    for m in metrics.as_array_mut().unwrap() {
+        m["judge"] = json!(judge);
+    }
+    let patch = json!({"spec": {"analysis": {"metrics": metrics}}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
 pub async fn set_image(env: &Env, name: &str, image: &str) {
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
     let patch =
