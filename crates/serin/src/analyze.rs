@@ -60,6 +60,9 @@ pub async fn run_analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
             };
             let evals = evaluator.evaluate_detailed(&ctx, at).await;
             print!("{}", report(&ctx, &evals, at));
+            if ctx.spec.analysis.has_sequential() {
+                print!("{}", sequential_report(&evaluator, &ctx, at).await);
+            }
             Ok(())
         }
         Some(from) => {
@@ -77,6 +80,7 @@ pub async fn run_analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
             }
             let step = match &args.step {
                 Some(s) => parse_duration(s)?,
+                None if ctx.spec.analysis.has_sequential() => ctx.spec.analysis.look_interval(),
                 None => ctx.spec.analysis.interval.into(),
             };
             print!("{}", backtest(&evaluator, &ctx, from, to, step).await?);
@@ -150,6 +154,91 @@ fn report(ctx: &CanaryContext, evals: &[MetricEvaluation], at: DateTime<Utc>) ->
         "\ncheck verdict: {}\n",
         verdict_str(crate::analysis::combine(verdicts))
     ));
+    out
+}
+
+/// The sequential judge over the interval before `at`: every look's per-arm counts and the
+/// e-value and evidence after it, as the controller would have folded them from a step
+/// that started one interval earlier.
+async fn sequential_report(
+    evaluator: &Evaluator,
+    ctx: &CanaryContext,
+    at: DateTime<Utc>,
+) -> String {
+    let a = &ctx.spec.analysis;
+    let interval: Duration = a.interval.into();
+    let step = a.look_interval();
+    let from = at - chrono::Duration::from_std(interval).unwrap_or_default();
+    let batch = evaluator.looks(ctx, from, step, at).await;
+    let mut out = format!(
+        "
+sequential judge (alpha {}, looks every {}s) over the interval before {}
+",
+        a.alpha(),
+        step.as_secs(),
+        at.to_rfc3339()
+    );
+    let tests: usize = a
+        .metrics
+        .iter()
+        .filter(|m| m.is_sequential())
+        .map(|m| 1 + usize::from(m.max.is_some()))
+        .sum();
+    for metric in a.metrics.iter().filter(|m| m.is_sequential()) {
+        out.push_str(&format!(
+            "
+metric {} (sequential)
+",
+            metric.name
+        ));
+        let Some(looks) = batch.metrics.iter().find(|m| m.name == metric.name) else {
+            continue;
+        };
+        let looks = match &looks.result {
+            Ok(l) => l,
+            Err(o) => {
+                out.push_str(&format!(
+                    "  looks:   none: {o:?}
+"
+                ));
+                continue;
+            }
+        };
+        let bound = metric.max.map(
+            |max| match metric.preset.map(crate::metrics::presets::kind) {
+                Some(crate::metrics::presets::Kind::LatencyP99) => 0.01,
+                _ => max / 100.0,
+            },
+        );
+        let settings = crate::analysis::sequential::Settings {
+            alpha: a.alpha(),
+            min_detectable_ratio: a.min_detectable_ratio(),
+            min_sample_size: metric
+                .min_sample_size
+                .unwrap_or(crate::analysis::sequential::DEFAULT_MIN_SAMPLE_SIZE),
+        };
+        let mut state = crate::analysis::sequential::start(&metric.name);
+        for (k, look) in looks.iter().enumerate() {
+            crate::analysis::sequential::update(&mut state, look, bound);
+            let e = crate::analysis::sequential::e_values(&state, bound.is_some());
+            let required =
+                crate::analysis::sequential::required_canary_requests(&state, &settings, tests);
+            let end = from + chrono::Duration::from_std(step * (k as u32 + 1)).unwrap_or_default();
+            out.push_str(&format!(
+                "  look {}: primary {}/{} bad, canary {}/{} bad; e-value {} (bound {}); evidence {} of {} canary requests
+",
+                end.format("%H:%M:%S"),
+                crate::analysis::display_value(look.primary.bad),
+                crate::analysis::display_value(look.primary.requests),
+                crate::analysis::display_value(look.canary.bad),
+                crate::analysis::display_value(look.canary.requests),
+                crate::analysis::display_value(e.relative),
+                e.guard.map(crate::analysis::display_value).unwrap_or_else(|| "-".into()),
+                crate::analysis::display_value(state.canary_requests),
+                required
+            ));
+        }
+    }
     out
 }
 
@@ -249,6 +338,17 @@ impl<'a> Replay<'a> {
     async fn tick(&mut self, evaluator: &Evaluator, t: DateTime<Utc>) -> Option<String> {
         let spec = &self.ctx.spec;
         let due = rollout::next_check_at(spec, &self.status).is_some_and(|d| d <= t);
+        let look_due = rollout::next_look_at(spec, &self.status, self.obs.evidence.as_ref(), t)
+            .is_some_and(|d| d <= t);
+        if due || look_due {
+            if let Some(base) = rollout::evidence_base(&self.status, self.obs.evidence.as_ref()) {
+                self.obs.looks = Some(
+                    evaluator
+                        .looks(self.ctx, base.through, spec.analysis.look_interval(), t)
+                        .await,
+                );
+            }
+        }
         let mut cells = Vec::new();
         if due {
             let evals = evaluator.evaluate_detailed(self.ctx, t).await;
@@ -270,12 +370,34 @@ impl<'a> Replay<'a> {
         let checked = decision.status.last_check != self.status.last_check;
         let moved = decision.status.canary_weight != self.status.canary_weight
             || decision.status.phase != self.status.phase;
+        let looked = self.obs.looks.take().is_some();
+        let evidence = decision
+            .evidence
+            .clone()
+            .or_else(|| decision.status.evidence.clone());
+        if looked && let Some(ev) = &evidence {
+            // The sequential metrics' state after this look, after the threshold cells.
+            cells.push(format!(
+                "e-value {}{}",
+                crate::analysis::display_value(ev.e_value),
+                ev.metrics
+                    .iter()
+                    .map(|m| format!(
+                        ", {}: {} of {} canary requests",
+                        m.metric,
+                        crate::analysis::display_value(m.canary_requests),
+                        m.required_canary_requests
+                    ))
+                    .collect::<String>()
+            ));
+        }
+        self.obs.evidence = decision.evidence;
         self.status = decision.status;
         if self.status.phase == Phase::Promoting {
             // The primary takes the new revision and becomes ready.
             self.obs.primary.revision = Some(self.new_revision.clone());
         }
-        (due || checked || moved).then(|| self.line(t, checked, &cells))
+        (due || looked || checked || moved).then(|| self.line(t, checked, &cells))
     }
 
     /// The table row at `t`.

@@ -53,6 +53,8 @@ pub struct Observed {
     /// Requests and errors each arm has served, when known (the demo's simulator counts
     /// them).
     pub traffic: Option<PerArm<Served>>,
+    /// The sequential judge's evidence (`status.evidence`), when it judges this rollout.
+    pub evidence: Option<crate::api::EvidenceStatus>,
 }
 
 /// Requests an arm served, and how many of them failed.
@@ -280,6 +282,18 @@ fn bounds_text(m: &MetricInfo) -> String {
     }
 }
 
+/// A sequential metric's evidence: `e 0.8, 340 of 1,200 canary requests`.
+fn evidence_text(o: &Observed, metric: &str) -> Option<String> {
+    let ev = o.evidence.as_ref()?;
+    let m = ev.metrics.iter().find(|m| m.metric == metric)?;
+    Some(format!(
+        "e {}, {} of {} canary requests",
+        crate::analysis::display_value(crate::analysis::sequential::e_values(m, true).relative),
+        m.canary_requests.round(),
+        m.required_canary_requests
+    ))
+}
+
 /// The metrics of the last check: `name value (bound) verdict`.
 fn metric_results(o: &Observed) -> Vec<(String, String, String, Option<Verdict>)> {
     o.metrics
@@ -317,7 +331,10 @@ pub fn status_line(o: &Observed) -> String {
         .into_iter()
         .map(|(name, value, bound, verdict)| {
             let verdict = verdict.map(Verdict::as_str).unwrap_or("-");
-            format!("{name} {value} ({bound}) {verdict}")
+            match evidence_text(o, &name) {
+                Some(e) => format!("{name} {value} ({bound}) {verdict} [{e}]"),
+                None => format!("{name} {value} ({bound}) {verdict}"),
+            }
         })
         .collect();
     format!(
@@ -379,8 +396,9 @@ fn frame(title: &str, elapsed: f64, o: &Observed, events: &VecDeque<EventLine>) 
     ];
     for (name, value, bound, verdict) in metric_results(o) {
         let (c, v) = colour(verdict);
+        let evidence = evidence_text(o, &name).unwrap_or_default();
         lines.push(format!(
-            "  {name:<14} {value:>10}   {bound:<10} {c}{v}\x1b[0m"
+            "  {name:<14} {value:>10}   {bound:<10} {c}{v:<12}\x1b[0m {evidence}"
         ));
     }
     if let Some(t) = &o.traffic {
@@ -428,6 +446,7 @@ mod tests {
                 max: Some(1.0),
             }],
             traffic: None,
+            evidence: None,
         }
     }
 

@@ -137,7 +137,7 @@ fn demo_promotes_then_rolls_back() {
     );
     assert!(summary.contains("0% → 20% → 50% → 0%"), "{context}");
     assert!(summary.contains("0% → 20% → 50% → 100% → 0%"), "{context}");
-    assert!(summary.contains("first failed check"), "{context}");
+    assert!(summary.contains("canary failing from "), "{context}");
 }
 
 /// With --kubeconfig-out and --hold, a real kubectl lists the demo's Canary and the

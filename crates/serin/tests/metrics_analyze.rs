@@ -63,8 +63,10 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-fn manifest(f: &Fixture, max: f64) -> std::path::PathBuf {
-    let path = f.dir.path().join(format!("canary-{max}.yaml"));
+/// The Canary `shop/web` with an error-rate bound `max`, judged by `judge` (`Sequential`
+/// or `Threshold`).
+fn manifest_judged(f: &Fixture, max: f64, judge: &str) -> std::path::PathBuf {
+    let path = f.dir.path().join(format!("canary-{max}-{judge}.yaml"));
     let text = format!(
         r#"apiVersion: serin.dev/v1alpha1
 kind: Canary
@@ -83,11 +85,17 @@ spec:
         preset: appmesh-error-rate
         max: {max}
         minSampleSize: 100
+        judge: {judge}
 "#,
         f.prometheus.url
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// [`manifest_judged`] with the threshold judge.
+fn manifest(f: &Fixture, max: f64) -> std::path::PathBuf {
+    manifest_judged(f, max, "Threshold")
 }
 
 fn serin(args: &[&str]) -> (bool, String) {
@@ -124,7 +132,8 @@ fn analyze_once() {
     assert!(out.contains("check verdict: Pass"), "{out}");
 }
 
-/// A replay over a healthy window advances 20 → 50 and promotes.
+/// The threshold judge promotes this window (0.5% canary errors stay under max 1) in a
+/// replay that advances 20 → 50.
 #[test]
 fn backtest_promotes() {
     let f = fixture();
@@ -164,6 +173,64 @@ fn backtest_rolls_back() {
     println!("{out}");
     assert!(out.contains("outcome: RolledBack"), "{out}");
     assert!(out.contains("0.500 Fail"), "{out}");
+}
+
+/// The sequential judge (the default) sees in the same window what the threshold judge
+/// cannot: the canary fails five times as often as the primary (0.5% against 0.1%), under
+/// the bound. The replay prints the e-value and the evidence at every look, waits for
+/// evidence at the first check, and rolls back before the first step ends.
+#[test]
+fn backtest_sequential_catches_a_regression_under_the_bound() {
+    let f = fixture();
+    let file = manifest_judged(f, 1.0, "Sequential");
+    let (ok, out) = serin(&[
+        "analyze",
+        "-f",
+        file.to_str().unwrap(),
+        "--from",
+        &at(f, 300),
+        "--to",
+        &at(f, 900),
+    ]);
+    assert!(ok, "{out}");
+    println!("{out}");
+    assert!(out.contains("e-value "), "{out}");
+    assert!(out.contains(" canary requests"), "{out}");
+    assert!(out.contains("  Waiting "), "{out}");
+    assert!(
+        out.contains("outcome: RolledBack") && out.contains("(reached 20%)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the canary is worse than the primary"),
+        "{out}"
+    );
+    assert!(
+        out.contains("canary 0.5% (") && out.contains("primary 0.1% ("),
+        "{out}"
+    );
+}
+
+/// `serin analyze` once, on a sequential metric, shows each look of the last interval with
+/// both arms' counts and the e-value after it.
+#[test]
+fn analyze_once_shows_the_looks() {
+    let f = fixture();
+    let file = manifest_judged(f, 1.0, "Sequential");
+    let (ok, out) = serin(&["analyze", "-f", file.to_str().unwrap(), "--at", &at(f, 600)]);
+    assert!(ok, "{out}");
+    println!("{out}");
+    assert!(
+        out.contains("sequential judge (alpha 0.01, looks every 10s)"),
+        "{out}"
+    );
+    // Six looks of 10 s in the minute: each 200 canary requests (1 bad) and 400 primary.
+    assert_eq!(out.matches("  look ").count(), 6, "{out}");
+    assert!(
+        out.contains("primary 0.4/400 bad, canary 1/200 bad"),
+        "{out}"
+    );
+    assert!(out.contains("evidence 1200 of "), "{out}");
 }
 
 /// An invalid Canary is refused with the validation messages, and nothing is queried.

@@ -461,7 +461,11 @@ async fn requests_are_counted() {
         "podinfo",
         spec(
             appmesh(),
-            &metric(&f.prometheus.url, "preset: appmesh-error-rate", ""),
+            &metric(
+                &f.prometheus.url,
+                "preset: appmesh-error-rate\n      judge: Threshold",
+                "",
+            ),
         ),
     );
     evaluator.evaluate(&ctx, f.at).await;
@@ -551,9 +555,14 @@ fn first_check(
 async fn a_series_that_stopped_is_stamped_with_its_last_sample_and_judged_stale() {
     let f = fixture();
     let five_minutes = |target: &str| {
+        // The threshold judge: its instant queries are the ones stamped with their data.
         let mut s = spec(
             appmesh(),
-            &metric(&f.prometheus.url, "preset: appmesh-error-rate", ""),
+            &metric(
+                &f.prometheus.url,
+                "preset: appmesh-error-rate\n      judge: Threshold",
+                "",
+            ),
         );
         s.target_ref.as_mut().unwrap().name = target.into();
         s.analysis.interval = std::time::Duration::from_secs(300).into();

@@ -176,7 +176,8 @@ struct Report {
     reached: Option<u8>,
     took: Duration,
     canary_weights: Vec<u8>,
-    first_failed_check: Option<DateTime<Utc>>,
+    /// When the VirtualRouter first gave the canary the weight it fails at.
+    failing_from: Option<DateTime<Utc>>,
     weight_zero: Option<DateTime<Utc>>,
     traffic: Option<PerArm<Served>>,
     timed_out: bool,
@@ -525,6 +526,7 @@ impl Demo {
             last_check: status.last_check.clone(),
             metrics,
             traffic: traffic.and_then(|t| t.history.latest()).map(|s| s.served()),
+            evidence: status.evidence.clone(),
         };
         let events = self.events().await;
         view.update(observed, events);
@@ -582,17 +584,9 @@ impl Demo {
             scenario.image()
         ));
         let deadline = clock + self.interval * 8 + Duration::from_secs(30);
-        let mut first_failed_check = None;
         let (canary, timed_out) = loop {
             let c = self.observe(view, Some(&traffic)).await?;
             let status = c.status.clone().unwrap_or_default();
-            if let Some(check) = &status.last_check
-                && check.time >= started
-                && check.verdict == crate::api::Verdict::Fail
-                && first_failed_check.is_none()
-            {
-                first_failed_check = Some(check.time);
-            }
             let finished = status
                 .history
                 .first()
@@ -618,9 +612,15 @@ impl Demo {
             .lock()
             .map(|l| l.iter().skip(log_from.saturating_sub(1)).copied().collect())
             .unwrap_or_default();
-        let weight_zero = first_failed_check.and_then(|failed| {
+        // The canary starts failing when the VirtualRouter gives it the weight it fails at.
+        let failing_from = scenario.under_load().and_then(|(min_weight, _)| {
             log.iter()
-                .find(|(at, w)| *at >= failed && w.canary() == 0)
+                .find(|(_, w)| w.canary() >= min_weight)
+                .map(|(at, _)| *at)
+        });
+        let weight_zero = failing_from.and_then(|from| {
+            log.iter()
+                .find(|(at, w)| *at >= from && w.canary() == 0)
                 .map(|(at, _)| *at)
         });
         Ok(Report {
@@ -630,7 +630,7 @@ impl Demo {
             reached: entry.map(|h| h.reached_weight),
             took: clock.elapsed(),
             canary_weights: log.iter().map(|(_, w)| w.canary()).collect(),
-            first_failed_check,
+            failing_from,
             weight_zero,
             traffic: traffic.sim.totals(0).map(|(primary, canary)| PerArm {
                 primary: source::served(primary),
@@ -736,14 +736,14 @@ fn summary(reports: &[Report], total: Duration) -> String {
             ));
         }
         if r.scenario == Scenario::Rollback {
-            match (r.first_failed_check, r.weight_zero) {
-                (Some(failed), Some(zero)) => out.push_str(&format!(
-                    "             first failed check {} → canary weight 0 at {}: {:.1}s\n",
-                    failed.format("%H:%M:%S%.3f"),
+            match (r.failing_from, r.weight_zero) {
+                (Some(failing), Some(zero)) => out.push_str(&format!(
+                    "             canary failing from {} → canary weight 0 at {}: {:.1}s\n",
+                    failing.format("%H:%M:%S%.3f"),
                     zero.format("%H:%M:%S%.3f"),
-                    (zero - failed).num_milliseconds() as f64 / 1000.0
+                    (zero - failing).num_milliseconds() as f64 / 1000.0
                 )),
-                _ => out.push_str("             no failed check was followed by canary weight 0\n"),
+                _ => out.push_str("             the failing canary never went back to weight 0\n"),
             }
         }
     }

@@ -123,6 +123,11 @@ impl History {
         samples.iter().rev().find(|s| s.at <= t).cloned()
     }
 
+    /// The oldest sample kept.
+    pub fn oldest(&self) -> Option<Sample> {
+        self.samples.lock().ok()?.front().cloned()
+    }
+
     /// The newest sample.
     pub fn latest(&self) -> Option<Sample> {
         self.samples.lock().ok()?.back().cloned()
@@ -257,10 +262,17 @@ pub fn looks(
 ) -> Result<Vec<Look>, Outcome> {
     let samples: Vec<Sample> = grid
         .iter()
-        .map(|t| history.at(*t))
+        // Before the history's first sample (zero counters when the traffic started)
+        // nothing had been served: that sample stands for those times.
+        .map(|t| history.at(*t).or_else(|| history.oldest().filter(|o| o.at > *t)))
         .collect::<Option<_>>()
         .ok_or_else(|| Outcome::NoData {
-            reason: "no simulated traffic samples at the look times".into(),
+            reason: format!(
+                "no simulated traffic samples at the look times {} to {} (the oldest kept is from {})",
+                grid.first().map(|t| t.to_rfc3339()).unwrap_or_default(),
+                grid.last().map(|t| t.to_rfc3339()).unwrap_or_default(),
+                history.oldest().map(|s| s.at.to_rfc3339()).unwrap_or_default()
+            ),
         })?;
     Ok(samples
         .windows(2)

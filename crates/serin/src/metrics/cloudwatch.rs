@@ -14,6 +14,18 @@
 //! window's end), so a value whose datapoints stopped long ago is judged stale. A preset's
 //! period is its whole window, so a preset is fresh whenever its window has data.
 //!
+//! The sequential judge's looks ([`MetricProvider::looks`], error-rate preset only) are one
+//! more batch item: the preset's four sums with the look interval as their period, over the
+//! grid's first to last time, so the datapoint of the period starting at look time `grid[k]`
+//! is look `k` and every request lands in exactly one look. CloudWatch
+//! omits empty periods, so a missing datapoint is zero; but an arm whose request sum has no
+//! datapoint over the whole range is no data (wrong dimensions, or pods not yet published),
+//! never zero requests, as a Prometheus selector that matches nothing is. The grid must fall
+//! on whole multiples of its step, and the step on whole minutes; the caller keeps the grid
+//! behind CloudWatch's ingestion delay (a period still filling would be folded short).
+//! Latency stays on the threshold judge: percentile statistics cannot count the requests
+//! slower than a bound.
+//!
 //! Credentials come from the standard AWS chain (IRSA in clusters), optionally through an
 //! assumed role (`roleArn`, via STS). Throttling and transient failures are retried with
 //! exponential backoff, a bounded number of times.
@@ -33,13 +45,15 @@ use aws_sdk_cloudwatch::types as cw;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{AwsConnection, MetricDataQuery, MetricSpec, ProviderKind};
+use crate::analysis::sequential;
+use crate::api::{AwsConnection, MetricDataQuery, MetricSpec, Preset, ProviderKind};
+use crate::arms::Arm;
 
 use super::presets::{self, Kind};
 use super::template::Vars;
 use super::{
-    ArmCounts, CanaryContext, Evidence, Measurement, MetricError, MetricProvider, ProviderMetrics,
-    Sample,
+    ArmCounts, CanaryContext, Evidence, LookMeasurement, Measurement, MetricError, MetricProvider,
+    ProviderMetrics, Sample,
 };
 
 const PROVIDER: &str = "cloudwatch";
@@ -86,6 +100,16 @@ struct Key {
     region: String,
     role_arn: Option<String>,
     endpoint: Option<String>,
+}
+
+impl Key {
+    fn of(conn: &AwsConnection) -> Self {
+        Key {
+            region: conn.region.clone(),
+            role_arn: conn.role_arn.clone(),
+            endpoint: conn.endpoint.clone(),
+        }
+    }
 }
 
 /// One metric's share of a call.
@@ -186,13 +210,11 @@ impl CloudWatch {
             Ok(p) => p,
             Err(failed) => return failed,
         };
-        let key = Key {
-            region: conn.region.clone(),
-            role_arn: conn.role_arn.clone(),
-            endpoint: conn.endpoint.clone(),
-        };
         let queries = plan.queries.iter().map(to_sdk).collect();
-        let series = match self.submit(key, queries, plan.start, plan.end).await {
+        let series = match self
+            .submit(Key::of(conn), queries, plan.start, plan.end)
+            .await
+        {
             Ok(s) => s,
             Err(e) => return Measurement::failed(plan.shown, e),
         };
@@ -201,6 +223,240 @@ impl CloudWatch {
             queries: plan.shown,
             result,
         }
+    }
+
+    /// The looks of `metric` on `grid`: one batch item, so Canaries whose looks cover the
+    /// same minutes share a call, with the same client, retries, request counters and error
+    /// mapping as [`CloudWatch::run`].
+    async fn run_looks(
+        &self,
+        canary: &CanaryContext,
+        metric: &MetricSpec,
+        conn: &AwsConnection,
+        grid: &[DateTime<Utc>],
+    ) -> LookMeasurement {
+        let plan = match plan_looks(canary, metric, grid) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return LookMeasurement {
+                    queries: vec![],
+                    result: Ok(vec![]),
+                };
+            }
+            Err(e) => {
+                return LookMeasurement {
+                    queries: vec![],
+                    result: Err(e),
+                };
+            }
+        };
+        let queries = plan.queries.iter().map(to_sdk).collect();
+        let result = match self
+            .submit(Key::of(conn), queries, plan.start, plan.end)
+            .await
+        {
+            Ok(series) => plan.looks(&series),
+            Err(e) => Err(e),
+        };
+        LookMeasurement {
+            queries: plan.shown,
+            result,
+        }
+    }
+}
+
+/// The period CloudWatch keeps standard-resolution metrics at (seconds): looks are whole
+/// multiples of it.
+const MINUTE_SECS: i64 = 60;
+
+/// What one sequential metric asks GetMetricData for, built without I/O.
+#[derive(Clone, Debug, PartialEq)]
+struct LookPlan {
+    /// One line per query, for people.
+    shown: Vec<String>,
+    /// The preset's sums, their period the look interval.
+    queries: Vec<MetricDataQuery>,
+    /// The first look's start (`grid[0]`).
+    start: DateTime<Utc>,
+    /// The last look's end (the grid's last time; GetMetricData's end is exclusive).
+    end: DateTime<Utc>,
+    /// The look interval in seconds.
+    step: i64,
+    /// How many looks: one per grid interval.
+    looks: usize,
+}
+
+/// Plans the looks of `metric` (the CloudWatch error-rate preset) of `canary` on `grid`.
+/// `None` when the grid holds no interval yet. Refused, as configuration errors: any other
+/// metric, a step that is not a whole number of minutes (`analysis.lookInterval`), a grid
+/// that does not start on a multiple of its step (CloudWatch's periods start on whole
+/// minutes, so a look starting between them would share a period with its neighbour), and
+/// an unevenly spaced grid.
+fn plan_looks(
+    canary: &CanaryContext,
+    metric: &MetricSpec,
+    grid: &[DateTime<Utc>],
+) -> Result<Option<LookPlan>, MetricError> {
+    match metric.preset {
+        Some(Preset::CloudwatchAppmeshErrorRate) => {}
+        Some(p) if p.is_cloudwatch() => {
+            return Err(MetricError::Config(format!(
+                "preset {} cannot be judged sequentially: CloudWatch's percentile statistics cannot count the requests slower than max; set judge: Threshold on metric {}",
+                p.as_str(),
+                metric.name
+            )));
+        }
+        Some(p) => {
+            return Err(MetricError::Config(format!(
+                "preset {} reads Prometheus, not CloudWatch; fix the provider of metric {}",
+                p.as_str(),
+                metric.name
+            )));
+        }
+        None => {
+            return Err(MetricError::Config(format!(
+                "metric {} has no preset: the sequential judge reads presets only; set judge: Threshold",
+                metric.name
+            )));
+        }
+    }
+    let (Some(&start), Some(&second), Some(&end)) = (grid.first(), grid.get(1), grid.last()) else {
+        return Ok(None);
+    };
+    let step_ms = (second - start).num_milliseconds();
+    if step_ms <= 0 || step_ms % (MINUTE_SECS * 1000) != 0 {
+        return Err(MetricError::Config(format!(
+            "analysis.lookInterval is {}s, but CloudWatch serves whole one-minute periods: make analysis.lookInterval a whole number of minutes (1m, the default when a sequential metric reads CloudWatch)",
+            step_ms as f64 / 1000.0
+        )));
+    }
+    let step = step_ms / 1000;
+    if grid
+        .windows(2)
+        .any(|w| (w[1] - w[0]).num_milliseconds() != step_ms)
+    {
+        return Err(MetricError::Config(format!(
+            "the look times are not {step}s apart throughout; looks must be evenly spaced by analysis.lookInterval"
+        )));
+    }
+    if start.timestamp_millis().rem_euclid(step_ms) != 0 {
+        return Err(MetricError::Config(format!(
+            "the looks start at {}, not on a multiple of analysis.lookInterval ({step}s): CloudWatch's periods start on whole minutes, so such a look would share a period with the one before it",
+            start.to_rfc3339()
+        )));
+    }
+    let Ok(period) = i32::try_from(step) else {
+        return Err(MetricError::Config(format!(
+            "analysis.lookInterval is {step}s, more than a GetMetricData period can be"
+        )));
+    };
+    let vars = Vars::new(canary, Duration::from_secs(step.unsigned_abs()));
+    let queries = presets::cloudwatch_queries(
+        Preset::CloudwatchAppmeshErrorRate,
+        period,
+        &canary.data_plane,
+    )
+    .iter()
+    .map(|q| render_query(q, &vars))
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(MetricError::Template)?;
+    Ok(Some(LookPlan {
+        shown: queries.iter().map(describe).collect(),
+        queries,
+        start,
+        end,
+        step,
+        looks: grid.len() - 1,
+    }))
+}
+
+impl LookPlan {
+    /// One look per grid interval from the series GetMetricData returned for this plan.
+    /// An arm whose request sum has no datapoint in the whole range is no data; a period
+    /// without a datapoint, and a missing 5xx sum, count zero.
+    fn looks(
+        &self,
+        series: &HashMap<String, Series>,
+    ) -> Result<Vec<sequential::Look>, MetricError> {
+        let mut arms = Vec::with_capacity(2);
+        for arm in Arm::BOTH {
+            let name = arm.as_str();
+            let requests_id = format!("{name}_requests");
+            let Some(requests) = self.per_look(series, &requests_id)? else {
+                let query = self
+                    .queries
+                    .iter()
+                    .find(|q| q.id == requests_id)
+                    .map(describe)
+                    .unwrap_or(requests_id);
+                return Err(MetricError::NoData(format!(
+                    "CloudWatch has no datapoints for the {name}'s requests from {} to {} ({query}): do its pods receive traffic, and does the CloudWatch agent publish exactly these dimensions?",
+                    self.start.to_rfc3339(),
+                    self.end.to_rfc3339()
+                )));
+            };
+            let bad = self
+                .per_look(series, &format!("{name}_errors"))?
+                .unwrap_or_else(|| vec![0.0; self.looks]);
+            arms.push(
+                requests
+                    .into_iter()
+                    .zip(bad)
+                    .map(|(requests, bad)| sequential::Counts { requests, bad })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let [primary, canary] = <[Vec<sequential::Counts>; 2]>::try_from(arms)
+            .map_err(|_| MetricError::Provider("expected two arms".into()))?;
+        Ok(primary
+            .into_iter()
+            .zip(canary)
+            .map(|(primary, canary)| sequential::Look { primary, canary })
+            .collect())
+    }
+
+    /// Query `id`'s sum per look, `None` when it has no datapoint at all. A datapoint
+    /// outside the range belongs to another fetch and is left out; one inside it but off
+    /// the look times would be split between looks, so it is an error.
+    fn per_look(
+        &self,
+        series: &HashMap<String, Series>,
+        id: &str,
+    ) -> Result<Option<Vec<f64>>, MetricError> {
+        let Some(s) = series.get(id) else {
+            return Ok(None);
+        };
+        if let Some(e) = result_problem(id, s) {
+            return Err(e);
+        }
+        if s.points.is_empty() {
+            return Ok(None);
+        }
+        let step_ms = self.step * 1000;
+        let mut out = vec![0.0; self.looks];
+        for &(t, v) in &s.points {
+            if t < self.start || t >= self.end {
+                continue;
+            }
+            if !v.is_finite() {
+                return Err(MetricError::NotANumber(format!(
+                    "CloudWatch returned {v} for {id} at {}",
+                    t.to_rfc3339()
+                )));
+            }
+            let offset = (t - self.start).num_milliseconds();
+            let k = usize::try_from(offset / step_ms).unwrap_or(usize::MAX);
+            if offset % step_ms != 0 || k >= self.looks {
+                return Err(MetricError::Provider(format!(
+                    "CloudWatch returned a datapoint of {id} at {}, which is not the start of a {}s look from {}",
+                    t.to_rfc3339(),
+                    self.step,
+                    self.start.to_rfc3339()
+                )));
+            }
+            out[k] += v;
+        }
+        Ok(Some(out))
     }
 }
 
@@ -390,6 +646,23 @@ impl MetricProvider for CloudWatch {
                 vec![],
                 MetricError::Config("the metric's provider is not cloudWatch".into()),
             ),
+        }
+    }
+
+    async fn looks(
+        &self,
+        canary: &CanaryContext,
+        metric: &MetricSpec,
+        grid: &[DateTime<Utc>],
+    ) -> LookMeasurement {
+        match &metric.provider.cloud_watch {
+            Some(conn) => self.run_looks(canary, metric, conn, grid).await,
+            None => LookMeasurement {
+                queries: vec![],
+                result: Err(MetricError::Config(
+                    "the metric's provider is not cloudWatch".into(),
+                )),
+            },
         }
     }
 }
@@ -886,6 +1159,204 @@ fn latency(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arms::{DataPlaneArm, DataPlaneArms, PerArm};
+
+    /// A Canary in namespace `test` whose only metric is CloudWatch preset `preset`.
+    fn ctx(preset: &str) -> (CanaryContext, MetricSpec) {
+        let spec: crate::api::CanarySpec = serde_norway::from_str(&format!(
+            r#"
+targetRef: {{apiVersion: apps/v1, kind: Deployment, name: podinfo}}
+service: {{port: 9898}}
+router: {{appMesh: {{mesh: global}}}}
+analysis:
+  interval: 5m
+  metrics:
+    - name: e
+      provider: {{cloudWatch: {{region: us-east-1}}}}
+      preset: {preset}
+      max: 1
+"#
+        ))
+        .unwrap();
+        let arm = |name: &str| DataPlaneArm {
+            name: name.into(),
+            namespace: "test".into(),
+        };
+        let data_plane = DataPlaneArms {
+            kind: "VirtualNode",
+            primary: arm("podinfo-primary"),
+            canary: arm("podinfo-canary"),
+            pod_apps: PerArm {
+                primary: "podinfo-primary".into(),
+                canary: "podinfo".into(),
+            },
+        };
+        let metric = spec.analysis.metrics[0].clone();
+        (
+            CanaryContext::new("test", "podinfo", spec, data_plane),
+            metric,
+        )
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(secs, 0).unwrap()
+    }
+
+    /// `n + 1` grid times `step` seconds apart from `start`.
+    fn grid(start: i64, step: i64, n: i64) -> Vec<DateTime<Utc>> {
+        (0..=n).map(|k| at(start + k * step)).collect()
+    }
+
+    fn series(points: &[(i64, f64)]) -> Series {
+        Series {
+            points: points.iter().rev().map(|&(t, v)| (at(t), v)).collect(),
+            status: Some("Complete".into()),
+            messages: vec![],
+        }
+    }
+
+    /// A multiple of two minutes (so `T0 + 60` is a whole minute but not a multiple of 120 s).
+    const T0: i64 = 1_700_000_040;
+
+    /// The plan asks for the preset's four sums with the look interval as period, from the
+    /// first grid time to the last, in the Canary's namespace.
+    #[test]
+    fn plans_the_four_sums_per_look() {
+        let (c, m) = ctx("cloudwatch-appmesh-error-rate");
+        let plan = plan_looks(&c, &m, &grid(T0, 120, 3)).unwrap().unwrap();
+        assert_eq!((plan.start, plan.end), (at(T0), at(T0 + 360)));
+        assert_eq!((plan.step, plan.looks), (120, 3));
+        let ids: Vec<&str> = plan.queries.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "primary_requests",
+                "primary_errors",
+                "canary_requests",
+                "canary_errors"
+            ]
+        );
+        for q in &plan.queries {
+            let ms = q.metric_stat.as_ref().unwrap();
+            assert_eq!((ms.period, ms.stat.as_str()), (120, "Sum"));
+            assert!(
+                ms.metric
+                    .dimensions
+                    .iter()
+                    .any(|d| d.name == "Namespace" && d.value == "test")
+            );
+        }
+        assert_eq!(plan_looks(&c, &m, &grid(T0, 60, 0)), Ok(None));
+    }
+
+    /// A look interval that is not a whole number of minutes is a configuration error that
+    /// names analysis.lookInterval.
+    #[test]
+    fn steps_off_whole_minutes_are_refused() {
+        let (c, m) = ctx("cloudwatch-appmesh-error-rate");
+        for step in [10, 30, 90] {
+            let err = plan_looks(&c, &m, &grid(T0, step, 4)).unwrap_err();
+            assert_eq!(err.category(), "config", "{err}");
+            assert!(err.to_string().contains("analysis.lookInterval"), "{err}");
+        }
+    }
+
+    /// Looks that start between two minutes (or off a multiple of a longer step) are
+    /// refused: CloudWatch cannot split a period between two looks.
+    #[test]
+    fn grids_off_period_starts_are_refused() {
+        let (c, m) = ctx("cloudwatch-appmesh-error-rate");
+        for (start, step) in [(T0 + 17, 60), (T0 + 60, 120)] {
+            let err = plan_looks(&c, &m, &grid(start, step, 3)).unwrap_err();
+            assert_eq!(err.category(), "config", "{err}");
+        }
+    }
+
+    /// The latency preset stays on the threshold judge.
+    #[test]
+    fn latency_is_not_sequential() {
+        let (c, m) = ctx("cloudwatch-appmesh-latency-p99");
+        let err = plan_looks(&c, &m, &grid(T0, 60, 2)).unwrap_err();
+        assert_eq!(err.category(), "config", "{err}");
+        assert!(err.to_string().contains("judge: Threshold"), "{err}");
+    }
+
+    /// Each datapoint is the look that starts at its time; a period without a datapoint
+    /// and a missing 5xx sum count zero; datapoints outside the range are left out.
+    #[test]
+    fn datapoints_map_to_looks() {
+        let (c, m) = ctx("cloudwatch-appmesh-error-rate");
+        let plan = plan_looks(&c, &m, &grid(T0, 60, 3)).unwrap().unwrap();
+        let got: HashMap<String, Series> = [
+            (
+                "primary_requests",
+                series(&[
+                    (T0 - 60, 999.0),
+                    (T0, 100.0),
+                    (T0 + 60, 110.0),
+                    (T0 + 120, 120.0),
+                ]),
+            ),
+            ("primary_errors", series(&[(T0 + 60, 2.0)])),
+            (
+                "canary_requests",
+                series(&[(T0, 10.0), (T0 + 120, 12.0), (T0 + 180, 999.0)]),
+            ),
+        ]
+        .into_iter()
+        .map(|(id, s)| (id.to_string(), s))
+        .collect();
+        let looks = plan.looks(&got).unwrap();
+        let c = |requests, bad| sequential::Counts { requests, bad };
+        assert_eq!(
+            looks,
+            vec![
+                sequential::Look {
+                    primary: c(100.0, 0.0),
+                    canary: c(10.0, 0.0)
+                },
+                sequential::Look {
+                    primary: c(110.0, 2.0),
+                    canary: c(0.0, 0.0)
+                },
+                sequential::Look {
+                    primary: c(120.0, 0.0),
+                    canary: c(12.0, 0.0)
+                },
+            ]
+        );
+    }
+
+    /// An arm whose request sum has no datapoint in the whole range is no data, naming the
+    /// arm; so is the case where neither arm has any.
+    #[test]
+    fn an_arm_without_datapoints_is_no_data() {
+        let (c, m) = ctx("cloudwatch-appmesh-error-rate");
+        let plan = plan_looks(&c, &m, &grid(T0, 60, 2)).unwrap().unwrap();
+        let only_primary: HashMap<String, Series> =
+            [("primary_requests".to_string(), series(&[(T0, 5.0)]))]
+                .into_iter()
+                .collect();
+        let err = plan.looks(&only_primary).unwrap_err();
+        assert_eq!(err.category(), "no-data", "{err}");
+        assert!(err.to_string().contains("canary's requests"), "{err}");
+        assert!(err.to_string().contains("app=podinfo}"), "{err}");
+        let err = plan.looks(&HashMap::new()).unwrap_err();
+        assert_eq!(err.category(), "no-data", "{err}");
+    }
+
+    /// A datapoint inside the range but off the look times is an error, never split or
+    /// moved to a neighbouring look.
+    #[test]
+    fn off_grid_datapoints_are_an_error() {
+        let (c, m) = ctx("cloudwatch-appmesh-error-rate");
+        let plan = plan_looks(&c, &m, &grid(T0, 120, 2)).unwrap().unwrap();
+        let got: HashMap<String, Series> = ["primary_requests", "canary_requests"]
+            .into_iter()
+            .map(|id| (id.to_string(), series(&[(T0 + 60, 1.0)])))
+            .collect();
+        assert_eq!(plan.looks(&got).unwrap_err().category(), "provider");
+    }
 
     /// Ids in expressions get the prefix; functions, other words and strings do not.
     #[test]

@@ -597,3 +597,32 @@ impl Evaluator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Increases between grid times count each request once: a steady counter by its
+    /// differences, a reset by its new value, a series that appears by its whole value, one
+    /// that disappears by nothing, and garbage (NaN, negative) not at all.
+    #[test]
+    fn increases_of_cumulative_counters() {
+        let grid = [0, 10, 20, 30];
+        let steady: Points = vec![(0, 100.0), (10, 110.0), (20, 125.0), (30, 125.0)];
+        let reset: Points = vec![(0, 500.0), (10, 520.0), (20, 3.0), (30, 9.0)];
+        let appears: Points = vec![(20, 2.0), (30, 4.0)];
+        let vanishes: Points = vec![(0, 7.0), (10, 8.0)];
+        let garbage: Points = vec![(0, f64::NAN), (10, -4.0), (20, 1.0), (30, 1.0)];
+        assert_eq!(increases(&[steady.clone()], &grid), vec![10.0, 15.0, 0.0]);
+        assert_eq!(increases(&[reset], &grid), vec![20.0, 3.0, 6.0]);
+        assert_eq!(increases(&[appears], &grid), vec![0.0, 2.0, 2.0]);
+        assert_eq!(increases(&[vanishes], &grid), vec![1.0, 0.0, 0.0]);
+        assert_eq!(increases(&[garbage], &grid), vec![0.0, 1.0, 0.0]);
+        assert_eq!(
+            increases(&[steady.clone(), steady], &grid),
+            vec![20.0, 30.0, 0.0],
+            "series add up"
+        );
+        assert!(increases(&[], &[0]).is_empty());
+    }
+}
