@@ -168,8 +168,9 @@ async fn sequential_report(
     let a = &ctx.spec.analysis;
     let interval: Duration = a.interval.into();
     let step = a.look_interval();
-    let from = at - chrono::Duration::from_std(interval).unwrap_or_default();
-    let batch = evaluator.looks(ctx, from, step, at).await;
+    let delay = chrono::Duration::from_std(a.look_delay()).unwrap_or_default();
+    let from = at - chrono::Duration::from_std(interval).unwrap_or_default() - delay;
+    let batch = evaluator.looks(ctx, from, step, at - delay).await;
     let mut out = format!(
         "
 sequential judge (alpha {}, looks every {}s) over the interval before {}
@@ -340,14 +341,20 @@ impl<'a> Replay<'a> {
         let due = rollout::next_check_at(spec, &self.status).is_some_and(|d| d <= t);
         let look_due = rollout::next_look_at(spec, &self.status, self.obs.evidence.as_ref(), t)
             .is_some_and(|d| d <= t);
-        if due || look_due {
-            if let Some(base) = rollout::evidence_base(&self.status, self.obs.evidence.as_ref()) {
-                self.obs.looks = Some(
-                    evaluator
-                        .looks(self.ctx, base.through, spec.analysis.look_interval(), t)
-                        .await,
-                );
-            }
+        if (due || look_due)
+            && let Some(base) = rollout::evidence_base(&self.status, self.obs.evidence.as_ref())
+        {
+            let delay = chrono::Duration::from_std(spec.analysis.look_delay()).unwrap_or_default();
+            self.obs.looks = Some(
+                evaluator
+                    .looks(
+                        self.ctx,
+                        base.through,
+                        spec.analysis.look_interval(),
+                        t - delay,
+                    )
+                    .await,
+            );
         }
         let mut cells = Vec::new();
         if due {

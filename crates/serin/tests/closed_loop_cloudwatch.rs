@@ -118,7 +118,9 @@ fn publish(
 }
 
 /// With CloudWatch (moto) as the metric provider, a healthy canary is promoted and a canary
-/// answering 5% errors is rolled back, each judged on what the simulator published.
+/// answering 5% errors is rolled back, each judged on what the simulator published, by the
+/// sequential judge (the preset's default): one look per one-minute period, read once the
+/// period is published (`ingestionDelay` 10 s here: the simulator publishes every 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudwatch_promotes_healthy_and_rolls_back_failing() {
     require("prometheus");
@@ -162,6 +164,7 @@ async fn cloudwatch_promotes_healthy_and_rolls_back_failing() {
         c["spec"]["steps"] = json!([50, 100]);
         c["spec"]["analysis"]["interval"] = json!("60s");
         c["spec"]["analysis"]["failureThreshold"] = json!(1);
+        c["spec"]["analysis"]["ingestionDelay"] = json!("10s");
         c["spec"]["analysis"]["metrics"] = json!([{
             "name": "error-rate",
             "provider": {"cloudWatch": {"region": "us-east-1", "endpoint": translator.url}},
@@ -203,13 +206,19 @@ async fn cloudwatch_promotes_healthy_and_rolls_back_failing() {
     assert_eq!(good.history[0].result, RolloutResult::Promoted);
     assert_eq!(bad.history[0].result, RolloutResult::RolledBack);
     assert_eq!(bad.history[0].reached_weight, 50);
-    let check = bad.last_check.unwrap();
     assert!(
-        check.results[0].value.is_some_and(|v| v > 1.0),
-        "{:?}",
-        check.results
+        bad.history[0]
+            .reason
+            .starts_with("error-rate: the canary is"),
+        "{}",
+        bad.history[0].reason
     );
-    // Both canaries' checks were due in the same minute: the operator's batcher sent them in
+    let evidence = &bad.evidence.as_ref().expect("the judge's evidence").metrics[0];
+    assert!(
+        evidence.canary_bad / evidence.canary_requests > 0.01,
+        "{evidence:?}"
+    );
+    // Both canaries' looks were due in the same minute: the operator's batcher sent them in
     // one GetMetricData call (4 queries each).
     let calls = translator.query_counts();
     println!("GetMetricData calls (queries per call): {calls:?}");

@@ -394,6 +394,18 @@ pub struct AnalysisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1.1, max = 100.0))]
     pub min_detectable_ratio: Option<f64>,
+    /// How long after a CloudWatch period ends the sequential judge waits before reading it
+    /// (CloudWatch can take about two minutes to publish a period completely; a period read
+    /// short would lose its missing requests). Between 0s and 10m. Default 2m. Applies only
+    /// when a sequential metric reads CloudWatch; a hard failure is then rolled back one
+    /// period plus this delay after it starts.
+    #[x_kube(validation = Rule::new("duration(self) >= duration('0s') && duration(self) <= duration('10m')").message("must be between 0s and 10m"))]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "checked_duration::optional"
+    )]
+    pub ingestion_delay: Option<Duration>,
     /// A warm-up after the canary first gets traffic, between 1s and 1h: looks that end
     /// within it roll back only a canary many times (×20 or more) worse than the primary,
     /// and are kept out of the main tests, so a cold start (caches, JIT, connection pools)
@@ -610,11 +622,16 @@ pub enum Preset {
     CloudwatchAppmeshErrorRate,
     /// App Mesh Envoy metrics published by the CloudWatch agent: p99 latency.
     CloudwatchAppmeshLatencyP99,
+    /// App Mesh Envoy metrics the CloudWatch agent publishes from ECS tasks (by ClusterName
+    /// `{{ variables.cluster }}` and TaskDefinitionFamily): error rate.
+    CloudwatchEcsAppmeshErrorRate,
+    /// The same on ECS: p99 latency.
+    CloudwatchEcsAppmeshLatencyP99,
 }
 
 impl Preset {
     /// All presets, for listing them in messages.
-    pub const ALL: [Preset; 8] = [
+    pub const ALL: [Preset; 10] = [
         Preset::AppmeshErrorRate,
         Preset::AppmeshLatencyP99,
         Preset::GlooErrorRate,
@@ -623,6 +640,8 @@ impl Preset {
         Preset::GatewayLatencyP99,
         Preset::CloudwatchAppmeshErrorRate,
         Preset::CloudwatchAppmeshLatencyP99,
+        Preset::CloudwatchEcsAppmeshErrorRate,
+        Preset::CloudwatchEcsAppmeshLatencyP99,
     ];
 
     /// The name users write.
@@ -636,6 +655,8 @@ impl Preset {
             Preset::GatewayLatencyP99 => "gateway-latency-p99",
             Preset::CloudwatchAppmeshErrorRate => "cloudwatch-appmesh-error-rate",
             Preset::CloudwatchAppmeshLatencyP99 => "cloudwatch-appmesh-latency-p99",
+            Preset::CloudwatchEcsAppmeshErrorRate => "cloudwatch-ecs-appmesh-error-rate",
+            Preset::CloudwatchEcsAppmeshLatencyP99 => "cloudwatch-ecs-appmesh-latency-p99",
         }
     }
 
@@ -643,7 +664,10 @@ impl Preset {
     pub fn is_cloudwatch(self) -> bool {
         matches!(
             self,
-            Preset::CloudwatchAppmeshErrorRate | Preset::CloudwatchAppmeshLatencyP99
+            Preset::CloudwatchAppmeshErrorRate
+                | Preset::CloudwatchAppmeshLatencyP99
+                | Preset::CloudwatchEcsAppmeshErrorRate
+                | Preset::CloudwatchEcsAppmeshLatencyP99
         )
     }
 }
@@ -835,12 +859,24 @@ pub const DEFAULT_LOOK_INTERVAL: std::time::Duration = std::time::Duration::from
 pub const DEFAULT_CLOUDWATCH_LOOK_INTERVAL: std::time::Duration =
     std::time::Duration::from_secs(60);
 
+/// How long after a CloudWatch period ends the sequential judge waits before reading it:
+/// CloudWatch may take up to about two minutes to publish a period completely, and a
+/// period read short would lose its missing requests for good.
+pub const CLOUDWATCH_INGESTION_DELAY: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The longest `analysis.ingestionDelay`.
+pub const MAX_INGESTION_DELAY: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Preset {
     /// True for presets the sequential judge can read: the Prometheus presets (error rates
-    /// from the request counters, latency from the histogram buckets). CloudWatch presets
-    /// stay on the threshold judge (see docs/analysis.md).
+    /// from the request counters, latency from the histogram buckets) and the CloudWatch
+    /// error rate (per-period sums). CloudWatch latency stays on the threshold judge: its
+    /// percentile statistics cannot count requests slower than a bound.
     pub fn supports_sequential(self) -> bool {
-        !self.is_cloudwatch()
+        !matches!(
+            self,
+            Preset::CloudwatchAppmeshLatencyP99 | Preset::CloudwatchEcsAppmeshLatencyP99
+        )
     }
 }
 
@@ -876,6 +912,28 @@ impl AnalysisSpec {
             .unwrap_or(crate::analysis::sequential::DEFAULT_MIN_DETECTABLE_RATIO)
     }
 
+    /// How far behind the present the sequential judge's looks stay: the CloudWatch
+    /// ingestion delay when a sequential metric reads CloudWatch, else none.
+    pub fn look_delay(&self) -> std::time::Duration {
+        if self.sequential_cloudwatch() {
+            match self.ingestion_delay {
+                Some(d) if !d.is_negative() => {
+                    std::time::Duration::from(d).min(MAX_INGESTION_DELAY)
+                }
+                _ => CLOUDWATCH_INGESTION_DELAY,
+            }
+        } else {
+            std::time::Duration::ZERO
+        }
+    }
+
+    /// True when a sequential metric reads CloudWatch (whose looks fall on whole periods).
+    pub fn sequential_cloudwatch(&self) -> bool {
+        self.metrics
+            .iter()
+            .any(|m| m.is_sequential() && m.provider.cloud_watch.is_some())
+    }
+
     /// True when at least one metric is judged sequentially.
     pub fn has_sequential(&self) -> bool {
         self.metrics.iter().any(MetricSpec::is_sequential)
@@ -888,11 +946,7 @@ impl AnalysisSpec {
         } else {
             self.interval.into()
         };
-        let default = if self
-            .metrics
-            .iter()
-            .any(|m| m.is_sequential() && m.provider.cloud_watch.is_some())
-        {
+        let default = if self.sequential_cloudwatch() {
             DEFAULT_CLOUDWATCH_LOOK_INTERVAL
         } else {
             DEFAULT_LOOK_INTERVAL

@@ -362,6 +362,16 @@ fn check_analysis(a: &AnalysisSpec, p: &mut Vec<Problem>) {
             ));
         }
     }
+    if let Some(d) = &a.ingestion_delay {
+        let secs = std::time::Duration::from(*d).as_secs();
+        if d.is_negative() || secs > 600 {
+            p.push(Problem::new(
+                "spec.analysis.ingestionDelay",
+                "must be between 0s and 10m",
+                "use how long CloudWatch takes to publish a period completely, for example 2m",
+            ));
+        }
+    }
     if let Some(w) = &a.warmup {
         check_duration("spec.analysis.warmup", w, p);
         let w: std::time::Duration = (*w).into();
@@ -372,6 +382,22 @@ fn check_analysis(a: &AnalysisSpec, p: &mut Vec<Problem>) {
                 "use the time a new version needs to warm up, for example 30s",
             ));
         }
+    }
+    if let Some(look) = &a.look_interval
+        && a.sequential_cloudwatch()
+        && !look.is_negative()
+        && !std::time::Duration::from(*look)
+            .as_secs()
+            .is_multiple_of(60)
+    {
+        p.push(Problem::new(
+            "spec.analysis.lookInterval",
+            format!(
+                "is {}s, but a sequential metric reads CloudWatch, which answers in whole minutes",
+                std::time::Duration::from(*look).as_secs()
+            ),
+            "use a multiple of 1m (the default for CloudWatch is 1m), or set judge: Threshold on the CloudWatch metrics",
+        ));
     }
     if let Some(alpha) = a.alpha
         && !(0.0001..=0.2).contains(&alpha)
@@ -481,10 +507,10 @@ fn check_judge(f: &str, m: &MetricSpec, p: &mut Vec<Problem>) {
         p.push(Problem::new(
             format!("{f}.judge"),
             format!(
-                "is Sequential, but preset {} reads CloudWatch, where Serin does not run the sequential judge yet",
+                "is Sequential, but preset {} reads CloudWatch percentiles, which cannot count the requests slower than a bound",
                 preset.as_str()
             ),
-            "leave judge out or set judge: Threshold (see docs/analysis.md), or use a Prometheus preset",
+            "leave judge out or set judge: Threshold (see docs/analysis.md), or use a Prometheus latency preset",
         ));
         return;
     }
@@ -623,6 +649,7 @@ fn check_source(f: &str, m: &MetricSpec, a: &AnalysisSpec, p: &mut Vec<Problem>)
     }
     if let Some(preset) = m.preset {
         check_preset_provider(f, preset, m, p);
+        check_preset_variables(f, preset, a, p);
     }
     if let Some(q) = &m.query {
         check_query(f, q, m, a, p);
@@ -636,6 +663,20 @@ fn check_source(f: &str, m: &MetricSpec, a: &AnalysisSpec, p: &mut Vec<Problem>)
             ));
         }
         check_metric_data_queries(&format!("{f}.metricDataQueries"), qs, a, p);
+    }
+}
+
+/// The ECS presets select the ECS cluster by `analysis.variables.cluster`.
+fn check_preset_variables(f: &str, preset: Preset, a: &AnalysisSpec, p: &mut Vec<Problem>) {
+    if crate::metrics::presets::is_ecs(preset) && !a.variables.contains_key("cluster") {
+        p.push(Problem::new(
+            format!("{f}.preset"),
+            format!(
+                "{} selects the ECS cluster by analysis.variables.cluster, which is not set",
+                preset.as_str()
+            ),
+            "add analysis.variables.cluster: the ECS cluster name the CloudWatch agent publishes as ClusterName",
+        ));
     }
 }
 

@@ -51,7 +51,7 @@ use crate::policy::Policy;
 use crate::rollout::{
     self, Action, Command, CommandKind, Decision, EventType, Input, Observations, WorkloadState,
 };
-use crate::router::{self, Router, RouterError, Routers, WriteOutcome};
+use crate::router::{Router, RouterError, Routers, WriteOutcome};
 
 use telemetry::Metrics;
 
@@ -500,6 +500,8 @@ async fn report_unparsable(ctx: &Context, invalid: &kube::core::error_boundary::
 /// before returned.
 async fn reconcile_canary(canary: &Canary, ctx: &Context) -> Result<Requeue, Error> {
     if canary.metadata.deletion_timestamp.is_some() {
+        // No rollout survives the deletion: its judge's state goes with it.
+        ctx.remember_evidence(canary, None);
         return deletion::finalize(canary, ctx).await;
     }
     let now = Utc::now();
@@ -584,15 +586,20 @@ async fn observe<'a>(
     let look_due = rollout::next_look_at(&canary.spec, &observed.status, memory.as_ref(), now)
         .is_some_and(|due| due <= now);
     if check_due || look_due {
-        let context = CanaryContext::of(canary, router::data_plane_arms(canary)?);
+        // The router names the arms as its weights see them (Gloo reads its object).
+        let router = observed.router.unwrap_or(ctx.routers.for_canary(canary)?);
+        let context = CanaryContext::of(canary, router.data_plane_arms(canary).await?);
         if check_due {
             observed.observations.metrics = ctx.metrics_source.evaluate(&context, now).await;
         }
         if let Some(base) = rollout::evidence_base(&observed.status, memory.as_ref()) {
             let step = canary.spec.analysis.look_interval();
+            // A period CloudWatch may still be filling is not read yet.
+            let until = now
+                - chrono::Duration::from_std(canary.spec.analysis.look_delay()).unwrap_or_default();
             observed.observations.looks = Some(
                 ctx.metrics_source
-                    .looks(&context, base.through, step, now)
+                    .looks(&context, base.through, step, until)
                     .await,
             );
         }

@@ -17,14 +17,14 @@
 //! The sequential judge's looks ([`MetricProvider::looks`], error-rate preset only) are one
 //! more batch item: the preset's four sums with the look interval as their period, over the
 //! grid's first to last time, so the datapoint of the period starting at look time `grid[k]`
-//! is look `k` and every request lands in exactly one look. CloudWatch
-//! omits empty periods, so a missing datapoint is zero; but an arm whose request sum has no
-//! datapoint over the whole range is no data (wrong dimensions, or pods not yet published),
-//! never zero requests, as a Prometheus selector that matches nothing is. The grid must fall
-//! on whole multiples of its step, and the step on whole minutes; the caller keeps the grid
-//! behind CloudWatch's ingestion delay (a period still filling would be folded short).
-//! Latency stays on the threshold judge: percentile statistics cannot count the requests
-//! slower than a bound.
+//! is look `k` and every request lands in exactly one look. CloudWatch omits empty periods,
+//! so a missing datapoint is zero; but an arm whose request sum has no datapoint over the
+//! whole range is no data (wrong dimensions, or pods not yet published), never zero
+//! requests, as a Prometheus selector that matches nothing is. The grid must start on a
+//! multiple of its step, and the step be whole minutes. This module does not hold the grid
+//! back behind CloudWatch's ingestion delay: the caller must (a period still filling would
+//! be folded short, and its missing requests never counted). Latency stays on the threshold
+//! judge: percentile statistics cannot count the requests slower than a bound.
 //!
 //! Credentials come from the standard AWS chain (IRSA in clusters), optionally through an
 //! assumed role (`roleArn`, via STS). Throttling and transient failures are retried with
@@ -298,7 +298,7 @@ fn plan_looks(
     grid: &[DateTime<Utc>],
 ) -> Result<Option<LookPlan>, MetricError> {
     match metric.preset {
-        Some(Preset::CloudwatchAppmeshErrorRate) => {}
+        Some(Preset::CloudwatchAppmeshErrorRate | Preset::CloudwatchEcsAppmeshErrorRate) => {}
         Some(p) if p.is_cloudwatch() => {
             return Err(MetricError::Config(format!(
                 "preset {} cannot be judged sequentially: CloudWatch's percentile statistics cannot count the requests slower than max; set judge: Threshold on metric {}",
@@ -351,15 +351,14 @@ fn plan_looks(
         )));
     };
     let vars = Vars::new(canary, Duration::from_secs(step.unsigned_abs()));
-    let queries = presets::cloudwatch_queries(
-        Preset::CloudwatchAppmeshErrorRate,
-        period,
-        &canary.data_plane,
-    )
-    .iter()
-    .map(|q| render_query(q, &vars))
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(MetricError::Template)?;
+    let Some(preset) = metric.preset else {
+        return Ok(None);
+    };
+    let queries = presets::cloudwatch_queries(preset, period, &canary.data_plane)
+        .iter()
+        .map(|q| render_query(q, &vars))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(MetricError::Template)?;
     Ok(Some(LookPlan {
         shown: queries.iter().map(describe).collect(),
         queries,

@@ -613,7 +613,10 @@ mod tests {
         let appears: Points = vec![(20, 2.0), (30, 4.0)];
         let vanishes: Points = vec![(0, 7.0), (10, 8.0)];
         let garbage: Points = vec![(0, f64::NAN), (10, -4.0), (20, 1.0), (30, 1.0)];
-        assert_eq!(increases(&[steady.clone()], &grid), vec![10.0, 15.0, 0.0]);
+        assert_eq!(
+            increases(std::slice::from_ref(&steady), &grid),
+            vec![10.0, 15.0, 0.0]
+        );
         assert_eq!(increases(&[reset], &grid), vec![20.0, 3.0, 6.0]);
         assert_eq!(increases(&[appears], &grid), vec![0.0, 2.0, 2.0]);
         assert_eq!(increases(&[vanishes], &grid), vec![1.0, 0.0, 0.0]);

@@ -26,11 +26,13 @@ pub fn kind(preset: Preset) -> Kind {
         Preset::AppmeshErrorRate
         | Preset::GlooErrorRate
         | Preset::GatewayErrorRate
-        | Preset::CloudwatchAppmeshErrorRate => Kind::ErrorRate,
+        | Preset::CloudwatchAppmeshErrorRate
+        | Preset::CloudwatchEcsAppmeshErrorRate => Kind::ErrorRate,
         Preset::AppmeshLatencyP99
         | Preset::GlooLatencyP99
         | Preset::GatewayLatencyP99
-        | Preset::CloudwatchAppmeshLatencyP99 => Kind::LatencyP99,
+        | Preset::CloudwatchAppmeshLatencyP99
+        | Preset::CloudwatchEcsAppmeshLatencyP99 => Kind::LatencyP99,
     }
 }
 
@@ -47,9 +49,11 @@ fn cluster_matcher(preset: Preset, arms: &DataPlaneArms, arm: Arm) -> String {
         Preset::AppmeshErrorRate | Preset::AppmeshLatencyP99 => format!(
             r#"envoy_cluster_name=~"cds_egress_.+_{name}_{namespace}_(http|http2|grpc)_[0-9]+""#
         ),
-        // Gloo names the cluster of an Upstream `<upstream name>_<upstream namespace>`.
+        // Gloo names the cluster of an Upstream `<upstream name>_<upstream namespace>`; with
+        // its Kubernetes Gateway integration on, kube upstreams' stats carry the prefix
+        // `kube-upstream_` (solo-io/gloo#10439).
         Preset::GlooErrorRate | Preset::GlooLatencyP99 => {
-            format!(r#"envoy_cluster_name=~"{name}_.+""#)
+            format!(r#"envoy_cluster_name=~"(kube-upstream_)?{name}_.+""#)
         }
         // Envoy-based Gateway API implementations name a backend Service's cluster with its
         // namespace, name and port as path or underscore components:
@@ -144,35 +148,61 @@ pub fn is_server_error(code: &str) -> bool {
 /// EKS metrics to.
 pub const CLOUDWATCH_NAMESPACE: &str = "ContainerInsights/Prometheus";
 
+/// CloudWatch namespace the CloudWatch agent writes ECS tasks' Prometheus metrics to.
+pub const CLOUDWATCH_ECS_NAMESPACE: &str = "ECS/ContainerInsights/Prometheus";
+
+/// Where the CloudWatch agent published an arm's Envoy metrics.
+#[derive(Clone, Copy)]
+enum Publisher<'a> {
+    /// EKS: by the pods' Kubernetes `Namespace` and `app` label.
+    Eks { app: &'a str },
+    /// ECS: by `ClusterName` (`{{ variables.cluster }}`) and the tasks' definition family.
+    Ecs { family: &'a str },
+}
+
+impl Publisher<'_> {
+    fn namespace(self) -> &'static str {
+        match self {
+            Publisher::Eks { .. } => CLOUDWATCH_NAMESPACE,
+            Publisher::Ecs { .. } => CLOUDWATCH_ECS_NAMESPACE,
+        }
+    }
+
+    fn dimensions(self) -> Vec<Dimension> {
+        let dim = |name: &str, value: &str| Dimension {
+            name: name.into(),
+            value: value.into(),
+        };
+        match self {
+            Publisher::Eks { app } => vec![dim("Namespace", "{{ namespace }}"), dim("app", app)],
+            Publisher::Ecs { family } => vec![
+                dim("ClusterName", "{{ variables.cluster }}"),
+                dim("TaskDefinitionFamily", family),
+            ],
+        }
+    }
+}
+
 fn cw_query(
     id: &str,
     metric: &str,
-    app: &str,
-    extra: Option<(&str, &str)>,
+    publisher: Publisher<'_>,
+    extra: &[(&str, &str)],
     stat: &str,
     period: i32,
 ) -> MetricDataQuery {
-    let mut dimensions = vec![
-        Dimension {
-            name: "Namespace".into(),
-            value: "{{ namespace }}".into(),
-        },
-        Dimension {
-            name: "app".into(),
-            value: app.into(),
-        },
-    ];
-    if let Some((name, value)) = extra {
+    let mut dimensions = publisher.dimensions();
+    for (name, value) in extra {
         dimensions.push(Dimension {
-            name: name.into(),
-            value: value.into(),
+            name: (*name).into(),
+            value: (*value).into(),
         });
     }
     MetricDataQuery {
         id: id.into(),
         metric_stat: Some(MetricStat {
             metric: CloudWatchMetric {
-                namespace: CLOUDWATCH_NAMESPACE.into(),
+                namespace: publisher.namespace().into(),
                 metric_name: metric.into(),
                 dimensions,
             },
@@ -187,16 +217,43 @@ fn cw_query(
     }
 }
 
+/// True for the ECS CloudWatch presets (which need `analysis.variables.cluster`).
+pub fn is_ecs(preset: Preset) -> bool {
+    matches!(
+        preset,
+        Preset::CloudwatchEcsAppmeshErrorRate | Preset::CloudwatchEcsAppmeshLatencyP99
+    )
+}
+
 /// The GetMetricData queries (templates) of a CloudWatch preset, with `period` seconds.
 /// Error rate: `primary_requests`, `primary_errors`, `canary_requests`, `canary_errors`
-/// (sums). Latency: `canary_p99` and `canary_requests`. These metrics come from each pod's
-/// own Envoy, so they select an arm by its pods' `app` label
-/// ([`DataPlaneArms::pod_apps`]), not by a Service or VirtualNode name.
+/// (sums). Latency: `canary_p99` and `canary_requests`. These metrics come from each
+/// workload's own Envoy (its ingress listener), so they select an arm by its workload
+/// ([`DataPlaneArms::pod_apps`]): on EKS the pods' `app` label, on ECS the task definition
+/// family; never by a Service or VirtualNode name.
 pub fn cloudwatch_queries(
     preset: Preset,
     period: i32,
     arms: &DataPlaneArms,
 ) -> Vec<MetricDataQuery> {
+    let ecs = is_ecs(preset);
+    let publisher = |arm: Arm| {
+        let name = arms.pod_apps.get(arm).as_str();
+        if ecs {
+            Publisher::Ecs { family: name }
+        } else {
+            Publisher::Eks { app: name }
+        }
+    };
+    // On ECS the agent keeps the listener prefix on the status-class counter.
+    let errors: &[(&str, &str)] = if ecs {
+        &[
+            ("envoy_http_conn_manager_prefix", "ingress"),
+            ("envoy_response_code_class", "5"),
+        ]
+    } else {
+        &[("envoy_response_code_class", "5")]
+    };
     match kind(preset) {
         Kind::ErrorRate => Arm::BOTH
             .iter()
@@ -205,16 +262,16 @@ pub fn cloudwatch_queries(
                     cw_query(
                         &format!("{}_requests", arm.as_str()),
                         "envoy_http_downstream_rq_total",
-                        arms.pod_apps.get(arm),
-                        None,
+                        publisher(arm),
+                        &[],
                         "Sum",
                         period,
                     ),
                     cw_query(
                         &format!("{}_errors", arm.as_str()),
                         "envoy_http_downstream_rq_xx",
-                        arms.pod_apps.get(arm),
-                        Some(("envoy_response_code_class", "5")),
+                        publisher(arm),
+                        errors,
                         "Sum",
                         period,
                     ),
@@ -225,16 +282,16 @@ pub fn cloudwatch_queries(
             cw_query(
                 "canary_p99",
                 "envoy_http_downstream_rq_time",
-                &arms.pod_apps.canary,
-                None,
+                publisher(Arm::Canary),
+                &[],
                 "p99",
                 period,
             ),
             cw_query(
                 "canary_requests",
                 "envoy_http_downstream_rq_total",
-                &arms.pod_apps.canary,
-                None,
+                publisher(Arm::Canary),
+                &[],
                 "Sum",
                 period,
             ),
@@ -312,12 +369,13 @@ analysis:
         let (p99, _) = promql_latency(Preset::GlooLatencyP99, &c);
         assert_eq!(
             vars.render(&p99).unwrap(),
-            r#"histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=~"appmesh-demo-colorgatewayv2-9080_.+"}[90s])))"#
+            r#"histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=~"(kube-upstream_)?appmesh-demo-colorgatewayv2-9080_.+"}[90s])))"#
         );
         let q = promql_error_rate(Preset::GlooErrorRate, &c);
         assert!(
-            q[0].1
-                .contains(r#"envoy_cluster_name=~"appmesh-demo-colorgateway-9080_.+""#),
+            q[0].1.contains(
+                r#"envoy_cluster_name=~"(kube-upstream_)?appmesh-demo-colorgateway-9080_.+""#
+            ),
             "{}",
             q[0].1
         );

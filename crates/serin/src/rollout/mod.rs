@@ -214,7 +214,10 @@ pub fn next_look_at(
     let Some(base) = evidence_base(status, memory) else {
         return Some(now);
     };
-    let look = chrono::Duration::from_std(spec.analysis.look_interval()).ok()?;
+    // CloudWatch looks wait for the period to be published completely.
+    let look =
+        chrono::Duration::from_std(spec.analysis.look_interval() + spec.analysis.look_delay())
+            .ok()?;
     base.through.checked_add_signed(look)
 }
 
@@ -295,12 +298,25 @@ impl Machine<'_> {
             .filter(|m| m.is_sequential())
     }
 
+    /// Where looks start from now: the whole second, or for CloudWatch the next multiple of
+    /// the look interval (its periods start on whole minutes; the requests before are left
+    /// out, never counted twice).
+    fn look_start(&self) -> DateTime<Utc> {
+        if !self.spec.analysis.sequential_cloudwatch() {
+            return whole_second(self.now);
+        }
+        let step = self.spec.analysis.look_interval().as_secs().max(1) as i64;
+        let s = self.now.timestamp() + i64::from(self.now.timestamp_subsec_nanos() > 0);
+        let up = s.div_euclid(step) * step + if s.rem_euclid(step) == 0 { 0 } else { step };
+        DateTime::from_timestamp(up, 0).unwrap_or(self.now)
+    }
+
     /// A fresh state for the rollout under way, starting now.
     fn fresh_evidence(&self) -> EvidenceStatus {
         EvidenceStatus {
             revision: self.status.revision.clone().unwrap_or_default(),
             rollout_started_at: self.status.rollout_started_at,
-            through: whole_second(self.now),
+            through: self.look_start(),
             warmup_until: self.spec.analysis.warmup.and_then(|w| {
                 let w = chrono::Duration::from_std(w.into()).ok()?;
                 whole_second(self.now).checked_add_signed(w)
@@ -308,7 +324,11 @@ impl Machine<'_> {
             e_value: 1.0,
             metrics: self
                 .sequential_metrics()
-                .map(|m| sequential::start(&m.name))
+                .map(|m| {
+                    let mut state = sequential::start(&m.name);
+                    state.required_canary_requests = self.settings(m).min_sample_size;
+                    state
+                })
                 .collect(),
         }
     }
@@ -412,11 +432,13 @@ impl Machine<'_> {
         }
         ev.through = batch.through;
         let finding = self.finding(&ev);
+        // Kept finite: JSON has no infinity, and status must read back.
         ev.e_value = match &finding {
             sequential::Finding::NoRegression { e } => *e,
             sequential::Finding::Regression { combined, .. }
             | sequential::Finding::BaselineUnhealthy { combined, .. } => *combined,
-        };
+        }
+        .clamp(0.0, f64::MAX);
         self.evidence = Some(ev);
         self.act_on(finding)
     }
@@ -518,6 +540,11 @@ impl Machine<'_> {
         };
         let value =
             (state.canary_requests > 0.0).then(|| 100.0 * state.canary_bad / state.canary_requests);
+        // Computed now, never taken from the state: a state no look has reached yet (for
+        // example CloudWatch's first period, still being published) must not pass on a
+        // requirement of zero.
+        let required =
+            sequential::required_canary_requests(state, &self.settings(metric), self.test_count());
         let e = sequential::e_values(state, guard_bound(metric).is_some());
         let counts = counts_text(state);
         if let Some(ev) = &self.evidence
@@ -529,13 +556,13 @@ impl Machine<'_> {
                 value,
             );
         }
-        if state.canary_requests < state.required_canary_requests as f64 {
+        if state.canary_requests < required as f64 {
             return result(
                 Verdict::Waiting,
                 format!(
                     "waiting for evidence: {} of {} canary requests (e-value {}): {counts}",
                     thousands(state.canary_requests),
-                    thousands(state.required_canary_requests as f64),
+                    thousands(required as f64),
                     e_text(e.relative)
                 ),
                 value,
@@ -855,8 +882,9 @@ impl Machine<'_> {
         if self.spec.analysis.has_sequential() {
             // No look spans a weight change: the new step counts requests from now (the
             // short tail since the last look is dropped, never counted twice).
+            let start = self.look_start();
             match (&mut self.evidence, step) {
-                (Some(ev), s) if s > 0 => ev.through = whole_second(self.now),
+                (Some(ev), s) if s > 0 => ev.through = start,
                 _ => self.evidence = Some(self.fresh_evidence()),
             }
             self.status.evidence = self.evidence.clone();

@@ -197,6 +197,18 @@ fn a_hard_failure_rolls_back_at_the_first_look() {
     );
 }
 
+/// Overwhelming evidence (an e-value beyond f64) is stored finite, so the status survives a
+/// JSON round trip.
+#[test]
+fn overwhelming_evidence_stays_representable() {
+    let mut w = World::at_first_step(SEQUENTIAL);
+    w.look_and_decide((40_000.0, 4.0), (10_000.0, 5_000.0));
+    assert_eq!(w.status.phase, Phase::Failed);
+    let json = serde_json::to_string(&w.status).unwrap();
+    let back: CanaryStatus = serde_json::from_str(&json).expect("status reads back");
+    assert!(back.evidence.unwrap().e_value.is_finite());
+}
+
 /// A 5× regression that stays under max (0.1% → 0.5%, max 1%) is caught by comparing the
 /// arms, long before the threshold judge could.
 #[test]
@@ -500,9 +512,13 @@ proptest! {
                 && (d.status.step > before.step || d.status.phase == Phase::Promoting && before.phase == Phase::Progressing);
             if advanced && !commanded {
                 let ev = d.evidence.as_ref().or(d.status.evidence.as_ref()).expect("evidence");
+                prop_assert!(!ev.metrics.is_empty());
                 for m in &ev.metrics {
-                    prop_assert!(m.canary_requests >= m.required_canary_requests as f64,
-                        "advanced with {} of {} canary requests", m.canary_requests, m.required_canary_requests);
+                    // Recomputed here, not read from the state, and never below the floor.
+                    let required = sequential::required_canary_requests(m, &sequential::Settings::default(), 2);
+                    prop_assert!(required >= sequential::DEFAULT_MIN_SAMPLE_SIZE);
+                    prop_assert!(m.canary_requests >= required as f64,
+                        "advanced with {} of {} canary requests", m.canary_requests, required);
                 }
             }
             let mut after = w.obs.clone();
@@ -516,4 +532,78 @@ proptest! {
             w.obs.command = None;
         }
     }
+}
+
+const CLOUDWATCH: &str = r#"
+targetRef: {apiVersion: apps/v1, kind: Deployment, name: podinfo}
+service: {port: 9898}
+router: {appMesh: {mesh: global}}
+steps: [50, 100]
+analysis:
+  interval: 1m
+  metrics:
+    - name: error-rate
+      provider: {cloudWatch: {region: us-east-1}}
+      preset: cloudwatch-appmesh-error-rate
+      max: 1
+"#;
+
+/// With CloudWatch the looks fall on whole periods and wait for the ingestion delay: the
+/// first starts at the next minute boundary and is due one period plus two minutes later.
+#[test]
+fn cloudwatch_looks_fall_on_periods_after_the_ingestion_delay() {
+    let s = spec(CLOUDWATCH);
+    assert!(s.analysis.metrics[0].is_sequential());
+    assert_eq!(
+        s.analysis.look_interval(),
+        std::time::Duration::from_secs(60)
+    );
+    let mut w = World {
+        spec: s,
+        status: CanaryStatus::default(),
+        obs: Observations::default(),
+        now: t0() + Duration::milliseconds(12_345),
+        writes: 0,
+    };
+    w.workloads("rev1", "rev1");
+    w.decide();
+    w.workloads("rev2", "rev1");
+    w.decide();
+    let through = w.obs.evidence.as_ref().unwrap().through;
+    assert_eq!(
+        through,
+        t0() + Duration::seconds(60),
+        "the next minute boundary"
+    );
+    let due = next_look_at(&w.spec, &w.status, w.obs.evidence.as_ref(), w.now).unwrap();
+    assert_eq!(due, through + Duration::seconds(180));
+    let yaml = CLOUDWATCH.replace("interval: 1m", "interval: 1m\n  ingestionDelay: 10s");
+    let s = spec(&yaml);
+    assert_eq!(s.analysis.look_delay(), std::time::Duration::from_secs(10));
+    // A hard failure in the first period is rolled back at its look.
+    w.now = due;
+    w.looks((3000.0, 3.0), (3000.0, 1500.0));
+    let d = w.decide();
+    assert_eq!(w.status.phase, Phase::Failed);
+    assert_eq!(first_weight(&d), Some(0));
+}
+
+/// A check before any look has been folded (CloudWatch's first period is still being
+/// published) waits: it never passes on a requirement nobody computed yet.
+#[test]
+fn no_promotion_before_the_first_look() {
+    let mut w = World::at_first_step(&CLOUDWATCH.replace("steps: [50, 100]", "steps: [20, 100]"));
+    for _ in 0..3 {
+        w.now += Duration::seconds(61);
+        w.decide();
+    }
+    assert_eq!(w.status.phase, Phase::Progressing);
+    let check = w.status.last_check.as_ref().expect("a check");
+    assert_eq!(check.verdict, Verdict::Waiting, "{check:?}");
+    assert!(
+        check.results[0]
+            .message
+            .contains("0 of 200 canary requests"),
+        "{check:?}"
+    );
 }

@@ -47,6 +47,31 @@ fn arms(canary: &Canary) -> Result<DataPlaneArms, RouterError> {
     })
 }
 
+/// The arms as the routing object `obj` holds them: the upstream names (and namespaces) of
+/// the destinations [`locate`] finds, the ones the weights move; `kube` destinations keep
+/// the names [`arms`] gives.
+pub(super) fn arms_in(canary: &Canary, obj: &Value) -> Result<DataPlaneArms, RouterError> {
+    let t = Target::of(canary)?;
+    let mut found = arms(canary)?;
+    let located = locate(&t, obj)?;
+    if let Some(pair) = located.pairs.first() {
+        for (entry, arm) in [
+            (&pair.primary, &mut found.primary),
+            (&pair.canary, &mut found.canary),
+        ] {
+            let name = str_at(&entry.value, "/destination/upstream/name");
+            if !name.is_empty() {
+                arm.name = name.to_string();
+                let ns = str_at(&entry.value, "/destination/upstream/namespace");
+                if !ns.is_empty() {
+                    arm.namespace = ns.to_string();
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// Routes traffic by writing Gloo Edge destination weights.
 #[derive(Clone)]
 pub struct GlooEdgeRouter {
@@ -288,6 +313,14 @@ impl Router for GlooEdgeRouter {
     /// Checks that the object exists and routes between the two upstreams; writes nothing.
     async fn prepare(&self, canary: &Canary) -> Result<(), RouterError> {
         self.weights(canary).await.map(|_| ())
+    }
+
+    async fn data_plane_arms(&self, canary: &Canary) -> Result<DataPlaneArms, RouterError> {
+        let t = Target::of(canary)?;
+        let obj = k8s::get(&self.api(&t), &t.subject)
+            .await?
+            .ok_or_else(|| t.subject.not_found(t.not_found_hint()))?;
+        arms_in(canary, &obj)
     }
 
     async fn weights(&self, canary: &Canary) -> Result<Weights, RouterError> {

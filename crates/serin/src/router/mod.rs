@@ -63,6 +63,14 @@ pub trait Router: Send + Sync {
     /// Reads the current weights from the data-plane object.
     async fn weights(&self, canary: &Canary) -> Result<Weights, RouterError>;
 
+    /// Where each arm's traffic goes, as the weights this router moves see it: the only
+    /// names metric presets query. The default resolves them from the Canary alone
+    /// ([`data_plane_arms`]); a router whose arms are only known from its routing object
+    /// (Gloo's discovered upstream names) reads it.
+    async fn data_plane_arms(&self, canary: &Canary) -> Result<DataPlaneArms, RouterError> {
+        data_plane_arms(canary)
+    }
+
     /// Moves the weights from `expected` (what Serin last wrote, from status) to `desired`.
     /// Returns `Unchanged` without an API call when `desired` is already there (for example
     /// after a crash between the write and the status update). Fails with
@@ -162,6 +170,26 @@ fn kind_of(canary: &Canary) -> Result<RouterKind, RouterError> {
 
 /// Where `canary`'s router sends each arm's traffic, as its data plane names them.
 pub fn data_plane_arms(canary: &Canary) -> Result<DataPlaneArms, RouterError> {
+    data_plane_arms_resolved(canary, None)
+}
+
+/// [`data_plane_arms`] with the routing object as read (`None` when not read): routers that
+/// find their arms in the object (Gloo's suffix rule for discovered upstreams) name them as
+/// found there, exactly as the weight writes do. Pure: the object is passed in.
+pub fn data_plane_arms_in(
+    canary: &Canary,
+    routing_object: &serde_json::Value,
+) -> Result<DataPlaneArms, RouterError> {
+    data_plane_arms_resolved(canary, Some(routing_object))
+}
+
+fn data_plane_arms_resolved(
+    canary: &Canary,
+    routing_object: Option<&serde_json::Value>,
+) -> Result<DataPlaneArms, RouterError> {
+    if let (Ok(RouterKind::Gloo), Some(obj)) = (kind_of(canary), routing_object) {
+        return gloo::arms_in(canary, obj);
+    }
     let kind = kind_of(canary)?;
     let entry = REGISTRY
         .iter()
