@@ -8,9 +8,12 @@
 //! `envoy_cluster_upstream_rq_time` histograms (milliseconds, Envoy's default buckets) on a
 //! Prometheus `/metrics` endpoint that a real Prometheus scrapes.
 //!
-//! Request outcomes are deterministic: errors are spread evenly (an exact fraction of each
-//! arm's requests) and latencies come from a seeded generator, so a test can compute the
-//! expected error rate exactly. It is not a load generator: no real requests are sent.
+//! Request outcomes are deterministic by default: errors are spread evenly (an exact
+//! fraction of each arm's requests) and latencies come from a seeded generator, so a test
+//! can compute the expected error rate exactly. [`TrafficSimulator::random_errors`] makes
+//! each request fail independently instead (seeded), as real failures do, for tests that
+//! count how often a judge is fooled by chance. It is not a load generator: no real
+//! requests are sent.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -154,6 +157,7 @@ pub struct TrafficSimulator {
     services: Mutex<Vec<ServiceState>>,
     rng: Mutex<u64>,
     elapsed: Mutex<Duration>,
+    random_errors: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of one arm's counters, for tests and the demo's view.
@@ -188,6 +192,7 @@ impl TrafficSimulator {
             services: Mutex::new(states),
             rng: Mutex::new(seed | 1),
             elapsed: Mutex::new(Duration::ZERO),
+            random_errors: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -230,14 +235,31 @@ impl TrafficSimulator {
             };
             let primary_share = total * f64::from(state.weights.primary()) / 100.0;
             let canary_share = total * f64::from(state.weights.canary()) / 100.0;
+            let random = self
+                .random_errors
+                .load(std::sync::atomic::Ordering::Relaxed);
             send(
                 &mut state.primary,
                 primary_share,
                 state.config.primary,
+                random,
                 &mut rng,
             );
-            send(&mut state.canary, canary_share, canary_behaviour, &mut rng);
+            send(
+                &mut state.canary,
+                canary_share,
+                canary_behaviour,
+                random,
+                &mut rng,
+            );
         }
+    }
+
+    /// With `on`, each request fails independently with its arm's error rate (a seeded
+    /// Bernoulli draw) instead of an exact, evenly spread fraction.
+    pub fn random_errors(&self, on: bool) {
+        self.random_errors
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Makes service `index`'s canary behave as `behaviour` whenever it carries at least
@@ -368,15 +390,23 @@ impl TrafficSimulator {
     }
 }
 
-fn send(arm: &mut ArmCounters, requests: f64, behaviour: Behaviour, rng: &mut u64) {
+fn send(arm: &mut ArmCounters, requests: f64, behaviour: Behaviour, random: bool, rng: &mut u64) {
     // The epsilon keeps sums of tenths from landing just under a whole number.
     arm.carry_requests += requests;
     let n = (arm.carry_requests + 1e-9).floor();
     arm.carry_requests -= n;
     let n = n as u64;
-    arm.carry_errors += n as f64 * behaviour.error_rate.clamp(0.0, 1.0);
-    let errors = ((arm.carry_errors + 1e-9).floor() as u64).min(n);
-    arm.carry_errors -= errors as f64;
+    let p = behaviour.error_rate.clamp(0.0, 1.0);
+    let errors = if random {
+        (0..n)
+            .filter(|_| ((next(rng) >> 11) as f64 / (1u64 << 53) as f64) < p)
+            .count() as u64
+    } else {
+        arm.carry_errors += n as f64 * p;
+        let errors = ((arm.carry_errors + 1e-9).floor() as u64).min(n);
+        arm.carry_errors -= errors as f64;
+        errors
+    };
     arm.errors += errors;
     arm.ok += n - errors;
     for _ in 0..n {
