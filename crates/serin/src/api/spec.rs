@@ -891,6 +891,19 @@ impl MetricSpec {
         }
     }
 
+    /// True when the metric's value is read at checks: every threshold-judged metric, and
+    /// the sequential latency presets, whose p99 stays the value users see (the judge
+    /// itself counts the requests slower than `max`).
+    pub fn is_read_at_checks(&self) -> bool {
+        !self.is_sequential()
+            || self.preset.is_some_and(|p| {
+                matches!(
+                    p,
+                    Preset::AppmeshLatencyP99 | Preset::GlooLatencyP99 | Preset::GatewayLatencyP99
+                )
+            })
+    }
+
     /// True when the sequential judge applies (and the spec allows it).
     pub fn is_sequential(&self) -> bool {
         self.judge() == Judge::Sequential && self.preset.is_some_and(Preset::supports_sequential)

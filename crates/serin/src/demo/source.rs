@@ -373,7 +373,7 @@ impl MetricSource for InProcessSource {
                     .analysis
                     .metrics
                     .iter()
-                    .any(|m| m.name == o.name && !m.is_sequential())
+                    .any(|m| m.name == o.name && m.is_read_at_checks())
             })
             .collect()
     }

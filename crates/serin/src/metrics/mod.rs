@@ -486,7 +486,7 @@ impl Evaluator {
             .analysis
             .metrics
             .iter()
-            .filter(|m| !m.is_sequential())
+            .filter(|m| m.is_read_at_checks())
             .map(|metric| self.evaluate_metric(canary, metric, now));
         futures::future::join_all(futures)
             .await

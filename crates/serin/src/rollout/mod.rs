@@ -538,15 +538,45 @@ impl Machine<'_> {
         let Some(state) = self.evidence_of(&metric.name) else {
             return result(Verdict::Inconclusive, "no looks yet".into(), None);
         };
-        let value =
-            (state.canary_requests > 0.0).then(|| 100.0 * state.canary_bad / state.canary_requests);
+        // The value users see: an error rate's canary percent; a latency's p99 as read at
+        // this check (the judge counts the requests slower than max).
+        let p99 = self
+            .obs
+            .metrics
+            .iter()
+            .find(|o| o.name == metric.name)
+            .and_then(|o| match o.outcome {
+                Outcome::Value { value, .. } if value.is_finite() => Some(value),
+                _ => None,
+            });
+        let latency = metric
+            .preset
+            .is_some_and(|p| presets::kind(p) == presets::Kind::LatencyP99);
+        let value = if latency {
+            p99
+        } else {
+            (state.canary_requests > 0.0).then(|| 100.0 * state.canary_bad / state.canary_requests)
+        };
         // Computed now, never taken from the state: a state no look has reached yet (for
         // example CloudWatch's first period, still being published) must not pass on a
         // requirement of zero.
         let required =
             sequential::required_canary_requests(state, &self.settings(metric), self.test_count());
         let e = sequential::e_values(state, guard_bound(metric).is_some());
-        let counts = counts_text(state);
+        let counts = match (latency, p99) {
+            (true, Some(v)) => format!(
+                "p99 {} ms; slower than {}: {}",
+                analysis::display_value(v),
+                metric.max.map(analysis::display_value).unwrap_or_default(),
+                counts_text(state)
+            ),
+            (true, None) => format!(
+                "slower than {}: {}",
+                metric.max.map(analysis::display_value).unwrap_or_default(),
+                counts_text(state)
+            ),
+            _ => counts_text(state),
+        };
         if let Some(ev) = &self.evidence
             && let sequential::Finding::BaselineUnhealthy { .. } = self.finding(ev)
         {

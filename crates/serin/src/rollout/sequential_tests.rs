@@ -607,3 +607,36 @@ fn no_promotion_before_the_first_look() {
         "{check:?}"
     );
 }
+
+/// A sequential latency metric is judged on the requests slower than max, but its p99 (read
+/// at the check) stays the value users see.
+#[test]
+fn a_latency_metric_shows_its_p99() {
+    let yaml = SEQUENTIAL.replace(
+        "      preset: appmesh-error-rate\n      max: 1\n",
+        "      preset: appmesh-latency-p99\n      max: 500\n",
+    );
+    let s = spec(&yaml);
+    assert!(s.analysis.metrics[0].is_sequential() && s.analysis.metrics[0].is_read_at_checks());
+    let mut w = World::at_first_step(&yaml);
+    for _ in 0..6 {
+        w.now += Duration::seconds(10);
+        w.looks((800.0, 4.0), (200.0, 1.0));
+        w.obs.metrics = vec![crate::analysis::MetricObservation {
+            name: "error-rate".into(),
+            outcome: Outcome::Value {
+                value: 321.5,
+                sample_size: Some(200),
+            },
+            at: w.now,
+        }];
+        w.decide();
+    }
+    let check = w.status.last_check.as_ref().expect("a check");
+    let r = &check.results[0];
+    assert_eq!(r.value, Some(321.5), "{r:?}");
+    assert!(
+        r.message.contains("p99 321.5 ms; slower than 500: canary"),
+        "{r:?}"
+    );
+}
