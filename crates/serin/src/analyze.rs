@@ -179,12 +179,7 @@ sequential judge (alpha {}, looks every {}s) over the interval before {}
         step.as_secs(),
         at.to_rfc3339()
     );
-    let tests: usize = a
-        .metrics
-        .iter()
-        .filter(|m| m.is_sequential())
-        .map(|m| 1 + usize::from(m.max.is_some()))
-        .sum();
+    let tests = a.sequential_tests();
     for metric in a.metrics.iter().filter(|m| m.is_sequential()) {
         out.push_str(&format!(
             "
@@ -205,19 +200,8 @@ metric {} (sequential)
                 continue;
             }
         };
-        let bound = metric.max.map(
-            |max| match metric.preset.map(crate::metrics::presets::kind) {
-                Some(crate::metrics::presets::Kind::LatencyP99) => 0.01,
-                _ => max / 100.0,
-            },
-        );
-        let settings = crate::analysis::sequential::Settings {
-            alpha: a.alpha(),
-            min_detectable_ratio: a.min_detectable_ratio(),
-            min_sample_size: metric
-                .min_sample_size
-                .unwrap_or(crate::analysis::sequential::DEFAULT_MIN_SAMPLE_SIZE),
-        };
+        let bound = metric.guard_bound();
+        let settings = crate::analysis::sequential::Settings::of(a, metric);
         let mut state = crate::analysis::sequential::start(&metric.name);
         for (k, look) in looks.iter().enumerate() {
             crate::analysis::sequential::update(&mut state, look, bound);

@@ -99,6 +99,18 @@ pub struct Settings {
     pub min_sample_size: u64,
 }
 
+impl Settings {
+    /// The settings of `metric` in `analysis`: `alpha`, `minDetectableRatio` and the
+    /// metric's `minSampleSize`, or their defaults.
+    pub fn of(analysis: &crate::api::AnalysisSpec, metric: &crate::api::MetricSpec) -> Self {
+        Settings {
+            alpha: analysis.alpha(),
+            min_detectable_ratio: analysis.min_detectable_ratio(),
+            min_sample_size: metric.min_sample_size.unwrap_or(DEFAULT_MIN_SAMPLE_SIZE),
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {

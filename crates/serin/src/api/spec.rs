@@ -868,6 +868,18 @@ pub const CLOUDWATCH_INGESTION_DELAY: std::time::Duration = std::time::Duration:
 pub const MAX_INGESTION_DELAY: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Preset {
+    /// True for the p99 latency presets.
+    pub fn is_latency(self) -> bool {
+        matches!(
+            self,
+            Preset::AppmeshLatencyP99
+                | Preset::GlooLatencyP99
+                | Preset::GatewayLatencyP99
+                | Preset::CloudwatchAppmeshLatencyP99
+                | Preset::CloudwatchEcsAppmeshLatencyP99
+        )
+    }
+
     /// True for presets the sequential judge can read: the Prometheus presets (error rates
     /// from the request counters, latency from the histogram buckets) and the CloudWatch
     /// error rate (per-period sums). CloudWatch latency stays on the threshold judge: its
@@ -895,13 +907,18 @@ impl MetricSpec {
     /// the sequential latency presets, whose p99 stays the value users see (the judge
     /// itself counts the requests slower than `max`).
     pub fn is_read_at_checks(&self) -> bool {
-        !self.is_sequential()
-            || self.preset.is_some_and(|p| {
-                matches!(
-                    p,
-                    Preset::AppmeshLatencyP99 | Preset::GlooLatencyP99 | Preset::GatewayLatencyP99
-                )
-            })
+        !self.is_sequential() || self.preset.is_some_and(Preset::is_latency)
+    }
+
+    /// The sequential judge's bound as a fraction of requests: an error rate's `max`
+    /// percent; for latency, 1% slower than `max` (p99 at most `max`). `None` without `max`.
+    pub fn guard_bound(&self) -> Option<f64> {
+        let max = self.max?;
+        Some(if self.preset.is_some_and(Preset::is_latency) {
+            0.01
+        } else {
+            max / 100.0
+        })
     }
 
     /// True when the sequential judge applies (and the spec allows it).
@@ -945,6 +962,16 @@ impl AnalysisSpec {
         self.metrics
             .iter()
             .any(|m| m.is_sequential() && m.provider.cloud_watch.is_some())
+    }
+
+    /// How many tests the sequential judge averages: one per sequential metric, one more
+    /// for each bound.
+    pub fn sequential_tests(&self) -> usize {
+        self.metrics
+            .iter()
+            .filter(|m| m.is_sequential())
+            .map(|m| 1 + usize::from(m.guard_bound().is_some()))
+            .sum()
     }
 
     /// True when at least one metric is judged sequentially.

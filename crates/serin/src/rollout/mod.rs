@@ -45,7 +45,6 @@ use crate::api::{
     Phase, RolloutResult, Verdict,
 };
 use crate::arms::Weights;
-use crate::metrics::presets;
 
 /// How long to wait before looking again while waiting for a workload to become ready.
 pub const READINESS_POLL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -221,16 +220,6 @@ pub fn next_look_at(
     base.through.checked_add_signed(look)
 }
 
-/// The guard's bound of a sequential metric as a fraction: an error rate's `max` percent;
-/// for latency, 1% of requests slower than `max` (p99 at most `max`).
-fn guard_bound(metric: &MetricSpec) -> Option<f64> {
-    let max = metric.max?;
-    match metric.preset.map(presets::kind) {
-        Some(presets::Kind::LatencyP99) => Some(0.01),
-        _ => Some(max / 100.0),
-    }
-}
-
 /// `t` without its fraction of a second: looks fall on whole seconds, as Prometheus range
 /// queries do.
 fn whole_second(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -334,21 +323,11 @@ impl Machine<'_> {
     }
 
     fn settings(&self, metric: &MetricSpec) -> sequential::Settings {
-        let a = &self.spec.analysis;
-        sequential::Settings {
-            alpha: a.alpha(),
-            min_detectable_ratio: a.min_detectable_ratio(),
-            min_sample_size: metric
-                .min_sample_size
-                .unwrap_or(sequential::DEFAULT_MIN_SAMPLE_SIZE),
-        }
+        sequential::Settings::of(&self.spec.analysis, metric)
     }
 
-    /// How many tests the sequential judge averages (one per metric, one more per bound).
     fn test_count(&self) -> usize {
-        self.sequential_metrics()
-            .map(|m| 1 + usize::from(guard_bound(m).is_some()))
-            .sum()
+        self.spec.analysis.sequential_tests()
     }
 
     /// Folds the looks the controller fetched into the state and judges it. Returns true
@@ -405,7 +384,7 @@ impl Machine<'_> {
             else {
                 continue;
             };
-            let bound = guard_bound(metric);
+            let bound = metric.guard_bound();
             let settings = self.settings(metric);
             let tests = self.test_count();
             let warmup_until = ev.warmup_until;
@@ -452,7 +431,7 @@ impl Machine<'_> {
                     .find(|s| s.metric == m.name)
                     .map(|state| sequential::Judged {
                         state,
-                        guarded: guard_bound(m).is_some(),
+                        guarded: m.guard_bound().is_some(),
                     })
             })
             .collect();
@@ -549,9 +528,7 @@ impl Machine<'_> {
                 Outcome::Value { value, .. } if value.is_finite() => Some(value),
                 _ => None,
             });
-        let latency = metric
-            .preset
-            .is_some_and(|p| presets::kind(p) == presets::Kind::LatencyP99);
+        let latency = metric.preset.is_some_and(api::Preset::is_latency);
         let value = if latency {
             p99
         } else {
@@ -562,7 +539,7 @@ impl Machine<'_> {
         // requirement of zero.
         let required =
             sequential::required_canary_requests(state, &self.settings(metric), self.test_count());
-        let e = sequential::e_values(state, guard_bound(metric).is_some());
+        let e = sequential::e_values(state, metric.guard_bound().is_some());
         let counts = match (latency, p99) {
             (true, Some(v)) => format!(
                 "p99 {} ms; slower than {}: {}",
