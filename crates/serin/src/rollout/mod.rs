@@ -475,6 +475,7 @@ impl Machine<'_> {
                     e_text(threshold)
                 );
                 self.event(EventType::Warning, reasons::REGRESSION, reason.clone());
+                self.record_failed_look(&metric, &reason);
                 self.rollback(RolloutResult::RolledBack, reason);
                 true
             }
@@ -494,6 +495,7 @@ impl Machine<'_> {
                             reasons::BASELINE_UNHEALTHY,
                             reason.clone(),
                         );
+                        self.record_failed_look(&metric, &reason);
                         self.rollback(RolloutResult::RolledBack, reason);
                         true
                     }
@@ -501,6 +503,27 @@ impl Machine<'_> {
                 }
             }
         }
+    }
+
+    /// Records the look that rolled back as the last check, so `status.lastCheck` says why:
+    /// `metric` failed with `reason`; the other sequential metrics as they stand.
+    fn record_failed_look(&mut self, metric: &str, reason: &str) {
+        let results = self
+            .sequential_metrics()
+            .map(|m| {
+                let mut r = self.sequential_result(m);
+                if m.name == metric {
+                    r.verdict = Verdict::Fail;
+                    r.message = reason.to_string();
+                }
+                r
+            })
+            .collect();
+        self.status.last_check = Some(CheckRecord {
+            time: self.now,
+            verdict: Verdict::Fail,
+            results,
+        });
     }
 
     /// The result of a sequential metric at a check.

@@ -195,6 +195,19 @@ fn a_hard_failure_rolls_back_at_the_first_look() {
         Some(100.0),
         "the final evidence is recorded"
     );
+    let check = w
+        .status
+        .last_check
+        .as_ref()
+        .expect("the look is the last check");
+    assert_eq!((check.time, check.verdict), (w.now, Verdict::Fail));
+    assert_eq!(check.results[0].verdict, Verdict::Fail);
+    assert!(
+        check.results[0].message.contains("worse than the primary"),
+        "{check:?}"
+    );
+    assert_eq!(check.results[0].value, Some(50.0));
+    assert_eq!(w.status.failed_checks, 0, "not a threshold check");
 }
 
 /// Overwhelming evidence (an e-value beyond f64) is stored finite, so the status survives a
