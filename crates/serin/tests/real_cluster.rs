@@ -918,6 +918,18 @@ async fn delete_with_traffic(
         || async { route_request(&env.client, &env.ns).await.ok() },
     )
     .await;
+    // The primary may still be scaling up when the first request routes: a snapshot then
+    // would record one ready endpoint where the settled state has two.
+    wait_for(
+        "every replica behind Service podinfo to be a ready endpoint",
+        Duration::from_secs(60),
+        || async {
+            let want = replicas_behind(&env.client, &env.ns, "podinfo").await;
+            (want > 0 && ready_endpoints(&env.client, &env.ns, "podinfo").await == want)
+                .then_some(())
+        },
+    )
+    .await;
     let before = inventory(&env.client, &env.ns, &uid).await;
     let traffic = Traffic::start(&env.client, &env.ns);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -953,6 +965,39 @@ async fn delete_with_traffic(
     let again = inventory(&env.client, &env.ns, &uid).await;
     assert_eq!(again, after, "the state changed after the deletion settled");
     (before, after)
+}
+
+/// The replicas the Deployments whose pods Service `svc` selects are scaled to.
+async fn replicas_behind(client: &kube::Client, ns: &str, svc: &str) -> usize {
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let selector = services
+        .get(svc)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.selector)
+        .unwrap_or_default();
+    if selector.is_empty() {
+        return 0;
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    deployments
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|d| {
+            let labels = d
+                .spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.as_ref());
+            labels.is_some_and(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v)))
+        })
+        .map(|d| d.spec.replicas.unwrap_or(1).max(0) as usize)
+        .sum()
 }
 
 fn print_table(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) {
