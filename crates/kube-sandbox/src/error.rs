@@ -29,7 +29,7 @@ impl Cause {
 pub struct ApiError {
     /// HTTP status code.
     pub code: u16,
-    /// `StatusReason` (`NotFound`, `Conflict`, ...).
+    /// `StatusReason` (`NotFound`, `Conflict`, ...); empty for an unclassified error.
     pub reason: &'static str,
     /// Human-readable message.
     pub message: String,
@@ -186,6 +186,11 @@ impl ApiError {
         )
     }
 
+    /// 406 NotAcceptable: the answer cannot take the shape `Accept` asks for.
+    pub fn not_acceptable(message: String) -> Self {
+        Self::new(406, "NotAcceptable", message, Value::Null)
+    }
+
     /// 415 UnsupportedMediaType: the body is in none of the `accepted` media types.
     pub fn unsupported_media_type(accepted: &[&str]) -> Self {
         Self::new(
@@ -241,6 +246,11 @@ impl ApiError {
         )
     }
 
+    /// 500 of an error the real server does not classify: no `reason`, the bare message.
+    pub fn unclassified(message: impl Into<String>) -> Self {
+        Self::new(500, "", message.into(), Value::Null)
+    }
+
     /// 500 InternalError.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
@@ -259,9 +269,12 @@ impl ApiError {
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
             "code": self.code,
         });
+        // `reason` is omitempty in the real server's Status.
+        if !self.reason.is_empty() {
+            status["reason"] = json!(self.reason);
+        }
         if !self.details.is_null() {
             status["details"] = self.details.clone();
         }

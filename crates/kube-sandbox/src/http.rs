@@ -1,5 +1,7 @@
-//! HTTP front end: URL routing, discovery, verbs, watch streaming and Table output.
+//! HTTP front end: URL routing, request counting, discovery, verbs, watch streaming, and
+//! answers in the shape `Accept` asks for (objects, Tables, metadata only).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,8 +14,10 @@ use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
+use super::counts::{self, RequestCounts};
 use super::error::{ApiError, Cause};
 use super::openapi;
+use super::output::{self, Output};
 use super::patch;
 use super::protobuf;
 use super::selector::{FieldSelector, LabelSelector};
@@ -33,6 +37,8 @@ pub struct App {
     pub shutdown: watch::Receiver<bool>,
     /// `host:port` the server listens on.
     pub address: String,
+    /// Requests served, by client, verb and resource.
+    pub counts: Arc<RequestCounts>,
 }
 
 type Query = HashMap<String, String>;
@@ -149,15 +155,52 @@ async fn route(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    match parse_route(&segs).ok_or_else(|| ApiError::no_route(path))? {
-        Route::Health => Ok(health_response()),
+    let client = counts::client(headers);
+    let Some(parsed) = parse_route(&segs) else {
+        app.counts
+            .record(client, counts::method_verb(method), "other");
+        return Err(ApiError::no_route(path));
+    };
+    match parsed {
+        Route::Health => {
+            app.counts
+                .record(client, counts::method_verb(method), "health");
+            Ok(health_response())
+        }
         Route::Document(doc) => {
+            app.counts
+                .record(client, counts::method_verb(method), doc.bucket());
             let value = document(app, doc).ok_or_else(|| ApiError::no_route(path))?;
             get_only(method, value)
         }
         Route::Resource(resource) => {
-            let target = resolve_target(&app.store, method, path, resource)?;
-            dispatch(app, method, &target, query, headers, body).await
+            let verb = counts::resource_verb(method, resource.name.is_some(), is_watch(query));
+            let target = resolve_target(&app.store, method, path, resource);
+            let counted = match &target {
+                Ok(Target {
+                    rt, sub: Some(sub), ..
+                }) => Cow::Owned(format!("{}/{sub}", rt.plural)),
+                Ok(t) => Cow::Borrowed(t.rt.plural.as_str()),
+                Err(_) => Cow::Borrowed("unknown"),
+            };
+            app.counts.record(client, verb, &counted);
+            dispatch(app, method, &target?, query, headers, body).await
+        }
+    }
+}
+
+impl Document<'_> {
+    /// The bucket a request for this document is counted in.
+    fn bucket(&self) -> &'static str {
+        match self {
+            Document::Version => "version",
+            Document::OpenApiRoot | Document::OpenApi { .. } => "openapi",
+            Document::Root
+            | Document::CoreVersions
+            | Document::CoreResources
+            | Document::Groups
+            | Document::Group(_)
+            | Document::GroupResources { .. } => "discovery",
         }
     }
 }
@@ -338,17 +381,6 @@ fn resources_in(type_refs: &[&ResourceType], group: &str, version: &str) -> Opti
     (!in_group.is_empty()).then(|| types::resource_list(&in_group, group, version))
 }
 
-fn accept_table(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|a| a.to_str().ok())
-        .is_some_and(|a| {
-            a.split(',')
-                .next()
-                .is_some_and(|first| first.contains("as=Table"))
-        })
-}
-
 fn write_opts(query: &Query, headers: &HeaderMap, status: bool) -> Result<WriteOpts, ApiError> {
     let field_validation = match query.get("fieldValidation").map(String::as_str) {
         None | Some("") | Some("Warn") => FieldValidation::Warn,
@@ -362,10 +394,7 @@ fn write_opts(query: &Query, headers: &HeaderMap, status: bool) -> Result<WriteO
     };
     let field_manager = match query.get("fieldManager") {
         Some(m) => m.clone(),
-        None => headers
-            .get(header::USER_AGENT)
-            .and_then(|u| u.to_str().ok())
-            .and_then(|u| u.split('/').next())
+        None => counts::user_agent_product(headers)
             .unwrap_or("unknown")
             .to_string(),
     };
@@ -411,14 +440,40 @@ fn check_body_type(headers: &HeaderMap) -> Result<(), ApiError> {
     ]))
 }
 
+/// The answer to a write: the object in the shape `Accept` asks for. As in the real server,
+/// the write is done when that shape turns out to be one it cannot take (406).
 fn written_response(
-    rt: &ResourceType,
-    version: &str,
+    t: &Target,
     obj: &Value,
     code: u16,
     warnings: &[String],
-) -> Response {
-    json_response(code, &present(obj, rt, version), warnings)
+    query: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let body = shaped_object(t, obj, output::negotiate(headers), query)?;
+    Ok(json_response(code, &body, warnings))
+}
+
+/// A stored object presented in the version of the URL and in the shape `output`.
+fn shaped_object(
+    t: &Target,
+    obj: &Value,
+    output: Output,
+    query: &Query,
+) -> Result<Value, ApiError> {
+    let (rt, v) = (&t.rt, t.version.as_str());
+    Ok(match output {
+        Output::Object => present(obj, rt, v),
+        Output::Table => table::table(
+            rt,
+            v,
+            &[present(obj, rt, v)],
+            json!({}),
+            include_object(query),
+        ),
+        Output::Metadata(api_version) => output::partial(obj, api_version),
+        Output::MetadataList(_) => return Err(output::object_not_acceptable(rt)),
+    })
 }
 
 /// Dispatches a resource request on its shape (collection, object or subresource) and method.
@@ -458,7 +513,7 @@ fn collection(
         Method::GET if is_watch(query) => watch(app, t, query, headers),
         Method::GET => list(&app.store, t, query, headers),
         Method::POST => create(&app.store, t, query, headers, body),
-        Method::DELETE => delete_collection(&app.store, t, query),
+        Method::DELETE => delete_collection(&app.store, t, query, headers),
         _ => Err(not_allowed(method, &t.rt)),
     }
 }
@@ -478,7 +533,7 @@ fn object(
         Method::GET => get_object(store, t, name, query, headers),
         Method::PUT => replace(store, t, name, query, headers, body, status),
         Method::PATCH => patch_object(store, t, name, query, headers, body, status),
-        Method::DELETE if !status => delete(store, t, name, query, body),
+        Method::DELETE if !status => delete(store, t, name, query, headers, body),
         _ => Err(not_allowed(method, &t.rt)),
     }
 }
@@ -495,12 +550,17 @@ fn create(
     let opts = write_opts(query, headers, false)?;
     check_body_type(headers)?;
     let w = store.create(&rt.group, &rt.plural, v, t.ns(), parse_body(body)?, &opts)?;
-    Ok(written_response(rt, v, &w.object, 201, &w.warnings))
+    written_response(t, &w.object, 201, &w.warnings, query, headers)
 }
 
 /// DELETE on a collection: deletes every selected object and lists them.
-fn delete_collection(store: &Store, t: &Target, query: &Query) -> Result<Response, ApiError> {
-    let (rt, v) = (&t.rt, t.version.as_str());
+fn delete_collection(
+    store: &Store,
+    t: &Target,
+    query: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let rt = &t.rt;
     let (items, _) = select(store, t, query)?;
     let mut deleted = Vec::new();
     for item in items {
@@ -517,16 +577,17 @@ fn delete_collection(store: &Store, t: &Target, query: &Query) -> Result<Respons
             None,
             is_dry_run(query),
         )?;
-        deleted.push(present(&d.object, rt, v));
+        deleted.push(d.object);
     }
-    Ok(json_response(
-        200,
-        &list_object(rt, v, deleted, store.revision(), None, None),
-        &[],
-    ))
+    let page = Page {
+        items: deleted,
+        cont: None,
+        remaining: None,
+    };
+    list_response(t, page, store.revision(), query, headers)
 }
 
-/// GET of a named object, as JSON or as a Table.
+/// GET of a named object, as JSON, a Table or its metadata.
 fn get_object(
     store: &Store,
     t: &Target,
@@ -534,16 +595,9 @@ fn get_object(
     query: &Query,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (rt, v) = (&t.rt, t.version.as_str());
-    let obj = present(&store.get(&rt.group, &rt.plural, t.ns(), name)?, rt, v);
-    if accept_table(headers) {
-        return Ok(json_response(
-            200,
-            &table::table(rt, v, &[obj], json!({}), include_object(query)),
-            &[],
-        ));
-    }
-    Ok(json_response(200, &obj, &[]))
+    let obj = store.get(&t.rt.group, &t.rt.plural, t.ns(), name)?;
+    let body = shaped_object(t, &obj, output::negotiate(headers), query)?;
+    Ok(json_response(200, &body, &[]))
 }
 
 /// PUT of a named object, its status or a namespace's finalizers: replaces it with the body.
@@ -563,7 +617,7 @@ fn replace(
     let w = store.write(&rt.group, &rt.plural, v, t.ns(), name, &opts, |_, _| {
         Ok(Proposal::Object(body))
     })?;
-    Ok(written_response(rt, v, &w.object, 200, &w.warnings))
+    written_response(t, &w.object, 200, &w.warnings, query, headers)
 }
 
 /// PATCH of a named object or its status, in any of the four patch formats.
@@ -602,7 +656,7 @@ fn patch_object(
         |current, rt| compute_patch(rt, current, &content_type, body, force),
     )?;
     let code = if w.created { 201 } else { 200 };
-    Ok(written_response(rt, v, &w.object, code, &w.warnings))
+    written_response(t, &w.object, code, &w.warnings, query, headers)
 }
 
 /// `includeObject` of a Table request (default `Metadata`).
@@ -688,6 +742,7 @@ fn delete(
     t: &Target,
     name: &str,
     query: &Query,
+    headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let rt = &t.rt;
@@ -730,14 +785,14 @@ fn delete(
         precondition,
         dry_run,
     )?;
-    let obj = present(&d.object, rt, &t.version);
     // The real server answers 200 with the object while it waits for finalizers, and a
     // Status once it is gone (for custom resources too). 202 is reserved for an explicit
     // `orphanDependents: false`.
     if !d.removed {
-        return Ok(json_response(200, &obj, &[]));
+        return written_response(t, &d.object, 200, &[], query, headers);
     }
-    let mut details = json!({"name": name, "kind": rt.plural, "uid": obj.pointer("/metadata/uid")});
+    let mut details =
+        json!({"name": name, "kind": rt.plural, "uid": d.object.pointer("/metadata/uid")});
     if !rt.group.is_empty() {
         details["group"] = json!(rt.group);
     }
@@ -837,7 +892,8 @@ fn unhex(s: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
-/// GET on a collection: the selected objects, one page at a time, as a list or a Table.
+/// GET on a collection: the selected objects, one page at a time, as a list, a Table or
+/// their metadata.
 fn list(
     store: &Store,
     t: &Target,
@@ -845,30 +901,58 @@ fn list(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let (items, rev) = select(store, t, query)?;
-    let page = paginate(items, rev, store.compacted(), query)?;
-    let items: Vec<Value> = page
-        .items
-        .iter()
-        .map(|o| present(o, &t.rt, &t.version))
-        .collect();
-    if accept_table(headers) {
+    let mut page = paginate(items, rev, store.compacted(), query)?;
+    // Like the real server, no count is given for a selection (it would count unselected objects).
+    page.remaining = page.remaining.filter(|_| !has_selectors(query));
+    list_response(t, page, rev, query, headers)
+}
+
+/// A page of stored objects as a list or a Table in the version of the URL, or as a
+/// `PartialObjectMetadataList`.
+fn list_response(
+    t: &Target,
+    page: Page,
+    rev: u64,
+    query: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let Page {
+        items,
+        cont,
+        remaining,
+    } = page;
+    // The list metadata of a converted list; `continue` is left out when empty (omitempty).
+    let converted_meta = |cont: Option<String>| {
         let mut meta = json!({"resourceVersion": rev.to_string()});
-        if let Some(c) = &page.cont {
+        if let Some(c) = cont {
             meta["continue"] = json!(c);
         }
-        return Ok(json_response(
-            200,
-            &table::table(&t.rt, &t.version, &items, meta, include_object(query)),
-            &[],
-        ));
-    }
-    // Like the real server, no count is given for a selection (it would count unselected objects).
-    let remaining = page.remaining.filter(|_| !has_selectors(query));
-    Ok(json_response(
-        200,
-        &list_object(&t.rt, &t.version, items, rev, page.cont, remaining),
-        &[],
-    ))
+        if let Some(n) = remaining {
+            meta["remainingItemCount"] = json!(n);
+        }
+        meta
+    };
+    let presented = |items: &[Value]| -> Vec<Value> {
+        items
+            .iter()
+            .map(|o| present(o, &t.rt, &t.version))
+            .collect()
+    };
+    let body = match output::negotiate(headers) {
+        Output::Object => list_object(&t.rt, &t.version, presented(&items), rev, cont, remaining),
+        Output::Table => table::table(
+            &t.rt,
+            &t.version,
+            &presented(&items),
+            converted_meta(cont),
+            include_object(query),
+        ),
+        Output::MetadataList(api_version) => {
+            output::partial_list(&items, converted_meta(cont), api_version)
+        }
+        Output::Metadata(_) => return Err(output::list_not_acceptable(&t.rt)),
+    };
+    Ok(json_response(200, &body, &[]))
 }
 
 /// The sort key of a listed object (namespace, then name); continue tokens encode it.
@@ -1101,7 +1185,7 @@ struct WatchFilter {
     namespace: Option<String>,
     labels: LabelSelector,
     fields: FieldSelector,
-    table: bool,
+    output: Output,
     include_object: String,
 }
 
@@ -1138,17 +1222,19 @@ impl WatchFilter {
             (k, _) if now => k,
             _ => return None,
         };
-        let obj = present(&shown, &self.rt, &self.version);
-        let obj = if self.table {
-            table::table(
+        let obj = match self.output {
+            Output::Table => table::table(
                 &self.rt,
                 &self.version,
-                &[obj],
+                &[present(&shown, &self.rt, &self.version)],
                 json!({}),
                 &self.include_object,
-            )
-        } else {
-            obj
+            ),
+            Output::Metadata(api_version) => output::partial(&shown, api_version),
+            // A list shape asked of a watch's single objects: the real server cannot convert
+            // them, falls back to the object and fails to encode it, which ends the watch.
+            // This server sends the objects as they are.
+            Output::Object | Output::MetadataList(_) => present(&shown, &self.rt, &self.version),
         };
         Some(encode_event(kind.as_str(), &obj))
     }
@@ -1158,7 +1244,14 @@ impl WatchFilter {
         if initial_end {
             meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
-        let obj = json!({"kind": self.rt.kind, "apiVersion": self.rt.api_version(&self.version), "metadata": meta});
+        let obj = match self.output {
+            Output::Metadata(api_version) => {
+                output::partial(&json!({"metadata": meta}), api_version)
+            }
+            _ => {
+                json!({"kind": self.rt.kind, "apiVersion": self.rt.api_version(&self.version), "metadata": meta})
+            }
+        };
         encode_event("BOOKMARK", &obj)
     }
 }
@@ -1225,7 +1318,7 @@ fn watch_filter(t: &Target, query: &Query, headers: &HeaderMap) -> Result<WatchF
         namespace: t.namespace.clone(),
         labels,
         fields,
-        table: accept_table(headers),
+        output: output::negotiate(headers),
         include_object: query
             .get("includeObject")
             .cloned()

@@ -6,8 +6,10 @@
 //! It serves plain HTTP on 127.0.0.1 and speaks enough of the Kubernetes API for `kube::Client`
 //! and `kubectl`: discovery, CRUD with optimistic concurrency, the four patch formats
 //! (server-side apply approximated), status and scale subresources, finalizers and
-//! owner-reference garbage collection, watches with bookmarks and `410 Gone`, and CRDs whose
-//! objects are defaulted, pruned and validated against their structural schema.
+//! owner-reference garbage collection, watches with bookmarks and `410 Gone`, Tables and
+//! metadata-only answers (`PartialObjectMetadata`), and CRDs whose objects are defaulted,
+//! pruned and validated against their structural schema. It counts the requests it serves by
+//! client, verb and resource ([`ApiServer::request_counts`]).
 //!
 //! It is deliberately not a cluster: no controllers run (a Deployment never gets Pods), there is
 //! no authentication or admission, and built-in kinds are stored without schema validation. CEL
@@ -16,9 +18,11 @@
 
 #![forbid(unsafe_code)]
 
+mod counts;
 mod error;
 mod http;
 mod openapi;
+mod output;
 mod patch;
 mod protobuf;
 mod schema;
@@ -28,6 +32,7 @@ mod table;
 mod types;
 pub mod workloads;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +42,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 use tokio::sync::watch;
 
+pub use counts::RequestKey;
 pub use error::{ApiError, Cause};
 pub use store::{FieldValidation, WriteOpts};
 
@@ -122,6 +128,7 @@ impl Default for Options {
 pub struct ApiServer {
     addr: SocketAddr,
     store: Arc<store::Store>,
+    counts: Arc<counts::RequestCounts>,
     shutdown: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -135,11 +142,13 @@ impl ApiServer {
         let addr = listener.local_addr()?;
         let store = store::Store::new(options.history_limit);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let counts = Arc::new(counts::RequestCounts::default());
         let app = Arc::new(http::App {
             store: store.clone(),
             bookmark_interval: options.bookmark_interval,
             shutdown: shutdown_rx.clone(),
             address: addr.to_string(),
+            counts: counts.clone(),
         });
         let router = axum::Router::new().fallback(http::handle).with_state(app);
         let mut stop = shutdown_rx;
@@ -156,6 +165,7 @@ impl ApiServer {
         Ok(Self {
             addr,
             store,
+            counts,
             shutdown,
             task: Some(task),
         })
@@ -260,6 +270,15 @@ impl ApiServer {
     /// Current global resourceVersion.
     pub fn revision(&self) -> u64 {
         self.store.revision()
+    }
+
+    /// How many requests the server has served since start-up, by client (the `User-Agent`
+    /// product), Kubernetes verb and resource (`canaries/status`); a request counts once when it
+    /// arrives, whatever its answer. Non-resource requests have the lower-case HTTP method as
+    /// verb and a bucket as resource: `discovery`, `version`, `openapi`, `health` or `other`.
+    /// Cheap enough to call every second: it copies one entry per key under a short lock.
+    pub fn request_counts(&self) -> BTreeMap<RequestKey, u64> {
+        self.counts.snapshot()
     }
 
     /// Saves every object to a JSON file.

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
+use super::output;
 use super::types::ResourceType;
 
 /// Formats an age like `k8s.io/apimachinery/pkg/util/duration.HumanDuration`.
@@ -124,7 +125,7 @@ fn row(
     include_object: &str,
     now: DateTime<Utc>,
 ) -> Value {
-    let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
+    let meta = obj.get("metadata").unwrap_or(&Value::Null);
     let mut cells = vec![meta.get("name").cloned().unwrap_or(json!(""))];
     let cols = columns(rt, version);
     if cols.is_empty() {
@@ -148,9 +149,7 @@ fn row(
     let object = match include_object {
         "None" => Value::Null,
         "Object" => obj.clone(),
-        _ => {
-            json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": meta})
-        }
+        _ => output::partial(obj, "meta.k8s.io/v1"),
     };
     json!({"cells": cells, "object": object})
 }

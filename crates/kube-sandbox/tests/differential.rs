@@ -89,6 +89,16 @@ struct Req {
     path: String,
     content_type: &'static str,
     body: Option<String>,
+    /// The `Accept` header, when the request asks for a conversion.
+    accept: Option<&'static str>,
+}
+
+impl Req {
+    /// The request with an `Accept` header.
+    fn accepting(mut self, accept: &'static str) -> Self {
+        self.accept = Some(accept);
+        self
+    }
 }
 
 fn req(method: http::Method, path: &str, content_type: &'static str, body: Option<String>) -> Req {
@@ -97,6 +107,7 @@ fn req(method: http::Method, path: &str, content_type: &'static str, body: Optio
         path: path.to_string(),
         content_type,
         body,
+        accept: None,
     }
 }
 
@@ -177,6 +188,9 @@ impl Side {
         let mut builder = http::Request::builder()
             .method(r.method.clone())
             .uri(path.as_str());
+        if let Some(accept) = r.accept {
+            builder = builder.header(http::header::ACCEPT, accept);
+        }
         let body = match &r.body {
             Some(b) => {
                 builder = builder.header(http::header::CONTENT_TYPE, r.content_type);
@@ -678,6 +692,7 @@ async fn script(d: &mut Diff, etcd_url: &str) {
 
     configmaps(d).await;
     gadgets(d).await;
+    metadata_only(d).await;
     finalizers(d).await;
     cascading(d).await;
     watches_and_compaction(d, etcd_url).await;
@@ -1150,6 +1165,108 @@ async fn gadgets(d: &mut Diff) {
         get(&format!(
             "{GD}?watch=true&fieldSelector=metadata.name%3Dg2&resourceVersion=${{g2_rv1}}&timeoutSeconds=1"
         )),
+    )
+    .await;
+}
+
+/// What `kube`'s `get_metadata`, `watch_metadata` and metadata patches ask for.
+const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+/// What `kube`'s `list_metadata` asks for.
+const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
+
+/// Metadata-only answers (PartialObjectMetadata) to lists, gets, writes and watches, and 406
+/// for a shape that does not fit the answer.
+async fn metadata_only(d: &mut Diff) {
+    d.step(
+        "cm list metadata app=diff",
+        get(&format!("{CM}?labelSelector=app%3Ddiff")).accepting(METADATA_LIST),
+    )
+    .await;
+    d.step(
+        "cm list metadata page 1",
+        get(&format!("{CM}?labelSelector=app%3Ddiff&limit=1")).accepting(METADATA_LIST),
+    )
+    .await;
+    d.step(
+        "cm list metadata of no object",
+        get(&format!("{CM}?labelSelector=app%3Dnone")).accepting(METADATA_LIST),
+    )
+    .await;
+    d.step(
+        "cm get metadata",
+        get(&format!("{CM}/alpha")).accepting(METADATA),
+    )
+    .await;
+    d.step(
+        "cm get metadata of a missing object",
+        get(&format!("{CM}/nope")).accepting(METADATA),
+    )
+    .await;
+    d.step(
+        "cm list asking for one object's metadata",
+        get(&format!("{CM}?labelSelector=app%3Ddiff")).accepting(METADATA),
+    )
+    .await;
+    d.step(
+        "cm get asking for a metadata list",
+        get(&format!("{CM}/alpha")).accepting(METADATA_LIST),
+    )
+    .await;
+    let r = d
+        .step(
+            "cm merge patch answering metadata",
+            merge(
+                &format!("{CM}/beta"),
+                json!({"metadata": {"annotations": {"meta": "only"}}}),
+            )
+            .accepting(METADATA),
+        )
+        .await;
+    d.capture("rv_meta", &r, "/metadata/resourceVersion");
+    d.step(
+        "cm create answering metadata",
+        post(CM, cm("epsilon", json!({"app": "diff"}), json!({"e": "1"}))).accepting(METADATA),
+    )
+    .await;
+    d.step(
+        "cm delete answering metadata",
+        delete(&format!("{CM}/epsilon")).accepting(METADATA),
+    )
+    .await;
+    d.step(
+        "cm watch metadata from a resourceVersion",
+        get(&format!(
+            "{CM}?watch=true&labelSelector=app%3Ddiff&resourceVersion=${{rv_meta}}&timeoutSeconds=1"
+        ))
+        .accepting(METADATA),
+    )
+    .await;
+    d.step(
+        "cm watch metadata with initial events",
+        get(&format!(
+            "{CM}?watch=true&labelSelector=app%3Ddiff&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=1"
+        ))
+        .accepting(METADATA),
+    )
+    .await;
+    d.step(
+        "gadget list metadata",
+        get(&format!("{GD}?fieldSelector=metadata.name%3Dg1")).accepting(METADATA_LIST),
+    )
+    .await;
+    d.step(
+        "gadget get metadata",
+        get(&format!("{GD}/g1")).accepting(METADATA),
+    )
+    .await;
+    d.step(
+        "gadget list asking for one object's metadata",
+        get(&format!("{GD}?fieldSelector=metadata.name%3Dg1")).accepting(METADATA),
+    )
+    .await;
+    d.step(
+        "gadget get asking for a metadata list",
+        get(&format!("{GD}/g1")).accepting(METADATA_LIST),
     )
     .await;
 }

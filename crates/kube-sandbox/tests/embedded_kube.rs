@@ -2,13 +2,18 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use futures::{StreamExt, TryStreamExt};
+use http_body_util::BodyExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchParams,
+};
+use kube::core::{ApiResource, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::watcher;
-use kube_sandbox::{ApiServer, Options};
+use kube_sandbox::{ApiServer, Options, RequestKey};
 use serde_json::{Value, json};
 
 const CRD: &str = r#"
@@ -618,4 +623,379 @@ async fn watch_too_old_is_gone() {
         Some(Err(kube::Error::Api(e))) => assert_eq!(e.code, 410),
         other => panic!("expected 410 Gone, got {other:?}"),
     }
+}
+
+const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
+
+/// A ConfigMap with labels, annotations and data.
+fn labelled_cm(name: &str, labels: Value, annotations: Value) -> ConfigMap {
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "data": {"secret": "not in metadata"}}),
+    )
+    .expect("cm")
+}
+
+/// `PartialObjectMeta`'s kind (its TypeMeta, as the server sent it).
+fn meta_kind<K>(o: &PartialObjectMeta<K>) -> &str {
+    o.types.as_ref().map(|t| t.kind.as_str()).unwrap_or("")
+}
+
+/// Sends a GET with an `Accept` header; the status code and the body (a watch's event lines
+/// as an array).
+async fn get_as(client: &kube::Client, path: &str, accept: &str) -> (u16, Value) {
+    let request = http::Request::get(path)
+        .header(http::header::ACCEPT, accept)
+        .body(kube::client::Body::from(Vec::new()))
+        .expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(10), client.send(request))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    let code = response.status().as_u16();
+    let bytes = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    let body = if path.contains("watch=true") {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str::<Value>(l).expect("event line"))
+            .collect()
+    } else {
+        serde_json::from_str(&text).expect("json body")
+    };
+    (code, body)
+}
+
+/// kube-runtime's `metadata_watcher` (list then watch) and a watcher of
+/// `Api<PartialObjectMeta<ConfigMap>>` (streaming list) see selected ConfigMaps created,
+/// annotated and deleted, with their labels and annotations, as `PartialObjectMetadata`.
+#[tokio::test]
+async fn metadata_watchers_see_labels_and_annotations() {
+    let server = server().await;
+    let client = server.client().expect("client");
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let metas: Api<PartialObjectMeta<ConfigMap>> = Api::default_namespaced(client);
+    let seed = labelled_cm("seed", json!({"m": "1"}), json!({"note": "seeded"}));
+    cms.create(&PostParams::default(), &seed)
+        .await
+        .expect("seed");
+    let other = labelled_cm("other", json!({"m": "2"}), json!({}));
+    cms.create(&PostParams::default(), &other)
+        .await
+        .expect("other");
+    #[allow(deprecated)] // the recommended replacement is the second stream
+    let list_watch =
+        kube::runtime::metadata_watcher(cms.clone(), watcher::Config::default().labels("m=1"))
+            .boxed();
+    let streaming = watcher(
+        metas.clone(),
+        watcher::Config::default().labels("m=1").streaming_lists(),
+    )
+    .boxed();
+    let modes = [
+        ("list-watch", "late-1", list_watch),
+        ("streaming list", "late-2", streaming),
+    ];
+    for (mode, late, mut stream) in modes {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut wrote = false;
+        let mut deleted = false;
+        while !deleted {
+            let ev = tokio::time::timeout_at(deadline, stream.try_next())
+                .await
+                .unwrap_or_else(|_| panic!("{mode}: timed out; saw {seen:?}"));
+            let (what, o) = match ev.expect("watch ok").expect("stream open") {
+                watcher::Event::InitApply(o) => ("init", o),
+                watcher::Event::Apply(o) => ("apply", o),
+                watcher::Event::Delete(o) => ("delete", o),
+                watcher::Event::Init => continue,
+                watcher::Event::InitDone => {
+                    seen.push("init-done".to_string());
+                    if !wrote {
+                        wrote = true;
+                        let cm = labelled_cm(late, json!({"m": "1"}), json!({"note": "v1"}));
+                        cms.create(&PostParams::default(), &cm).await.expect("late");
+                        metas
+                            .patch(
+                                late,
+                                &PatchParams::default(),
+                                &Patch::Merge(json!({"metadata": {"annotations": {"note": "v2"}}})),
+                            )
+                            .await
+                            .expect("annotate late");
+                        cms.delete(late, &DeleteParams::default())
+                            .await
+                            .expect("delete late");
+                    }
+                    continue;
+                }
+            };
+            assert_eq!(meta_kind(&o), "PartialObjectMetadata", "{mode}: {o:?}");
+            assert_eq!(
+                o.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("m"))
+                    .map(String::as_str),
+                Some("1"),
+                "{mode}: {o:?}"
+            );
+            let note = o
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("note"))
+                .cloned()
+                .unwrap_or_default();
+            let name = o.metadata.name.unwrap_or_default();
+            deleted = what == "delete";
+            seen.push(format!("{what}:{name}:{note}"));
+        }
+        assert_eq!(
+            seen,
+            [
+                "init:seed:seeded".to_string(),
+                "init-done".to_string(),
+                format!("apply:{late}:v1"),
+                format!("apply:{late}:v2"),
+                format!("delete:{late}:v2"),
+            ],
+            "{mode}"
+        );
+    }
+}
+
+/// `list_metadata` with a label selector and pages, `get_metadata` and a metadata patch answer
+/// `PartialObjectMetadata` with labels and annotations.
+#[tokio::test]
+async fn list_get_and_patch_metadata() {
+    let server = server().await;
+    let client = server.client().expect("client");
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    for (name, tier) in [("a", "front"), ("b", "back"), ("c", "front")] {
+        let cm = labelled_cm(name, json!({"tier": tier}), json!({"owner": name}));
+        cms.create(&PostParams::default(), &cm)
+            .await
+            .expect("create");
+    }
+    let list = cms
+        .list_metadata(&ListParams::default().labels("tier=front"))
+        .await
+        .expect("list_metadata");
+    let names: Vec<String> = list
+        .items
+        .iter()
+        .filter_map(|o| o.metadata.name.clone())
+        .collect();
+    assert_eq!(names, ["a", "c"]);
+    assert!(
+        list.items
+            .iter()
+            .all(|o| meta_kind(o) == "PartialObjectMetadata")
+    );
+    assert_eq!(
+        list.items[1]
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("owner"))
+            .map(String::as_str),
+        Some("c")
+    );
+    assert!(list.metadata.resource_version.is_some());
+
+    let first = cms
+        .list_metadata(&ListParams::default().limit(2))
+        .await
+        .expect("page 1");
+    let token = first.metadata.continue_.clone().expect("a continue token");
+    let rest = cms
+        .list_metadata(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .expect("page 2");
+    let pages: Vec<String> = first
+        .items
+        .iter()
+        .chain(&rest.items)
+        .filter_map(|o| o.metadata.name.clone())
+        .collect();
+    assert_eq!(pages, ["a", "b", "c"]);
+    assert_eq!(first.metadata.remaining_item_count, Some(1));
+
+    let b = cms.get_metadata("b").await.expect("get_metadata");
+    assert_eq!(meta_kind(&b), "PartialObjectMetadata");
+    assert_eq!(
+        b.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("tier"))
+            .map(String::as_str),
+        Some("back")
+    );
+    let missing = api_error(cms.get_metadata("nope").await.expect_err("missing"));
+    assert_eq!(missing.code, 404);
+
+    let metas: Api<PartialObjectMeta<ConfigMap>> = Api::default_namespaced(client);
+    let patched = metas
+        .patch(
+            "b",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"tier": "front"}}})),
+        )
+        .await
+        .expect("patch_metadata");
+    assert_eq!(meta_kind(&patched), "PartialObjectMetadata");
+    assert_eq!(
+        patched
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("tier"))
+            .map(String::as_str),
+        Some("front")
+    );
+    assert_eq!(
+        cms.get("b").await.expect("get").data.map(|d| d.len()),
+        Some(1)
+    );
+}
+
+/// On the wire: a metadata list, get and watch (with its BOOKMARK) carry `metadata` only, no
+/// `data`; a list asked for `PartialObjectMetadata` and an object asked for the list are 406.
+#[tokio::test]
+async fn metadata_answers_carry_no_data() {
+    let server = server().await;
+    let client = server.client().expect("client");
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let cm = labelled_cm("wire", json!({"w": "1"}), json!({"a": "b"}));
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create");
+    let path = "/api/v1/namespaces/default/configmaps";
+    let (code, list) = get_as(
+        &client,
+        &format!("{path}?labelSelector=w%3D1"),
+        METADATA_LIST,
+    )
+    .await;
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(list["kind"], "PartialObjectMetadataList");
+    assert_eq!(list["apiVersion"], "meta.k8s.io/v1");
+    assert!(list["metadata"]["resourceVersion"].is_string(), "{list}");
+    assert!(list["metadata"].get("continue").is_none(), "{list}");
+    let item = &list["items"][0];
+    assert_eq!(
+        (item["kind"].as_str(), item["apiVersion"].as_str()),
+        (Some("PartialObjectMetadata"), Some("meta.k8s.io/v1"))
+    );
+    assert_eq!(item["metadata"]["labels"], json!({"w": "1"}));
+    assert_eq!(item["metadata"]["annotations"], json!({"a": "b"}));
+    assert!(item["metadata"]["uid"].is_string(), "{item}");
+    assert_eq!(item.as_object().map(|o| o.len()), Some(3), "{item}");
+
+    let (code, one) = get_as(&client, &format!("{path}/wire"), METADATA).await;
+    assert_eq!(code, 200, "{one}");
+    assert_eq!(one, *item);
+
+    let (code, status) = get_as(&client, path, METADATA).await;
+    assert_eq!(code, 406, "{status}");
+    assert_eq!(status["reason"], "NotAcceptable");
+    assert_eq!(
+        status["message"],
+        "you requested PartialObjectMetadata, but the requested object is a list (*core.ConfigMapList)"
+    );
+    let (code, status) = get_as(&client, &format!("{path}/wire"), METADATA_LIST).await;
+    assert_eq!(code, 406, "{status}");
+    assert_eq!(
+        status["message"],
+        "you requested PartialObjectMetadataList, but the requested object is not a list (*core.ConfigMap)"
+    );
+
+    let watch = format!(
+        "{path}?watch=true&labelSelector=w%3D1&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=1"
+    );
+    let (code, events) = get_as(&client, &watch, METADATA).await;
+    assert_eq!(code, 200);
+    let events = events.as_array().cloned().unwrap_or_default();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0], json!({"type": "ADDED", "object": item}));
+    assert_eq!(events[1]["type"], "BOOKMARK");
+    assert_eq!(events[1]["object"]["kind"], "PartialObjectMetadata");
+    assert_eq!(events[1]["object"]["apiVersion"], "meta.k8s.io/v1");
+    assert_eq!(
+        events[1]["object"]["metadata"]["annotations"],
+        json!({"k8s.io/initial-events-end": "true"})
+    );
+}
+
+/// A client whose `Config::headers` sets a User-Agent.
+fn client_as(server: &ApiServer, user_agent: &'static str) -> kube::Client {
+    let mut config = kube::Config::new(server.url().parse().expect("url"));
+    config.default_namespace = "default".to_string();
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(user_agent),
+    ));
+    kube::Client::try_from(config).expect("client")
+}
+
+/// Two clients with their own User-Agent doing a get, a list, a watch, a status replace and a
+/// discovery request are counted apart, by verb and resource; kube's default client sends no
+/// User-Agent and counts as `unknown`.
+#[tokio::test]
+async fn request_counts_by_client_verb_and_resource() {
+    let server = server().await;
+    widgets(&server)
+        .create(
+            &PostParams::default(),
+            &widget("counted", json!({"size": 1})),
+        )
+        .await
+        .expect("create");
+    let gvk = GroupVersionKind::gvk("example.dev", "v1", "Widget");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, "widgets");
+    for user_agent in ["alpha/1.0", "beta/2.0 (linux/amd64) serin/abc"] {
+        let client = client_as(&server, user_agent);
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
+        let mut w = api.get("counted").await.expect("get");
+        api.list(&ListParams::default()).await.expect("list");
+        let mut events = api
+            .watch(&WatchParams::default().timeout(1), "0")
+            .await
+            .expect("watch")
+            .boxed();
+        // The watch is counted when it arrives; reading from it only shows that it is open.
+        tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("the watch answers in time");
+        w.data["status"] = json!({"phase": user_agent});
+        api.replace_status("counted", &PostParams::default(), &w)
+            .await
+            .expect("replace status");
+        client.apiserver_version().await.expect("version");
+    }
+    let key = |client: &str, verb: &str, resource: &str| RequestKey {
+        client: client.to_string(),
+        verb: verb.to_string(),
+        resource: resource.to_string(),
+    };
+    let mut expected = BTreeMap::from([(key("unknown", "create", "widgets"), 1)]);
+    for client in ["alpha", "beta"] {
+        for (verb, resource) in [
+            ("get", "widgets"),
+            ("list", "widgets"),
+            ("watch", "widgets"),
+            ("update", "widgets/status"),
+            ("get", "version"),
+        ] {
+            expected.insert(key(client, verb, resource), 1);
+        }
+    }
+    assert_eq!(server.request_counts(), expected);
 }
