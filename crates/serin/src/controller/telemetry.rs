@@ -37,9 +37,19 @@ pub struct Metrics {
     value: Family<Labels, Gauge<f64, AtomicU64>>,
     reconcile_duration: Histogram,
     reconcile_errors: Family<Labels, Counter>,
-    /// Canaries with series, and the metric names of their `serin_metric_value` series, so
-    /// a deleted Canary's series can be removed.
-    canaries: Mutex<HashMap<(String, String), BTreeSet<String>>>,
+    weight_write: Histogram,
+    /// Canaries with series, with their phase series and the metric names of their
+    /// `serin_metric_value` series, so that a phase change and a deleted Canary remove theirs.
+    canaries: Mutex<HashMap<(String, String), Series>>,
+}
+
+/// The label values of one Canary's series that change over its life.
+#[derive(Default)]
+struct Series {
+    /// The phase of its one `serin_canary_phase` series.
+    phase: Option<Phase>,
+    /// Metrics with a `serin_metric_value` series.
+    metrics: BTreeSet<String>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -64,6 +74,8 @@ impl Metrics {
         let value = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let reconcile_errors = Family::<Labels, Counter>::default();
+        // 0.5 ms .. 16 s.
+        let weight_write = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "serin_canary_weight",
             "Percent of traffic on the canary",
@@ -71,7 +83,7 @@ impl Metrics {
         );
         registry.register(
             "serin_canary_phase",
-            "1 for the Canary's current phase, 0 for the others",
+            "Always 1: one series per Canary, whose phase label is the Canary's current phase",
             phase.clone(),
         );
         registry.register(
@@ -109,6 +121,11 @@ impl Metrics {
             "Failed reconciles by error category",
             reconcile_errors.clone(),
         );
+        registry.register(
+            "serin_weight_write_seconds",
+            "Time from a decision to move traffic until the router acknowledged the weight write",
+            weight_write.clone(),
+        );
         extra(&mut registry);
         Metrics {
             registry,
@@ -121,6 +138,7 @@ impl Metrics {
             value,
             reconcile_duration,
             reconcile_errors,
+            weight_write,
             canaries: Mutex::default(),
         }
     }
@@ -128,6 +146,11 @@ impl Metrics {
     /// Records a reconcile's duration.
     pub fn reconcile_took(&self, seconds: f64) {
         self.reconcile_duration.observe(seconds);
+    }
+
+    /// Records how long a weight write took to be acknowledged, from the decision.
+    pub fn weight_written(&self, seconds: f64) {
+        self.weight_write.observe(seconds);
     }
 
     /// Counts a failed reconcile.
@@ -153,20 +176,23 @@ impl Metrics {
             ]
         };
         let mut canaries = self.canaries.lock().unwrap_or_else(|e| e.into_inner());
-        let metric_names = canaries
+        let series = canaries
             .entry((namespace.to_string(), name.to_string()))
             .or_default();
         self.weight
             .get_or_create(&id())
             .set(i64::from(after.canary_weight));
         self.step.get_or_create(&id()).set(i64::from(after.step));
-        for p in Phase::ALL {
+        let with_phase = |p: Phase| {
             let mut l = id();
             l.push(("phase", p.as_str().to_string()));
-            self.phase
-                .get_or_create(&l)
-                .set(i64::from(p == after.phase));
+            l
+        };
+        if let Some(old) = series.phase.filter(|p| *p != after.phase) {
+            self.phase.remove(&with_phase(old));
         }
+        self.phase.get_or_create(&with_phase(after.phase)).set(1);
+        series.phase = Some(after.phase);
         // History entries newer than the newest one before are rollouts that just finished.
         let newest_before = before.history.first().map(|h| h.finished_at);
         for h in after
@@ -198,7 +224,7 @@ impl Metrics {
                     let mut l = id();
                     l.push(("metric", r.metric.clone()));
                     self.value.get_or_create(&l).set(v);
-                    metric_names.insert(r.metric.clone());
+                    series.metrics.insert(r.metric.clone());
                 }
             }
         }
@@ -207,7 +233,7 @@ impl Metrics {
     /// Forgets a deleted Canary's series.
     pub fn forget(&self, namespace: &str, name: &str) {
         let key = (namespace.to_string(), name.to_string());
-        let metric_names = self
+        let series = self
             .canaries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -216,12 +242,12 @@ impl Metrics {
         let id = vec![("namespace", key.0), ("name", key.1)];
         self.weight.remove(&id);
         self.step.remove(&id);
-        for p in Phase::ALL {
+        if let Some(p) = series.phase {
             let mut l = id.clone();
             l.push(("phase", p.as_str().to_string()));
             self.phase.remove(&l);
         }
-        for m in metric_names {
+        for m in series.metrics {
             let mut l = id.clone();
             l.push(("metric", m));
             self.value.remove(&l);
@@ -367,5 +393,35 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains(r#"name="api""#), "{text}");
+    }
+
+    /// A Canary has one phase series, labelled with its current phase: a change of phase
+    /// replaces it, and deleting the Canary removes it.
+    #[test]
+    fn one_phase_series_per_canary() {
+        let m = Metrics::new(|_| {});
+        let phases = |m: &Metrics| -> Vec<String> {
+            m.encode()
+                .lines()
+                .filter(|l| l.starts_with("serin_canary_phase{"))
+                .map(str::to_string)
+                .collect()
+        };
+        let progressing = status(20);
+        m.observe_status("shop", "web", &CanaryStatus::default(), &progressing);
+        assert_eq!(
+            phases(&m),
+            [r#"serin_canary_phase{namespace="shop",name="web",phase="Progressing"} 1"#]
+        );
+        let mut done = progressing.clone();
+        done.phase = Phase::Succeeded;
+        m.observe_status("shop", "web", &progressing, &done);
+        m.observe_status("shop", "web", &done, &done);
+        assert_eq!(
+            phases(&m),
+            [r#"serin_canary_phase{namespace="shop",name="web",phase="Succeeded"} 1"#]
+        );
+        m.forget("shop", "web");
+        assert!(phases(&m).is_empty(), "{:?}", phases(&m));
     }
 }
