@@ -31,6 +31,10 @@ pub struct RunArgs {
     /// Canaries reconciled at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: u16,
+    /// Metric checks and looks fetched at once, across all Canaries (separate from the
+    /// reconciles, so a slow provider holds these, not the reconciles).
+    #[arg(long, default_value_t = super::checks::DEFAULT_CONCURRENCY)]
+    pub check_concurrency: usize,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -134,7 +138,17 @@ async fn unfenced_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::C
         }
         None => kube::Config::infer().await?,
     };
-    Ok(kube::Client::try_from(config)?)
+    Ok(kube::Client::try_from(with_user_agent(config))?)
+}
+
+/// Names Serin in the User-Agent of its requests (kube-rs sends none), so the API server's
+/// audit log, its metrics and `serin bench scale` tell Serin's requests from others'.
+pub fn with_user_agent(mut config: kube::Config) -> kube::Config {
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_static(concat!("serin/", env!("CARGO_PKG_VERSION"))),
+    ));
+    config
 }
 
 /// The parts of the operator that differ between a cluster and the demo.
@@ -207,7 +221,8 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
             metrics,
             args.identity.clone(),
         )
-        .with_policy(args.policy.policy()),
+        .with_policy(args.policy.policy())
+        .with_check_concurrency(args.check_concurrency),
     );
     let controller = super::run(
         ctx,

@@ -17,6 +17,7 @@
 //! decision again. Timed steps requeue at the time the next check is due; there is no task
 //! or timer per Canary outside the controller's own queue.
 
+pub mod checks;
 pub mod cli;
 pub mod deletion;
 pub mod leader;
@@ -24,8 +25,8 @@ pub mod sources;
 pub mod telemetry;
 pub mod workload;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -34,11 +35,13 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::core::error_boundary::DeserializeGuard;
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::utils::{Predicate as _, PredicateConfig, predicates};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::Instrument as _;
@@ -112,6 +115,34 @@ pub struct Context {
     evidence: Mutex<HashMap<String, EvidenceStatus>>,
     /// What a Canary may make Serin do with its own identity (roles, endpoints, URLs).
     policy: Policy,
+    /// The metric checks and looks in flight, off the reconcile slots.
+    checks: checks::Checks,
+    /// The controller's caches of the objects Canaries depend on, filled by its watches
+    /// ([`run`]); a context used outside `run` reads from the API server instead.
+    caches: OnceLock<Caches>,
+    /// The digest of each config a target reads, by `(namespace, "configmap/NAME")`, with
+    /// the resourceVersion it was read at: a config is read again only when it changed.
+    digests: Mutex<HashMap<(String, String), (String, String)>>,
+}
+
+/// Reflector stores of the dependencies: full Deployments (readiness is in their status),
+/// ConfigMaps and Secrets as metadata only (their data is read, once per version, only
+/// for the configs a target references). None holds managedFields or the last-applied
+/// annotation.
+struct Caches {
+    deployments: Store<Deployment>,
+    configmaps: Store<PartialObjectMeta<ConfigMap>>,
+    secrets: Store<PartialObjectMeta<Secret>>,
+}
+
+/// What a cache does not need of an object: managedFields and kubectl's copy of the
+/// object in an annotation are often most of its size.
+fn strip<K: Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 impl Context {
@@ -137,6 +168,9 @@ impl Context {
             reported: Mutex::default(),
             evidence: Mutex::default(),
             policy: Policy::default(),
+            checks: checks::Checks::new(checks::DEFAULT_CONCURRENCY),
+            caches: OnceLock::new(),
+            digests: Mutex::default(),
         }
     }
 
@@ -159,6 +193,12 @@ impl Context {
                 map.remove(&uid);
             }
         }
+    }
+
+    /// The same context running at most `concurrency` metric fetches at once.
+    pub fn with_check_concurrency(mut self, concurrency: usize) -> Self {
+        self.checks = checks::Checks::new(concurrency);
+        self
     }
 
     /// The same context with the operator's allow-lists (the default allows no role ARN
@@ -267,7 +307,10 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let (configmaps, secrets): (Api<ConfigMap>, Api<Secret>) = match &options.namespace {
+    // Metadata only: `Api<PartialObjectMeta<_>>` lists and watches without the data.
+    type Meta<K> = PartialObjectMeta<K>;
+    let (configmaps, secrets): (Api<Meta<ConfigMap>>, Api<Meta<Secret>>) = match &options.namespace
+    {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client, ns),
@@ -277,27 +320,62 @@ pub async fn run(
     let mapper_ctx = ctx.clone();
     let cm_ctx = ctx.clone();
     let secret_ctx = ctx.clone();
-    let controller = Controller::new(canaries, watcher::Config::default().any_semantic());
+    let config = || watcher::Config::default().any_semantic();
+    // Canaries: Serin's own status writes change neither generation, labels, annotations
+    // (commands) nor finalizers, so they wake no reconcile; a deletion bumps the generation.
+    let (canary_store, canary_writer) = reflector::store();
+    let canary_trigger = watcher(canaries, config())
+        .default_backoff()
+        .reflect(canary_writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::labels)
+                .combine(predicates::annotations)
+                .combine(predicates::finalizers),
+            PredicateConfig::default(),
+        );
+    let (deployment_store, deployment_writer) = reflector::store();
+    let deployment_trigger = watcher(deployments, config())
+        .default_backoff()
+        .modify(strip)
+        .reflect(deployment_writer)
+        .touched_objects();
+    let (configmap_store, configmap_writer) = reflector::store();
+    let configmap_trigger = watcher(configmaps, config())
+        .default_backoff()
+        .modify(strip)
+        .reflect(configmap_writer)
+        .touched_objects();
+    let (secret_store, secret_writer) = reflector::store();
+    let secret_trigger = watcher(secrets, config())
+        .default_backoff()
+        .modify(strip)
+        .reflect(secret_writer)
+        .touched_objects();
+    let _ = ctx.caches.set(Caches {
+        deployments: deployment_store,
+        configmaps: configmap_store,
+        secrets: secret_store,
+    });
+    let mut controller = Controller::for_stream(canary_trigger, canary_store);
+    if let Some(wakes) = ctx.checks.wakes() {
+        controller = controller.reconcile_on(wakes);
+    }
     let store = controller.store();
     let pruning = tokio::spawn(prune_deleted(ctx.clone(), store));
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
-        .owns(services, watcher::Config::default().any_semantic())
-        .watches(
-            deployments,
-            watcher::Config::default().any_semantic(),
-            move |d: Deployment| deployment_to_canary(&mapper_ctx, &d),
-        )
-        .watches(
-            configmaps,
-            watcher::Config::default().any_semantic(),
-            move |c: ConfigMap| dependents(&cm_ctx, "configmap", &c),
-        )
-        .watches(
-            secrets,
-            watcher::Config::default().any_semantic(),
-            move |s: Secret| dependents(&secret_ctx, "secret", &s),
-        )
+        .owns(services, config())
+        .watches_stream(deployment_trigger, move |d: Deployment| {
+            deployment_to_canary(&mapper_ctx, &d)
+        })
+        .watches_stream(configmap_trigger, move |c: PartialObjectMeta<ConfigMap>| {
+            dependents(&cm_ctx, "configmap", &c)
+        })
+        .watches_stream(secret_trigger, move |s: PartialObjectMeta<Secret>| {
+            dependents(&secret_ctx, "secret", &s)
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -332,6 +410,19 @@ async fn prune_deleted(
             .filter_map(|c| Some((c.meta().namespace.clone()?, c.meta().name.clone()?)))
             .collect();
         ctx.metrics.retain(&alive);
+        ctx.checks.retain(&alive);
+        let uids: HashSet<String> = store
+            .state()
+            .iter()
+            .filter_map(|c| c.meta().uid.clone())
+            .collect();
+        if let Ok(mut reported) = ctx.reported.lock() {
+            // Keys are `uid/resourceVersion`.
+            reported.retain(|k| k.split('/').next().is_some_and(|uid| uids.contains(uid)));
+        }
+        if let Ok(mut evidence) = ctx.evidence.lock() {
+            evidence.retain(|uid, _| uids.contains(uid));
+        }
         if let Ok(mut targets) = ctx.targets.lock() {
             for refs in targets.values_mut() {
                 refs.retain(|r| {
@@ -339,6 +430,9 @@ async fn prune_deleted(
                 });
             }
             targets.retain(|_, refs| !refs.is_empty());
+            if let Ok(mut digests) = ctx.digests.lock() {
+                digests.retain(|key, _| targets.contains_key(key));
+            }
         }
     }
 }
@@ -505,7 +599,10 @@ async fn reconcile_canary(canary: &Canary, ctx: &Context) -> Result<Requeue, Err
         return deletion::finalize(canary, ctx).await;
     }
     let now = Utc::now();
-    let observed = observe(canary, ctx, now).await?;
+    let Some(observed) = observe(canary, ctx, now).await? else {
+        // Woken when the fetch is done; this requeue only covers a lost wake.
+        return Ok(Requeue::requeue(checks::FETCH_TIMEOUT));
+    };
     let decision = decide(&observed, now);
     let applied = act(&observed, ctx, decision).await?;
     record(&observed, ctx, applied).await
@@ -536,14 +633,14 @@ struct Workloads {
     primary: Option<Deployment>,
 }
 
-/// Reads what the decision depends on: validity, the router, the workloads, due metric
-/// results and a pending command.
+/// Reads what the decision depends on: validity, the router, due metric results, the
+/// workloads and a pending command; `None` while a due check is being fetched.
 #[tracing::instrument(skip_all)]
 async fn observe<'a>(
     canary: &'a Canary,
     ctx: &'a Context,
     now: DateTime<Utc>,
-) -> Result<Observed<'a>, Error> {
+) -> Result<Option<Observed<'a>>, Error> {
     let status = canary.status.clone().unwrap_or_default();
     let problems = ctx.problems(canary);
     let mut observed = Observed {
@@ -557,9 +654,41 @@ async fn observe<'a>(
         observations: Observations::default(),
     };
     if !observed.problems.is_empty() {
-        return Ok(observed);
+        return Ok(Some(observed));
     }
     observed.router = Some(ctx.routers.for_canary(canary)?);
+    // A due check or look is fetched off the reconcile slots first: until it is done there
+    // is nothing to decide, and nothing else is read.
+    let memory = ctx.remembered_evidence(canary);
+    let check_due =
+        rollout::next_check_at(&canary.spec, &observed.status).filter(|due| *due <= now);
+    let look_due = rollout::next_look_at(&canary.spec, &observed.status, memory.as_ref(), now)
+        .is_some_and(|due| due <= now);
+    if check_due.is_some() || look_due {
+        let key = checks::CheckKey {
+            generation: canary.metadata.generation,
+            check: check_due,
+            looks_from: rollout::evidence_base(&observed.status, memory.as_ref())
+                .map(|b| b.through),
+        };
+        // A period CloudWatch may still be filling is not read yet.
+        let range = checks::LookRange {
+            step: canary.spec.analysis.look_interval(),
+            until: now
+                - chrono::Duration::from_std(canary.spec.analysis.look_delay()).unwrap_or_default(),
+        };
+        match ctx
+            .checks
+            .poll(canary, key, range, &ctx.routers, &ctx.metrics_source, now)
+        {
+            checks::Poll::Fetching => return Ok(None),
+            checks::Poll::Ready(fetched) => {
+                let fetched = fetched?;
+                observed.observations.metrics = fetched.metrics;
+                observed.observations.looks = fetched.looks;
+            }
+        }
+    }
     if canary.spec.is_traffic_mode() {
         observed.observations.canary = WorkloadState {
             revision: canary.spec.backends.as_ref().map(|b| b.canary.clone()),
@@ -580,33 +709,9 @@ async fn observe<'a>(
         let router = observed.router.unwrap_or(ctx.routers.for_canary(canary)?);
         observed.observations.weights = Some(router.weights(canary).await?);
     }
-    let memory = ctx.remembered_evidence(canary);
-    let check_due =
-        rollout::next_check_at(&canary.spec, &observed.status).is_some_and(|due| due <= now);
-    let look_due = rollout::next_look_at(&canary.spec, &observed.status, memory.as_ref(), now)
-        .is_some_and(|due| due <= now);
-    if check_due || look_due {
-        // The router names the arms as its weights see them (Gloo reads its object).
-        let router = observed.router.unwrap_or(ctx.routers.for_canary(canary)?);
-        let context = CanaryContext::of(canary, router.data_plane_arms(canary).await?);
-        if check_due {
-            observed.observations.metrics = ctx.metrics_source.evaluate(&context, now).await;
-        }
-        if let Some(base) = rollout::evidence_base(&observed.status, memory.as_ref()) {
-            let step = canary.spec.analysis.look_interval();
-            // A period CloudWatch may still be filling is not read yet.
-            let until = now
-                - chrono::Duration::from_std(canary.spec.analysis.look_delay()).unwrap_or_default();
-            observed.observations.looks = Some(
-                ctx.metrics_source
-                    .looks(&context, base.through, step, until)
-                    .await,
-            );
-        }
-    }
     observed.observations.evidence = memory;
     observed.observations.command = command(canary);
-    Ok(observed)
+    Ok(Some(observed))
 }
 
 /// Reads the target (the canary workload) and the primary, and remembers the target so its
@@ -620,21 +725,43 @@ async fn observe_workloads(
         return Ok(Default::default());
     };
     index_dependencies(ctx, canary, [format!("deployment/{}", target_ref.name)]);
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(target) = get_deployment(&deployments, &target_ref.name).await? else {
+    let Some(target) = read_deployment(ctx, &ns, &target_ref.name).await? else {
         return Err(Error::TargetNotFound(format!("{ns}/{}", target_ref.name)));
     };
     let canary_state = WorkloadState {
         revision: Some(target_revision(ctx, canary, &target).await?),
         ready: workload::is_ready(&target),
     };
-    let primary = get_deployment(&deployments, &arms::primary_name(&target_ref.name)).await?;
+    let primary = read_deployment(ctx, &ns, &arms::primary_name(&target_ref.name)).await?;
     let primary_state = workload::primary_state(primary.as_ref());
     let workloads = Workloads {
         target: Some(target),
         primary,
     };
     Ok((workloads, canary_state, primary_state))
+}
+
+/// `ns/name` from `store`, once the store has listed everything (never waiting: a cache
+/// that cannot fill, say for lack of RBAC, leaves reads to the API server).
+fn cached<K>(store: &Store<K>, ns: &str, name: &str) -> Option<Arc<K>>
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    use futures::FutureExt as _;
+    let ready = store.wait_until_ready().now_or_never()?.is_ok();
+    ready.then(|| store.get(&ObjectRef::new(name).within(ns)))?
+}
+
+/// Deployment `ns/name` from the cache; a miss (an object created a moment ago may not be
+/// there yet) is confirmed with the API server before Serin acts on an absence.
+async fn read_deployment(ctx: &Context, ns: &str, name: &str) -> Result<Option<Deployment>, Error> {
+    if let Some(caches) = ctx.caches.get()
+        && let Some(d) = cached(&caches.deployments, ns, name)
+    {
+        return Ok(Some(Deployment::clone(&d)));
+    }
+    get_deployment(&Api::namespaced(ctx.client.clone(), ns), name).await
 }
 
 async fn get_deployment(api: &Api<Deployment>, name: &str) -> Result<Option<Deployment>, Error> {
@@ -657,8 +784,52 @@ async fn target_revision(
     let template = target.spec.template.clone();
     let refs = workload::referenced_configs(&template);
     index_dependencies(ctx, canary, refs.iter().cloned());
-    let digests = workload::config_digests(&ctx.client, &ns, &refs).await?;
+    let digests = config_digests(ctx, &ns, &refs).await?;
     Ok(workload::revision(&template, &digests))
+}
+
+/// The digests of the configs `refs` (`configmap/NAME`, `secret/NAME`) in `ns`: a config
+/// whose resourceVersion in the metadata cache is the one its digest was read at is not
+/// read again; any other (changed, new, or not in the cache) is read from the API server.
+async fn config_digests(
+    ctx: &Context,
+    ns: &str,
+    refs: &BTreeSet<String>,
+) -> Result<BTreeMap<String, String>, Error> {
+    let Some(caches) = ctx.caches.get() else {
+        return workload::config_digests(&ctx.client, ns, refs).await;
+    };
+    let mut out = BTreeMap::new();
+    for r in refs {
+        let (kind, name) = r.split_once('/').unwrap_or(("configmap", r));
+        let version = if kind == "secret" {
+            cached(&caches.secrets, ns, name).and_then(|m| m.metadata.resource_version.clone())
+        } else {
+            cached(&caches.configmaps, ns, name).and_then(|m| m.metadata.resource_version.clone())
+        };
+        let key = (ns.to_string(), r.clone());
+        let known = version.as_ref().and_then(|v| {
+            let digests = ctx.digests.lock().ok()?;
+            digests
+                .get(&key)
+                .filter(|(at, _)| at == v)
+                .map(|(_, d)| d.clone())
+        });
+        let digest = match known {
+            Some(d) => d,
+            None => {
+                let one = BTreeSet::from([r.clone()]);
+                let read = workload::config_digests(&ctx.client, ns, &one).await?;
+                let d = read.get(r).cloned().unwrap_or_else(|| "absent".into());
+                if let (Some(v), Ok(mut digests)) = (version, ctx.digests.lock()) {
+                    digests.insert(key, (v, d.clone()));
+                }
+                d
+            }
+        };
+        out.insert(r.clone(), digest);
+    }
+    Ok(out)
 }
 
 /// Parses the command annotation (`<kind>/<id>`; a bare kind uses the annotation value as id).
@@ -716,6 +887,7 @@ async fn act(observed: &Observed<'_>, ctx: &Context, decision: Decision) -> Resu
         observed.observations.weights,
     ));
     let mut read_back = observed.status.phase == Phase::Initializing;
+    let decided = Instant::now();
     for action in &decision.actions {
         match action {
             Action::SetWeights(desired) => {
@@ -725,6 +897,7 @@ async fn act(observed: &Observed<'_>, ctx: &Context, decision: Decision) -> Resu
                     read_back = false;
                 }
                 set_weights(observed.canary, router, current, *desired).await?;
+                ctx.metrics.weight_written(decided.elapsed().as_secs_f64());
                 current = *desired;
             }
             Action::PromoteWorkload { revision } => {

@@ -93,10 +93,16 @@ pub fn decide(input: Input<'_>) -> Decision {
     }
     m.condition(api::INVALID, ConditionStatus::False, "SpecValid", "");
     m.command();
+    let mut settled = false;
     for _ in 0..MAX_TRANSITIONS {
         if !m.transition() {
+            settled = true;
             break;
         }
+    }
+    if !settled {
+        // Serin's own status write wakes no reconcile: come back for the rest.
+        m.wait(std::time::Duration::from_secs(1));
     }
     m.ready_condition();
     m.finish()
