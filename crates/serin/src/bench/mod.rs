@@ -5,16 +5,26 @@
 //! traffic: false rollbacks of identical versions, time to catch a regression, failed requests
 //! served. The report depends only on the arguments (single-threaded, seeded), so two runs
 //! with the same arguments print the same table.
+//!
+//! `serin bench scale` ([`scale`]) runs the real operator on N Canaries in the embedded API
+//! server and prints what it costs and how fast it moves traffic.
 
 use anyhow::Context;
 
 use crate::analysis::simulate::{self, Cell};
+
+#[cfg(feature = "demo")]
+pub mod scale;
 
 /// The benchmarks.
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum BenchCommand {
     /// Compare the sequential and threshold judges on simulated traffic (a Markdown table).
     Judge(JudgeBenchArgs),
+    /// Run the operator on N Canaries in the embedded API server, next to a background of
+    /// unrelated objects, and measure memory, CPU, requests and latency (a Markdown table).
+    #[cfg(feature = "demo")]
+    Scale(scale::ScaleBenchArgs),
 }
 
 /// Arguments of `serin bench judge`.
@@ -52,6 +62,12 @@ impl JudgeBenchArgs {
 pub fn run(which: &BenchCommand, progress: &mut dyn FnMut(&str)) -> anyhow::Result<String> {
     match which {
         BenchCommand::Judge(args) => judge(args, progress),
+        #[cfg(feature = "demo")]
+        BenchCommand::Scale(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(scale::run(args, progress)),
     }
 }
 
@@ -125,12 +141,18 @@ mod tests {
     /// The flags parse, and the defaults are 1000 runs, or 20 with --quick.
     #[test]
     fn arguments() {
-        let BenchCommand::Judge(a) = parse(&["judge"]);
+        let BenchCommand::Judge(a) = parse(&["judge"]) else {
+            panic!("not judge")
+        };
         assert_eq!((a.runs(), a.seed, a.quick), (1000, 1, false));
-        let BenchCommand::Judge(a) = parse(&["judge", "--quick"]);
+        let BenchCommand::Judge(a) = parse(&["judge", "--quick"]) else {
+            panic!("not judge")
+        };
         assert_eq!(a.runs(), 20);
         assert_eq!(a.command(), "serin bench judge --runs 20 --seed 1 --quick");
-        let BenchCommand::Judge(a) = parse(&["judge", "--runs", "5", "--seed", "9"]);
+        let BenchCommand::Judge(a) = parse(&["judge", "--runs", "5", "--seed", "9"]) else {
+            panic!("not judge")
+        };
         assert_eq!(a.command(), "serin bench judge --runs 5 --seed 9");
         assert!(Cli::try_parse_from(["bench", "judge", "--runs", "0"]).is_err());
     }
