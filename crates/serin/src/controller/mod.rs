@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -133,6 +133,32 @@ struct Caches {
     deployments: Store<Deployment>,
     configmaps: Store<PartialObjectMeta<ConfigMap>>,
     secrets: Store<PartialObjectMeta<Secret>>,
+}
+
+/// Keeps the caches to what Canaries depend on, so that the cluster's other objects cost
+/// no memory: an object no Canary depends on (not owned by one, not in the dependency
+/// index) is left out of the initial list, and any later event of it removes it from the
+/// cache (as a delete), so that nothing cached is ever stale. An object a Canary comes to
+/// depend on is cached from its next change; until then reads of it go to the API server
+/// (a cache miss is always confirmed with a GET).
+fn only_dependencies<K: Resource>(
+    ctx: &Context,
+    kind: &str,
+    event: watcher::Event<K>,
+) -> Option<watcher::Event<K>> {
+    let wanted = |o: &K| {
+        o.meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.kind == "Canary" && r.api_version.starts_with(api::GROUP))
+            || !dependents(ctx, kind, o).is_empty()
+    };
+    match event {
+        watcher::Event::InitApply(o) if !wanted(&o) => None,
+        watcher::Event::Apply(o) if !wanted(&o) => Some(watcher::Event::Delete(o)),
+        other => Some(other),
+    }
 }
 
 /// What a cache does not need of an object: managedFields and kubectl's copy of the
@@ -336,20 +362,24 @@ pub async fn run(
             PredicateConfig::default(),
         );
     let (deployment_store, deployment_writer) = reflector::store();
+    let (d_ctx, c_ctx, s_ctx) = (ctx.clone(), ctx.clone(), ctx.clone());
     let deployment_trigger = watcher(deployments, config())
         .default_backoff()
+        .try_filter_map(move |e| std::future::ready(Ok(only_dependencies(&d_ctx, "deployment", e))))
         .modify(strip)
         .reflect(deployment_writer)
         .touched_objects();
     let (configmap_store, configmap_writer) = reflector::store();
     let configmap_trigger = watcher(configmaps, config())
         .default_backoff()
+        .try_filter_map(move |e| std::future::ready(Ok(only_dependencies(&c_ctx, "configmap", e))))
         .modify(strip)
         .reflect(configmap_writer)
         .touched_objects();
     let (secret_store, secret_writer) = reflector::store();
     let secret_trigger = watcher(secrets, config())
         .default_backoff()
+        .try_filter_map(move |e| std::future::ready(Ok(only_dependencies(&s_ctx, "secret", e))))
         .modify(strip)
         .reflect(secret_writer)
         .touched_objects();
