@@ -76,7 +76,7 @@ pub struct ScaleBenchArgs {
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// With --kubeconfig: the API server's audit log (JSON lines), from which the operator's
-    /// requests are counted (without it, they are not).
+    /// requests (User-Agent `serin/...`) are counted (without it, they are not).
     #[arg(long, value_name = "FILE", requires = "kubeconfig")]
     pub audit_log: Option<PathBuf>,
     /// Fail unless every rollout finished as driven: the aborted ones rolled back, all
@@ -249,6 +249,11 @@ impl AuditCounts {
                 .and_then(|u| u.split('/').next())
                 .filter(|u| !u.is_empty())
                 .unwrap_or("unknown");
+            // A real cluster's own controllers send requests too: count only the operator's
+            // (a Serin that names itself in User-Agent).
+            if client != "serin" {
+                continue;
+            }
             let resource = match (
                 e["objectRef"]["resource"].as_str(),
                 e["objectRef"]["subresource"].as_str(),
