@@ -142,7 +142,7 @@ async fn run(args: serin::controller::cli::RunArgs) -> anyhow::Result<()> {
 
     use serin::controller::{cli, sources::KubeSecrets};
     use serin::metrics::{Evaluator, EvaluatorConfig};
-    use serin::router::Routers;
+    use serin::router::{ObjectCache, Routers};
 
     let client = cli::client(args.kubeconfig.as_ref()).await?;
     let evaluator = Evaluator::new(
@@ -152,7 +152,10 @@ async fn run(args: serin::controller::cli::RunArgs) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("cannot set up the metric providers: {e}"))?;
     let provider_metrics = evaluator.metrics().clone();
     let parts = cli::Parts {
-        routers: Routers::standard(&client),
+        routers: Routers::standard(
+            &client,
+            &ObjectCache::watching(client.clone(), args.namespace.clone()),
+        ),
         metrics_source: Arc::new(evaluator),
         register: Box::new(move |registry| provider_metrics.register(registry)),
     };

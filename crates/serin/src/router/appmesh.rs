@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 use crate::api::{Canary, RouterKind};
 use crate::arms::{ArmNames, DataPlaneArm, DataPlaneArms, Weights};
 
-use super::k8s::{self, Entry, Located, Pair, str_at};
+use super::cache::ObjectCache;
+use super::k8s::{self, Entry, Located, Objects, Pair, str_at};
 use super::split::Subject;
 use super::{Registration, Router, RouterError, WriteOutcome};
 
@@ -43,7 +44,9 @@ fn mesh_resource() -> ApiResource {
 /// The registry's line for this router.
 pub(super) const ENTRY: Registration = Registration {
     kind: RouterKind::AppMesh,
-    build: |client| std::sync::Arc::new(AppMeshKubeRouter::new(client.clone())),
+    build: |client, cache| {
+        std::sync::Arc::new(AppMeshKubeRouter::new(client.clone()).with_cache(cache.clone()))
+    },
     arms,
 };
 
@@ -66,6 +69,7 @@ fn arms(canary: &Canary) -> Result<DataPlaneArms, RouterError> {
 #[derive(Clone)]
 pub struct AppMeshKubeRouter {
     client: Client,
+    cache: ObjectCache,
 }
 
 /// What the router needs from a Canary, resolved once per call.
@@ -268,7 +272,25 @@ fn arm_targets(t: &Target, label: &str, targets: &[Value]) -> Result<(usize, usi
 impl AppMeshKubeRouter {
     /// A router that reads and writes App Mesh objects through `client`.
     pub fn new(client: Client) -> Self {
-        AppMeshKubeRouter { client }
+        AppMeshKubeRouter {
+            client,
+            cache: ObjectCache::none(),
+        }
+    }
+
+    /// The same router reading its objects through `cache` (see [`ObjectCache`]).
+    pub fn with_cache(mut self, cache: ObjectCache) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    fn router_objects(&self, namespace: &str) -> Objects<'_> {
+        Objects::new(
+            &self.client,
+            &self.cache,
+            virtual_router_resource(),
+            namespace,
+        )
     }
 
     fn routers(&self, namespace: &str) -> Api<DynamicObject> {
@@ -483,7 +505,7 @@ impl Router for AppMeshKubeRouter {
     async fn weights(&self, canary: &Canary) -> Result<Weights, RouterError> {
         let t = Target::of(canary)?;
         k8s::read_weights(
-            &self.routers(&t.namespace),
+            &self.router_objects(&t.namespace),
             &t.subject(),
             &t.not_found_hint(),
             |o| locate(&t, o),
@@ -499,7 +521,7 @@ impl Router for AppMeshKubeRouter {
     ) -> Result<WriteOutcome, RouterError> {
         let t = Target::of(canary)?;
         k8s::write_weights(
-            &self.routers(&t.namespace),
+            &self.router_objects(&t.namespace),
             &t.subject(),
             &t.not_found_hint(),
             |o| locate(&t, o),

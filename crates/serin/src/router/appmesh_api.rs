@@ -64,7 +64,7 @@ struct ClientKey {
 /// The registry's line for this router.
 pub(super) const ENTRY: Registration = Registration {
     kind: RouterKind::AppMeshApi,
-    build: |_| std::sync::Arc::new(AppMeshAwsRouter::new()),
+    build: |_, _| std::sync::Arc::new(AppMeshAwsRouter::new()),
     arms,
 };
 

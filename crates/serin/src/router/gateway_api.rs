@@ -11,20 +11,23 @@
 
 use async_trait::async_trait;
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::ApiResource;
 use serde_json::Value;
 
 use crate::api::{Canary, RouterKind};
 use crate::arms::{ArmNames, DataPlaneArm, DataPlaneArms, Weights};
 
-use super::k8s::{self, Arm, Located, Scan, scan_list, str_at};
+use super::cache::ObjectCache;
+use super::k8s::{self, Arm, Located, Objects, Scan, scan_list, str_at};
 use super::split::Subject;
 use super::{Registration, Router, RouterError, WriteOutcome};
 
 /// The registry's line for this router.
 pub(super) const ENTRY: Registration = Registration {
     kind: RouterKind::GatewayApi,
-    build: |client| std::sync::Arc::new(HttpRouteRouter::new(client.clone())),
+    build: |client, cache| {
+        std::sync::Arc::new(HttpRouteRouter::new(client.clone()).with_cache(cache.clone()))
+    },
     arms,
 };
 
@@ -47,6 +50,7 @@ fn arms(canary: &Canary) -> Result<DataPlaneArms, RouterError> {
 #[derive(Clone)]
 pub struct HttpRouteRouter {
     client: Client,
+    cache: ObjectCache,
 }
 
 fn http_route_resource() -> ApiResource {
@@ -197,14 +201,24 @@ fn locate(t: &Target, obj: &Value) -> Result<Located, RouterError> {
 impl HttpRouteRouter {
     /// A router that reads and writes HTTPRoutes through `client`.
     pub fn new(client: Client) -> Self {
-        HttpRouteRouter { client }
+        HttpRouteRouter {
+            client,
+            cache: ObjectCache::none(),
+        }
     }
 
-    fn api(&self, t: &Target) -> Api<DynamicObject> {
-        Api::namespaced_with(
-            self.client.clone(),
+    /// The same router reading its objects through `cache` (see [`ObjectCache`]).
+    pub fn with_cache(mut self, cache: ObjectCache) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    fn objects(&self, t: &Target) -> Objects<'_> {
+        Objects::new(
+            &self.client,
+            &self.cache,
+            http_route_resource(),
             &t.subject.namespace,
-            &http_route_resource(),
         )
     }
 }
@@ -222,7 +236,7 @@ impl Router for HttpRouteRouter {
 
     async fn weights(&self, canary: &Canary) -> Result<Weights, RouterError> {
         let t = Target::of(canary)?;
-        k8s::read_weights(&self.api(&t), &t.subject, &t.not_found_hint(), |o| {
+        k8s::read_weights(&self.objects(&t), &t.subject, &t.not_found_hint(), |o| {
             locate(&t, o)
         })
         .await
@@ -236,7 +250,7 @@ impl Router for HttpRouteRouter {
     ) -> Result<WriteOutcome, RouterError> {
         let t = Target::of(canary)?;
         k8s::write_weights(
-            &self.api(&t),
+            &self.objects(&t),
             &t.subject,
             &t.not_found_hint(),
             |o| locate(&t, o),

@@ -12,20 +12,23 @@
 
 use async_trait::async_trait;
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::ApiResource;
 use serde_json::Value;
 
 use crate::api::{Canary, RouterKind};
 use crate::arms::{ArmNames, DataPlaneArm, DataPlaneArms, Weights};
 
-use super::k8s::{self, Arm, Located, Scan, scan_list, str_at};
+use super::cache::ObjectCache;
+use super::k8s::{self, Arm, Located, Objects, Scan, scan_list, str_at};
 use super::split::Subject;
 use super::{Registration, Router, RouterError, WriteOutcome};
 
 /// The registry's line for this router.
 pub(super) const ENTRY: Registration = Registration {
     kind: RouterKind::Gloo,
-    build: |client| std::sync::Arc::new(GlooEdgeRouter::new(client.clone())),
+    build: |client, cache| {
+        std::sync::Arc::new(GlooEdgeRouter::new(client.clone()).with_cache(cache.clone()))
+    },
     arms,
 };
 
@@ -76,6 +79,7 @@ pub(super) fn arms_in(canary: &Canary, obj: &Value) -> Result<DataPlaneArms, Rou
 #[derive(Clone)]
 pub struct GlooEdgeRouter {
     client: Client,
+    cache: ObjectCache,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -296,11 +300,25 @@ fn locate(t: &Target, obj: &Value) -> Result<Located, RouterError> {
 impl GlooEdgeRouter {
     /// A router that reads and writes Gloo Edge objects through `client`.
     pub fn new(client: Client) -> Self {
-        GlooEdgeRouter { client }
+        GlooEdgeRouter {
+            client,
+            cache: ObjectCache::none(),
+        }
     }
 
-    fn api(&self, t: &Target) -> Api<DynamicObject> {
-        Api::namespaced_with(self.client.clone(), &t.subject.namespace, &t.resource())
+    /// The same router reading its objects through `cache` (see [`ObjectCache`]).
+    pub fn with_cache(mut self, cache: ObjectCache) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    fn objects(&self, t: &Target) -> Objects<'_> {
+        Objects::new(
+            &self.client,
+            &self.cache,
+            t.resource(),
+            &t.subject.namespace,
+        )
     }
 }
 
@@ -317,7 +335,9 @@ impl Router for GlooEdgeRouter {
 
     async fn data_plane_arms(&self, canary: &Canary) -> Result<DataPlaneArms, RouterError> {
         let t = Target::of(canary)?;
-        let obj = k8s::get(&self.api(&t), &t.subject)
+        let obj = self
+            .objects(&t)
+            .get_cached(&t.subject)
             .await?
             .ok_or_else(|| t.subject.not_found(t.not_found_hint()))?;
         arms_in(canary, &obj)
@@ -325,7 +345,7 @@ impl Router for GlooEdgeRouter {
 
     async fn weights(&self, canary: &Canary) -> Result<Weights, RouterError> {
         let t = Target::of(canary)?;
-        k8s::read_weights(&self.api(&t), &t.subject, &t.not_found_hint(), |o| {
+        k8s::read_weights(&self.objects(&t), &t.subject, &t.not_found_hint(), |o| {
             locate(&t, o)
         })
         .await
@@ -339,7 +359,7 @@ impl Router for GlooEdgeRouter {
     ) -> Result<WriteOutcome, RouterError> {
         let t = Target::of(canary)?;
         k8s::write_weights(
-            &self.api(&t),
+            &self.objects(&t),
             &t.subject,
             &t.not_found_hint(),
             |o| locate(&t, o),

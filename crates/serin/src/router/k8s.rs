@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 
 use crate::arms::Weights;
 
+use super::cache::ObjectCache;
 use super::split::{Plan, Subject, plan, to_percent};
 use super::{RouterError, WriteOutcome};
 
@@ -59,6 +60,50 @@ pub(crate) async fn get(
         Some(o) => serde_json::to_value(o)
             .map(Some)
             .map_err(|e| subject.kube("decode", kube::Error::SerdeError(e))),
+    }
+}
+
+/// One kind of routing object in one namespace: read from the API server or, where a read
+/// may be a moment behind a hand edit, from the routers' [`ObjectCache`].
+pub(crate) struct Objects<'a> {
+    pub api: Api<DynamicObject>,
+    pub resource: ApiResource,
+    pub cache: &'a ObjectCache,
+}
+
+impl<'a> Objects<'a> {
+    pub fn new(
+        client: &Client,
+        cache: &'a ObjectCache,
+        resource: ApiResource,
+        namespace: &str,
+    ) -> Self {
+        Objects {
+            api: Api::namespaced_with(client.clone(), namespace, &resource),
+            resource,
+            cache,
+        }
+    }
+
+    /// Reads the object from the API server (and keeps the cache as fresh).
+    pub async fn get(&self, subject: &Subject) -> Result<Option<Value>, RouterError> {
+        let obj = get(&self.api, subject).await?;
+        if let Some(o) = &obj {
+            self.cache.put(&self.resource, o);
+        }
+        Ok(obj)
+    }
+
+    /// The object as the cache holds it, else as the API server has it: for reads that
+    /// decide nothing on their own (weights are written only after a fresh read).
+    pub async fn get_cached(&self, subject: &Subject) -> Result<Option<Value>, RouterError> {
+        match self
+            .cache
+            .get(&self.resource, &subject.namespace, &subject.name)
+        {
+            Some(obj) => Ok(Some(obj)),
+            None => self.get(subject).await,
+        }
     }
 }
 
@@ -223,14 +268,15 @@ impl Located {
     }
 }
 
-/// Reads an object and locates the Canary's weights in it.
+/// Reads an object (from the cache when it holds it) and locates the Canary's weights in it.
 pub(crate) async fn read_weights(
-    api: &Api<DynamicObject>,
+    objects: &Objects<'_>,
     subject: &Subject,
     not_found_hint: &str,
     locate: impl Fn(&Value) -> Result<Located, RouterError>,
 ) -> Result<Weights, RouterError> {
-    let obj = get(api, subject)
+    let obj = objects
+        .get_cached(subject)
         .await?
         .ok_or_else(|| subject.not_found(not_found_hint))?;
     locate(&obj)?.weights(subject)
@@ -241,15 +287,17 @@ pub(crate) async fn read_weights(
 /// most [`MAX_ATTEMPTS`] times. The patch changes both weights at once, so the object never
 /// holds a split that does not sum to 100.
 pub(crate) async fn write_weights(
-    api: &Api<DynamicObject>,
+    objects: &Objects<'_>,
     subject: &Subject,
     not_found_hint: &str,
     locate: impl Fn(&Value) -> Result<Located, RouterError>,
     expected: Option<Weights>,
     desired: Weights,
 ) -> Result<WriteOutcome, RouterError> {
+    let api = &objects.api;
     for attempt in 1..=MAX_ATTEMPTS {
-        let obj = get(api, subject)
+        let obj = objects
+            .get(subject)
             .await?
             .ok_or_else(|| subject.not_found(not_found_hint))?;
         let located = locate(&obj)?;
@@ -264,14 +312,20 @@ pub(crate) async fn write_weights(
             .patch(&subject.name, &patch_params(), &Patch::Json::<()>(patch))
             .await
         {
-            Ok(_) => return Ok(WriteOutcome::Written),
+            Ok(written) => {
+                // The cache holds at least this write from now on.
+                if let Ok(v) = serde_json::to_value(&written) {
+                    objects.cache.put(&objects.resource, &v);
+                }
+                return Ok(WriteOutcome::Written);
+            }
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 tracing::debug!(attempt, kind = subject.kind, name = %subject.name, "weight write conflicted; retrying");
             }
             Err(kube::Error::Api(s)) if s.code == 422 => {
                 // A failed `test` op and a schema violation both answer 422: if the entries
                 // are still as tested, the server rejected the new weights themselves.
-                let now = get(api, subject).await?;
+                let now = objects.get(subject).await?;
                 if now.as_ref().is_some_and(|o| located.unchanged_in(o)) {
                     return Err(subject.kube("patch", kube::Error::Api(s)));
                 }

@@ -7,6 +7,10 @@
 //! ([`Routers`]) and picks the one a Canary's `spec.router` names; routers keep no
 //! per-Canary state.
 //!
+//! The Kubernetes routers read the routing objects through a shared [`ObjectCache`] fed by
+//! one watch per kind, so that reading a Canary's weights on every reconcile costs no
+//! request; weight writes always read the object fresh.
+//!
 //! Each router also says where it sends each arm's traffic ([`data_plane_arms`]): the
 //! VirtualNodes, upstreams or Services whose series the metric presets then query.
 //!
@@ -22,6 +26,7 @@
 
 mod appmesh;
 mod appmesh_api;
+mod cache;
 mod gateway_api;
 mod gloo;
 mod k8s;
@@ -36,6 +41,7 @@ use crate::arms::{DataPlaneArms, Weights};
 
 pub use appmesh::AppMeshKubeRouter;
 pub use appmesh_api::{AppMeshAwsRouter, AwsOptions};
+pub use cache::ObjectCache;
 pub use gateway_api::HttpRouteRouter;
 pub use gloo::GlooEdgeRouter;
 pub use k8s::{FIELD_MANAGER, MAX_ATTEMPTS, release_owner};
@@ -142,8 +148,9 @@ pub(crate) fn admit_write() -> Result<Option<std::time::Duration>, String> {
 pub struct Registration {
     /// The `spec.router` field it serves.
     pub kind: RouterKind,
-    /// Builds the router; the Kubernetes routers share the operator's client.
-    pub build: fn(&kube::Client) -> Arc<dyn Router>,
+    /// Builds the router; the Kubernetes routers share the operator's client and the
+    /// cache of routing objects.
+    pub build: fn(&kube::Client, &ObjectCache) -> Arc<dyn Router>,
     /// Where the router sends each arm's traffic, from the Canary alone (no I/O).
     pub arms: fn(&Canary) -> Result<DataPlaneArms, RouterError>,
 }
@@ -210,10 +217,10 @@ impl Routers {
         Routers { routers }
     }
 
-    /// Every router of the [`REGISTRY`]: the Kubernetes ones sharing `client`, the AWS one
-    /// with the default credential chain and retry settings.
-    pub fn standard(client: &kube::Client) -> Self {
-        Routers::new(REGISTRY.iter().map(|e| (e.build)(client)).collect())
+    /// Every router of the [`REGISTRY`]: the Kubernetes ones sharing `client` and `cache`,
+    /// the AWS one with the default credential chain and retry settings.
+    pub fn standard(client: &kube::Client, cache: &ObjectCache) -> Self {
+        Routers::new(REGISTRY.iter().map(|e| (e.build)(client, cache)).collect())
     }
 
     /// The router for `spec.router` of `canary`, if one of that kind is configured.
