@@ -144,7 +144,8 @@ async fn run(args: serin::controller::cli::RunArgs) -> anyhow::Result<()> {
     use serin::metrics::{Evaluator, EvaluatorConfig};
     use serin::router::{ObjectCache, Routers};
 
-    let client = cli::client(args.kubeconfig.as_ref()).await?;
+    let limit = args.rate_limit()?.map(Arc::new);
+    let client = cli::client(args.kubeconfig.as_ref(), limit.clone()).await?;
     let evaluator = Evaluator::new(
         Arc::new(KubeSecrets::new(client.clone())),
         EvaluatorConfig::default(),
@@ -157,7 +158,12 @@ async fn run(args: serin::controller::cli::RunArgs) -> anyhow::Result<()> {
             &ObjectCache::watching(client.clone(), args.namespace.clone()),
         ),
         metrics_source: Arc::new(evaluator),
-        register: Box::new(move |registry| provider_metrics.register(registry)),
+        register: Box::new(move |registry| {
+            provider_metrics.register(registry);
+            if let Some(limit) = &limit {
+                limit.register(registry);
+            }
+        }),
     };
     cli::run(args, client, parts).await
 }

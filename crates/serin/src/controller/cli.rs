@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::leader::{self, Fence, LeaderElector, LeaseConfig, LeaseTiming, TimingError};
+use super::ratelimit::{self, RateLimit};
 use super::telemetry::{self, Health, Metrics};
 use super::{Context, ControllerOptions, MetricSource};
 use crate::logging::LogFormat;
@@ -35,6 +36,14 @@ pub struct RunArgs {
     /// reconciles, so a slow provider holds these, not the reconciles).
     #[arg(long, default_value_t = super::checks::DEFAULT_CONCURRENCY)]
     pub check_concurrency: usize,
+    /// Kubernetes requests per second, across all Canaries (a token bucket; 0: no limit):
+    /// a burst of work waits in Serin instead of flooding the API server. The Lease of the
+    /// leader election is renewed outside this limit.
+    #[arg(long, default_value_t = 300.0)]
+    pub kube_qps: f64,
+    /// Kubernetes requests that may go at once before `--kube-qps` paces them.
+    #[arg(long, default_value_t = 600)]
+    pub kube_burst: u32,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -73,6 +82,23 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The client-side rate limit `--kube-qps` and `--kube-burst` ask for (`None`: no
+    /// limit), or an error naming the flag to fix.
+    pub fn rate_limit(&self) -> anyhow::Result<Option<RateLimit>> {
+        if !(self.kube_qps.is_finite() && self.kube_qps >= 0.0) {
+            anyhow::bail!(
+                "--kube-qps must be a number of requests per second above 0, or 0 for no limit; not {}",
+                self.kube_qps
+            );
+        }
+        if self.kube_burst == 0 && self.kube_qps > 0.0 {
+            anyhow::bail!(
+                "--kube-burst must be at least 1 (the requests that may go at once); not 0"
+            );
+        }
+        Ok(RateLimit::new(self.kube_qps, self.kube_burst))
+    }
+
     /// The lease timing the flags ask for, or an error naming the flag to fix.
     pub fn lease_timing(&self) -> anyhow::Result<LeaseTiming> {
         let secs = |flag: &str, v: f64| -> anyhow::Result<Duration> {
@@ -118,14 +144,19 @@ impl RunArgs {
 /// operator per process, so one fence per process; `main` builds the client before `run`).
 static FENCE: LazyLock<Arc<Fence>> = LazyLock::new(|| Arc::new(Fence::open()));
 
-/// Builds the Kubernetes client from `--kubeconfig` or the environment. Its writes are
-/// fenced by the leader lease once [`run`] elects a leader, so pass it to [`run`] and build
-/// the routers from it.
-pub async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    Ok(leader::fenced_client(
-        unfenced_client(kubeconfig).await?,
-        FENCE.clone(),
-    ))
+/// Builds the Kubernetes client from `--kubeconfig` or the environment, paced by `limit`
+/// (none: unpaced). Its writes are fenced by the leader lease once [`run`] elects a leader,
+/// so pass it to [`run`] and build the routers from it. A request waits for its turn under
+/// the limit before the fence checks the lease and times the write.
+pub async fn client(
+    kubeconfig: Option<&PathBuf>,
+    limit: Option<Arc<RateLimit>>,
+) -> anyhow::Result<kube::Client> {
+    let fenced = leader::fenced_client(unfenced_client(kubeconfig).await?, FENCE.clone());
+    Ok(match limit {
+        Some(limit) => ratelimit::rate_limited_client(fenced, limit),
+        None => fenced,
+    })
 }
 
 /// A client without the fence: for the Lease, whose writes are what open it.
@@ -328,6 +359,23 @@ mod tests {
         assert_eq!(t.retry_period, Duration::from_millis(400));
         let t = timing(&["--renew-deadline-secs", "4.5", "--retry-period-secs", "0.5"]).unwrap();
         assert_eq!(t.renew_deadline, Duration::from_millis(4500));
+    }
+
+    fn limit(flags: &[&str]) -> anyhow::Result<Option<RateLimit>> {
+        let cmd = Cmd::try_parse_from(std::iter::once("serin").chain(flags.iter().copied()))?;
+        cmd.run.rate_limit()
+    }
+
+    /// The rate limit is on by default, `--kube-qps 0` turns it off, and a rate or burst
+    /// that cannot work is refused naming the flag.
+    #[test]
+    fn rate_limit_flags() {
+        assert!(limit(&[]).unwrap().is_some());
+        assert!(limit(&["--kube-qps", "0"]).unwrap().is_none());
+        let err = |flags: &[&str]| limit(flags).unwrap_err().to_string();
+        assert!(err(&["--kube-qps=-5"]).starts_with("--kube-qps must be"));
+        assert!(err(&["--kube-qps", "NaN"]).starts_with("--kube-qps must be"));
+        assert!(err(&["--kube-burst", "0"]).starts_with("--kube-burst must be at least 1"));
     }
 
     /// Timing that could let a lease expire under a writing leader is refused, naming the

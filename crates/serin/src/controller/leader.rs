@@ -470,7 +470,7 @@ async fn fenced_send(
     }
 }
 
-fn unreachable_response(e: &kube::Error) -> Response<HttpBody> {
+pub(super) fn unreachable_response(e: &kube::Error) -> Response<HttpBody> {
     status_response(
         StatusCode::BAD_GATEWAY,
         "ServiceUnavailable",

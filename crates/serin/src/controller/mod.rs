@@ -21,6 +21,7 @@ pub mod checks;
 pub mod cli;
 pub mod deletion;
 pub mod leader;
+pub mod ratelimit;
 pub mod sources;
 pub mod telemetry;
 pub mod workload;
