@@ -53,6 +53,10 @@ pub struct ScaleBenchArgs {
     /// Every Canary's analysis interval, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub interval: u64,
+    /// Every Canary's `analysis.checksPerStep`: more checks per step keep the Canaries in
+    /// analysis longer, so that the figures are mostly those of steady checks.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub checks_per_step: u32,
     /// Share of the full background (10,000 ConfigMaps, 5,000 Secrets, 5,000 Deployments
     /// with Services) to create next to the Canaries; 0 for none.
     #[arg(long, default_value_t = 1.0)]
@@ -90,9 +94,14 @@ impl ScaleBenchArgs {
     pub fn command(&self) -> String {
         let counts: Vec<String> = self.canaries.iter().map(|n| n.to_string()).collect();
         format!(
-            "serin bench scale --canaries {} --interval {} --background {} --rollback-share {} --steady {}{}",
+            "serin bench scale --canaries {} --interval {}{} --background {} --rollback-share {} --steady {}{}",
             counts.join(","),
             self.interval,
+            if self.checks_per_step == 1 {
+                String::new()
+            } else {
+                format!(" --checks-per-step {}", self.checks_per_step)
+            },
             self.background,
             self.rollback_share,
             self.steady,
@@ -167,8 +176,8 @@ struct Result1 {
     steady_seconds: f64,
     checks: f64,
     reconciles: f64,
-    /// The operator's requests during the rollouts, by verb.
-    requests: BTreeMap<String, u64>,
+    /// The operator's requests during the rollouts, by verb and resource.
+    requests: BTreeMap<(String, String), u64>,
     /// The operator's requests while idle, all verbs.
     steady_requests: u64,
     prometheus_queries: f64,
@@ -448,11 +457,12 @@ async fn run_one(
         n,
         &prometheus.url,
         args.interval,
+        args.checks_per_step,
         &tracks,
     )
     .await?;
     let deadline = started
-        + Duration::from_secs(args.interval * 12 + 120)
+        + Duration::from_secs(args.interval * (3 * u64::from(args.checks_per_step) + 9) + 120)
         + Duration::from_millis(30 * n as u64);
     let mut last_report = Instant::now();
     loop {
@@ -667,7 +677,13 @@ fn deployment(ns: &str, name: &str, image: &str) -> Value {
     })
 }
 
-fn canary_objects(layout: &Layout, i: usize, prometheus: &str, interval: u64) -> Vec<Value> {
+fn canary_objects(
+    layout: &Layout,
+    i: usize,
+    prometheus: &str,
+    interval: u64,
+    checks_per_step: u32,
+) -> Vec<Value> {
     let (ns, name) = (layout.namespace(i), name_of(i));
     let metric = json!({
         "name": "errors",
@@ -676,7 +692,7 @@ fn canary_objects(layout: &Layout, i: usize, prometheus: &str, interval: u64) ->
         "max": 1
     });
     let analysis = json!({
-        "interval": format!("{interval}s"), "checksPerStep": 1, "failureThreshold": 2,
+        "interval": format!("{interval}s"), "checksPerStep": checks_per_step, "failureThreshold": 2,
         "metrics": [metric]
     });
     let canary = |spec: Value| {
@@ -725,6 +741,7 @@ async fn create_canaries(
     n: usize,
     prometheus: &str,
     interval: u64,
+    checks_per_step: u32,
     tracks: &Tracks,
 ) -> anyhow::Result<()> {
     let mesh = layout.mesh();
@@ -739,7 +756,7 @@ async fn create_canaries(
     creator.create_all(first).await?;
     stream::iter(0..n)
         .map(|i| async move {
-            let mut objects = canary_objects(layout, i, prometheus, interval);
+            let mut objects = canary_objects(layout, i, prometheus, interval, checks_per_step);
             let canary = objects.pop().unwrap_or_default();
             for o in objects {
                 creator.create(&o).await?;
@@ -914,11 +931,12 @@ impl Creator {
     }
 }
 
-/// The operator's requests between two readings of the server's counters, by verb.
+/// The operator's requests between two readings of the server's counters, by verb and
+/// resource.
 fn operator_requests(
     before: &BTreeMap<kube_sandbox::RequestKey, u64>,
     after: &BTreeMap<kube_sandbox::RequestKey, u64>,
-) -> BTreeMap<String, u64> {
+) -> BTreeMap<(String, String), u64> {
     let mut out = BTreeMap::new();
     for (k, v) in after {
         if k.client == BENCH_CLIENT {
@@ -926,7 +944,7 @@ fn operator_requests(
         }
         let d = v - before.get(k).copied().unwrap_or(0);
         if d > 0 {
-            *out.entry(k.verb.clone()).or_default() += d;
+            *out.entry((k.verb.clone(), k.resource.clone())).or_default() += d;
         }
     }
     out
@@ -1271,8 +1289,11 @@ fn report(args: &ScaleBenchArgs, operator: &Path, results: &[Result1]) -> String
     for r in results {
         let intervals = (r.rollout_seconds / args.interval as f64).max(1e-9);
         let per = |x: f64| x / r.n.max(1) as f64 / intervals;
-        let verbs: Vec<String> = r
-            .requests
+        let mut by_verb: BTreeMap<&str, u64> = BTreeMap::new();
+        for ((verb, _), count) in &r.requests {
+            *by_verb.entry(verb).or_default() += count;
+        }
+        let verbs: Vec<String> = by_verb
             .iter()
             .map(|(verb, count)| format!("{verb} {:.2}", per(*count as f64)))
             .collect();
@@ -1293,6 +1314,27 @@ fn report(args: &ScaleBenchArgs, operator: &Path, results: &[Result1]) -> String
             r.cpu_steady_seconds / r.steady_seconds.max(1e-9),
             r.steady_requests as f64 / r.steady_seconds.max(1e-9)
         ));
+    }
+    out.push_str(
+        "\n## API requests by verb and resource\n\n\
+         Per Canary per interval, during the rollouts; those under 0.01 are left out.\n\n\
+         | Canaries | requests |\n\
+         |---:|---|\n",
+    );
+    for r in results {
+        let intervals = (r.rollout_seconds / args.interval as f64).max(1e-9);
+        let per = |x: u64| x as f64 / r.n.max(1) as f64 / intervals;
+        let mut rows: Vec<(&(String, String), &u64)> = r
+            .requests
+            .iter()
+            .filter(|(_, c)| per(**c) >= 0.01)
+            .collect();
+        rows.sort_by(|a, b| b.1.cmp(a.1));
+        let cells: Vec<String> = rows
+            .iter()
+            .map(|((verb, resource), count)| format!("{verb} {resource} {:.2}", per(**count)))
+            .collect();
+        out.push_str(&format!("| {} | {} |\n", r.n, cells.join(", ")));
     }
     out.push_str(
         "\n## Latency and outcomes (p50 / p99)\n\n\
@@ -1365,7 +1407,7 @@ mod tests {
     #[test]
     fn objects() {
         for i in 0..4 {
-            let objects = canary_objects(&Layout::new(4), i, "http://127.0.0.1:9090", 10);
+            let objects = canary_objects(&Layout::new(4), i, "http://127.0.0.1:9090", 10, 1);
             let canary: Canary = serde_json::from_value(objects.last().unwrap().clone()).unwrap();
             assert!(crate::api::validate(&canary.spec).is_empty(), "{i}");
             assert_eq!(canary.spec.is_traffic_mode(), !is_workload(i));
