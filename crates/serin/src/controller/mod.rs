@@ -124,6 +124,10 @@ pub struct Context {
     /// The digest of each config a target reads, by `(namespace, "configmap/NAME")`, with
     /// the resourceVersion it was read at: a config is read again only when it changed.
     digests: Mutex<HashMap<(String, String), (String, String)>>,
+    /// The generation each Canary's routing objects were last prepared for in this
+    /// process (by uid): while a Canary initializes, reconciles come often (its Deployments
+    /// change) and its objects need creating or adopting only once per generation.
+    prepared: Mutex<HashMap<String, i64>>,
 }
 
 /// Reflector stores of the dependencies: full Deployments (readiness is in their status),
@@ -198,6 +202,7 @@ impl Context {
             checks: checks::Checks::new(checks::DEFAULT_CONCURRENCY),
             caches: OnceLock::new(),
             digests: Mutex::default(),
+            prepared: Mutex::default(),
         }
     }
 
@@ -233,6 +238,28 @@ impl Context {
     pub fn with_policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
         self
+    }
+
+    /// Whether `canary`'s routing objects were prepared for its current generation by
+    /// this process.
+    fn prepared_for(&self, canary: &Canary) -> bool {
+        let (Some(uid), Some(generation)) = (&canary.metadata.uid, canary.metadata.generation)
+        else {
+            return false;
+        };
+        self.prepared
+            .lock()
+            .is_ok_and(|p| p.get(uid) == Some(&generation))
+    }
+
+    fn mark_prepared(&self, canary: &Canary) {
+        if let (Some(uid), Some(generation), Ok(mut p)) = (
+            &canary.metadata.uid,
+            canary.metadata.generation,
+            self.prepared.lock(),
+        ) {
+            p.insert(uid.clone(), generation);
+        }
     }
 
     /// What is wrong with `canary`'s spec, or refused by the operator's policy; empty
@@ -453,6 +480,9 @@ async fn prune_deleted(
         }
         if let Ok(mut evidence) = ctx.evidence.lock() {
             evidence.retain(|uid, _| uids.contains(uid));
+        }
+        if let Ok(mut prepared) = ctx.prepared.lock() {
+            prepared.retain(|uid, _| uids.contains(uid));
         }
         if let Ok(mut targets) = ctx.targets.lock() {
             for refs in targets.values_mut() {
@@ -676,8 +706,9 @@ async fn observe<'a>(
     let problems = ctx.problems(canary);
     let mut observed = Observed {
         canary,
-        needs_prepare: status.observed_generation != canary.metadata.generation
-            || status.phase == Phase::Initializing,
+        needs_prepare: (status.observed_generation != canary.metadata.generation
+            || status.phase == Phase::Initializing)
+            && !ctx.prepared_for(canary),
         status,
         problems,
         router: None,
@@ -911,6 +942,7 @@ async fn act(observed: &Observed<'_>, ctx: &Context, decision: Decision) -> Resu
     }
     if observed.needs_prepare {
         prepare(observed, ctx, router).await?;
+        ctx.mark_prepared(observed.canary);
     }
     let mut current = Weights::with_canary(rollout::believed_canary_weight(
         &observed.canary.spec,
