@@ -91,7 +91,8 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             logging::init(args.log_format, "info", None);
-            block_on(run(args))
+            let workers = usize::from(args.worker_threads);
+            block_on_with(Some(workers), run(args))
         }
         Command::Analyze(args) => {
             logging::init(LogFormat::Text, "info", None);
@@ -118,10 +119,20 @@ fn main() -> ExitCode {
 }
 
 fn block_on(fut: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    block_on_with(None, fut)
+}
+
+/// Runs `fut` on a multi-threaded runtime with `workers` worker threads (default: one per
+/// core).
+fn block_on_with(
+    workers: Option<usize>,
+    fut: impl Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
