@@ -70,6 +70,11 @@ pub struct ScaleBenchArgs {
     /// The operator binary to measure (default: this one), run as `BIN run`.
     #[arg(long, value_name = "BIN")]
     pub operator: Option<PathBuf>,
+    /// An extra argument for the operator's `run` (repeat for more), for example
+    /// `--operator-arg=--kube-qps=0` to lift the client-side rate limit; by default the
+    /// operator runs with the defaults it ships with.
+    #[arg(long = "operator-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub operator_args: Vec<String>,
     /// The Prometheus binary that answers the checks.
     #[arg(long, default_value = "prometheus", value_name = "BIN")]
     pub prometheus: PathBuf,
@@ -106,13 +111,18 @@ impl ScaleBenchArgs {
             self.rollback_share,
             self.steady,
             if self.strict { " --strict" } else { "" }
-        ) + &match (&self.kubeconfig, &self.audit_log) {
-            (Some(k), Some(a)) => {
-                format!(" --kubeconfig {} --audit-log {}", k.display(), a.display())
+        ) + &self
+            .operator_args
+            .iter()
+            .map(|a| format!(" --operator-arg={a}"))
+            .collect::<String>()
+            + &match (&self.kubeconfig, &self.audit_log) {
+                (Some(k), Some(a)) => {
+                    format!(" --kubeconfig {} --audit-log {}", k.display(), a.display())
+                }
+                (Some(k), None) => format!(" --kubeconfig {}", k.display()),
+                _ => String::new(),
             }
-            (Some(k), None) => format!(" --kubeconfig {}", k.display()),
-            _ => String::new(),
-        }
     }
 }
 
@@ -181,6 +191,10 @@ struct Result1 {
     /// The operator's requests while idle, all verbs.
     steady_requests: u64,
     prometheus_queries: f64,
+    /// Requests the operator's client-side rate limit held back, and the seconds they
+    /// waited in all.
+    throttled: f64,
+    throttled_seconds: f64,
     init_ms: Vec<f64>,
     first_weight_traffic_ms: Vec<f64>,
     first_weight_workload_ms: Vec<f64>,
@@ -421,7 +435,7 @@ async fn run_one(
             (Cluster::Real { audit }, client)
         }
     };
-    let operator = Operator::start(operator_bin, &kubeconfig, dir).await?;
+    let operator = Operator::start(operator_bin, &kubeconfig, dir, &args.operator_args).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut r = Result1 {
         n,
@@ -528,6 +542,18 @@ async fn run_one(
         |l| {
             l.contains("handler=\"/api/v1/query\"") || l.contains("handler=\"/api/v1/query_range\"")
         },
+    );
+    r.throttled = delta(
+        &metrics_start,
+        &metrics_end,
+        "serin_kube_requests_throttled_total",
+        |_| true,
+    );
+    r.throttled_seconds = delta(
+        &metrics_start,
+        &metrics_end,
+        "serin_kube_throttled_seconds_total",
+        |_| true,
     );
     r.weight_write_buckets = buckets(&metrics_start, &metrics_end, "serin_weight_write_seconds");
     r.requests = operator_requests(&requests_start, &requests_end);
@@ -1044,7 +1070,12 @@ struct Operator {
 }
 
 impl Operator {
-    async fn start(bin: &Path, kubeconfig: &Path, dir: &Path) -> anyhow::Result<Self> {
+    async fn start(
+        bin: &Path,
+        kubeconfig: &Path,
+        dir: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let port = free_port()?;
         let log = dir.join("operator.log");
         let out = std::fs::File::create(&log)?;
@@ -1053,6 +1084,7 @@ impl Operator {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--kubeconfig")
             .arg(kubeconfig)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out))
@@ -1317,9 +1349,11 @@ fn report(args: &ScaleBenchArgs, operator: &Path, results: &[Result1]) -> String
     }
     out.push_str(
         "\n## API requests by verb and resource\n\n\
-         Per Canary per interval, during the rollouts; those under 0.01 are left out.\n\n\
-         | Canaries | requests |\n\
-         |---:|---|\n",
+         Per Canary per interval, during the rollouts; those under 0.01 are left out. *Held*: \
+         the requests the operator's client-side rate limit (`--kube-qps`) made wait, and \
+         their mean wait.\n\n\
+         | Canaries | requests | held |\n\
+         |---:|---|---|\n",
     );
     for r in results {
         let intervals = (r.rollout_seconds / args.interval as f64).max(1e-9);
@@ -1334,7 +1368,17 @@ fn report(args: &ScaleBenchArgs, operator: &Path, results: &[Result1]) -> String
             .iter()
             .map(|((verb, resource), count)| format!("{verb} {resource} {:.2}", per(**count)))
             .collect();
-        out.push_str(&format!("| {} | {} |\n", r.n, cells.join(", ")));
+        let total: u64 = r.requests.values().sum();
+        let held = if r.throttled > 0.0 {
+            format!(
+                "{:.0}% ({:.0} ms mean)",
+                100.0 * r.throttled / (total.max(1) as f64),
+                1000.0 * r.throttled_seconds / r.throttled
+            )
+        } else {
+            "none".to_string()
+        };
+        out.push_str(&format!("| {} | {} | {held} |\n", r.n, cells.join(", ")));
     }
     out.push_str(
         "\n## Latency and outcomes (p50 / p99)\n\n\
