@@ -124,10 +124,16 @@ async fn cached_reads_follow_writes_edits_and_deletion() {
     );
     until_cached(&env).await;
 
+    env.proxy.clear();
     env.router
         .set_weights(&env.canary, Weights::STABLE, Weights::with_canary(20))
         .await
         .expect("write 20");
+    assert_eq!(
+        (gets(&env), env.proxy.requests_of("PATCH").len()),
+        (0, 1),
+        "a write on a cached object is one guarded PATCH"
+    );
     env.proxy.clear();
     assert_eq!(
         env.router.weights(&env.canary).await.expect("after write"),
@@ -150,7 +156,21 @@ async fn cached_reads_follow_writes_edits_and_deletion() {
     assert_eq!(seen.expect("edit"), Weights::with_canary(50));
     assert_eq!(gets(&env), 0, "the edit came from the watch");
 
-    // A write still reads fresh: the edit is the base of the next one.
+    // A write from a split that is no longer there is refused, whatever the cache holds
+    // (its copy leads to a patch whose `test` ops fail, or is confirmed by a fresh read).
+    let stale = env
+        .router
+        .set_weights(
+            &env.canary,
+            Weights::with_canary(20),
+            Weights::with_canary(100),
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(RouterError::WeightsChanged { .. })),
+        "a hand edit is never overwritten: {stale:?}"
+    );
+    // And the edit is the base of the next write.
     env.router
         .set_weights(
             &env.canary,
@@ -159,6 +179,23 @@ async fn cached_reads_follow_writes_edits_and_deletion() {
         )
         .await
         .expect("write 100");
+
+    // An edit and, at once, a write from the split before it: refused even if the watch has
+    // not delivered the edit yet.
+    env.cluster
+        .edit(GLOO, "UpstreamGroup", &env.cluster.ns, GROUP, |o| {
+            o["spec"]["destinations"][0]["weight"] = json!(70);
+            o["spec"]["destinations"][1]["weight"] = json!(30);
+        })
+        .await;
+    let raced = env
+        .router
+        .set_weights(&env.canary, Weights::with_canary(100), Weights::STABLE)
+        .await;
+    assert!(
+        matches!(raced, Err(RouterError::WeightsChanged { .. })),
+        "an edit the cache may not hold yet is never overwritten: {raced:?}"
+    );
 
     let ar = env.cluster.resource(GLOO, "UpstreamGroup");
     let api: Api<DynamicObject> =

@@ -11,8 +11,9 @@
 //! What the cache answers is never older than Serin's own last read or write of the object
 //! (a write puts the server's answer in; an event older than what is held, by
 //! resourceVersion, is ignored), so a rollout never sees its own write undone. It may lag a
-//! hand edit by the watch's latency; weight writes never trust it (they read the object
-//! fresh and are guarded by JSON Patch `test` ops). An absence is never answered from the
+//! hand edit by the watch's latency; weight writes never decide on it (a patch built from
+//! its copy carries JSON Patch `test` ops that fail on a stale copy, and a decision not to
+//! write is taken again on a fresh read). An absence is never answered from the
 //! cache, and neither is anything while the watch is (re)listing or failing (no RBAC to
 //! watch, the CRD missing): the router then reads from the API server, as without a cache.
 

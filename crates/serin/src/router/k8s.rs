@@ -284,7 +284,8 @@ pub(crate) async fn read_weights(
 
 /// The guarded weight write: read, decide, JSON Patch with `test` ops on every entry it
 /// changes, and on a conflict (409, or a failed `test`) start again from a fresh read, at
-/// most [`MAX_ATTEMPTS`] times. The patch changes both weights at once, so the object never
+/// most [`MAX_ATTEMPTS`] times. The first read may be the cache's copy (see above); it only
+/// ever leads to a patch, never to a decision. The patch changes both weights at once, so the object never
 /// holds a split that does not sum to 100.
 pub(crate) async fn write_weights(
     objects: &Objects<'_>,
@@ -295,16 +296,35 @@ pub(crate) async fn write_weights(
     desired: Weights,
 ) -> Result<WriteOutcome, RouterError> {
     let api = &objects.api;
-    for attempt in 1..=MAX_ATTEMPTS {
-        let obj = objects
-            .get(subject)
-            .await?
-            .ok_or_else(|| subject.not_found(not_found_hint))?;
-        let located = locate(&obj)?;
-        let found = located.weights_for_write(subject, expected, desired)?;
-        if plan(subject, found, expected, desired)? == Plan::Nothing {
-            return Ok(WriteOutcome::Unchanged);
-        }
+    // A first try on the cached copy, when there is one: its patch's `test` ops fail on a
+    // stale copy, and any decision not to write is taken again on a fresh read.
+    let mut cached = objects
+        .cache
+        .get(&objects.resource, &subject.namespace, &subject.name);
+    let mut attempt = 0;
+    while attempt < MAX_ATTEMPTS {
+        let copy = cached.take();
+        let from_cache = copy.is_some();
+        let obj = match copy {
+            Some(o) => o,
+            None => {
+                attempt += 1;
+                objects
+                    .get(subject)
+                    .await?
+                    .ok_or_else(|| subject.not_found(not_found_hint))?
+            }
+        };
+        let decided = locate(&obj).and_then(|located| {
+            let found = located.weights_for_write(subject, expected, desired)?;
+            Ok((plan(subject, found, expected, desired)?, located))
+        });
+        let located = match decided {
+            Ok((Plan::Write, located)) => located,
+            _ if from_cache => continue,
+            Ok((Plan::Nothing, _)) => return Ok(WriteOutcome::Unchanged),
+            Err(e) => return Err(e),
+        };
         let patch = located
             .patch(desired)
             .map_err(|e| subject.kube("encode patch", kube::Error::SerdeError(e)))?;
