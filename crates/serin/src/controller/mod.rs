@@ -378,8 +378,15 @@ pub async fn run(
     // Canaries: Serin's own status writes change neither generation, labels, annotations
     // (commands) nor finalizers, so they wake no reconcile; a deletion bumps the generation.
     let (canary_store, canary_writer) = reflector::store();
+    // Cached without managedFields (a third of a Canary's size) and kubectl's copy of it:
+    // status is written with a PUT to the status subresource, which takes only the status.
     let canary_trigger = watcher(canaries, config())
         .default_backoff()
+        .modify(|c: &mut DeserializeGuard<Canary>| {
+            if let Ok(c) = &mut c.0 {
+                strip(c);
+            }
+        })
         .reflect(canary_writer)
         .applied_objects()
         .predicate_filter(
