@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use super::leader::{self, Fence, LeaderElector, LeaseConfig, LeaseTiming, TimingError};
 use super::ratelimit::{self, RateLimit};
+use super::shard::Shard;
 use super::telemetry::{self, Health, Metrics};
 use super::{Context, ControllerOptions, MetricSource};
 use crate::logging::LogFormat;
@@ -82,6 +83,15 @@ pub struct RunArgs {
     /// duration (2 s for 15 s).
     #[arg(long, value_name = "SECS")]
     pub retry_period_secs: Option<f64>,
+    /// Shards that share the Canaries, each led through its own Lease (1 to 64; more than
+    /// one needs `--leader-elect`). A replica leads whichever shard is free and watches only
+    /// that shard's Canaries: those whose label `serin.io/shard` (a bucket from 0 to 63,
+    /// set by Serin from the Canary's UID, or by a user) modulo the shard count is the
+    /// shard. Run at least as many replicas as shards; the extra ones stand by. Changing
+    /// it pauses every shard for about one lease duration, and never lets replicas of the
+    /// old and the new count act at once.
+    #[arg(long, default_value_t = 1)]
+    pub shards: u16,
     /// What Canaries may make Serin do with its identity (roles, endpoints, URLs).
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
@@ -103,6 +113,24 @@ impl RunArgs {
             );
         }
         Ok(RateLimit::new(self.kube_qps, self.kube_burst))
+    }
+
+    /// The shard count `--shards` asks for, or an error naming the flag and the fix.
+    pub fn shard_count(&self) -> anyhow::Result<u16> {
+        let max = super::shard::BUCKETS;
+        if self.shards == 0 || self.shards > max {
+            anyhow::bail!(
+                "--shards must be from 1 to {max} (the Canaries' shard buckets); not {}",
+                self.shards
+            );
+        }
+        if self.shards > 1 && !self.leader_elect {
+            anyhow::bail!(
+                "--shards {} needs --leader-elect: each shard is led through its own Lease, so that no two replicas act on one Canary",
+                self.shards
+            );
+        }
+        Ok(self.shards)
     }
 
     /// The lease timing the flags ask for, or an error naming the flag to fix.
@@ -206,6 +234,7 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
     // The AWS writes of the routers pass the same fence as the client's.
     crate::router::guard_writes(FENCE.clone());
     let timing = args.lease_timing()?;
+    let shards = args.shard_count()?;
     super::check_crd(&client, args.namespace.as_deref()).await?;
     let metrics = Arc::new(Metrics::new(parts.register));
     let health = Arc::new(Health::default());
@@ -224,7 +253,7 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
 
     // A standby is healthy: ready, though it does not act until it leads.
     health.set_ready(true);
-    let elector = if args.leader_elect {
+    let (elector, shard) = if args.leader_elect {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
         // Before anything can write: from here on writes wait for a held lease.
         FENCE.arm(&timing);
@@ -238,17 +267,19 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
                     .unwrap_or_else(|| "default".into()),
                 identity,
                 timing,
+                shards,
             },
             FENCE.clone(),
         );
-        tokio::select! {
-            () = elector.acquire() => {}
+        let shard = tokio::select! {
+            shard = elector.acquire() => shard,
             () = shutdown_signal() => return Ok(()),
-        }
-        Some(elector)
+        };
+        (Some(elector), shard)
     } else {
-        None
+        (None, Shard::ALL)
     };
+    metrics.set_shard(shard);
 
     let ctx = Arc::new(
         Context::new(
@@ -266,6 +297,7 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
         ControllerOptions {
             namespace: args.namespace.clone(),
             concurrency: args.concurrency.max(1),
+            shard,
         },
         stopped(stop_rx.clone()),
     );
@@ -382,6 +414,26 @@ mod tests {
         assert!(err(&["--kube-qps=-5"]).starts_with("--kube-qps must be"));
         assert!(err(&["--kube-qps", "NaN"]).starts_with("--kube-qps must be"));
         assert!(err(&["--kube-burst", "0"]).starts_with("--kube-burst must be at least 1"));
+    }
+
+    /// A shard count out of range, or shards without leader election, is refused naming
+    /// the flag and the fix.
+    #[test]
+    fn shard_flags() {
+        let count = |flags: &[&str]| {
+            let cmd =
+                Cmd::try_parse_from(std::iter::once("serin").chain(flags.iter().copied())).unwrap();
+            cmd.run.shard_count()
+        };
+        assert_eq!(count(&[]).unwrap(), 1);
+        assert_eq!(count(&["--shards", "3", "--leader-elect"]).unwrap(), 3);
+        assert_eq!(count(&["--shards", "64", "--leader-elect"]).unwrap(), 64);
+        let err = |flags: &[&str]| count(flags).unwrap_err().to_string();
+        assert!(err(&["--shards", "0"]).starts_with("--shards must be from 1 to 64"));
+        assert!(
+            err(&["--shards", "65", "--leader-elect"]).starts_with("--shards must be from 1 to 64")
+        );
+        assert!(err(&["--shards", "2"]).contains("needs --leader-elect"));
     }
 
     /// Timing that could let a lease expire under a writing leader is refused, naming the

@@ -20,10 +20,16 @@
 //! that timeout. With the write timeout equal to `lease duration − renew deadline`, writes
 //! stop at the renew deadline, before the lease can expire for anyone else.
 //!
+//! **With shards** ([`super::shard`]) a replica leads one shard's Lease and, with every
+//! other leader of the same shard count, the shard-count Lease; its fence counts from the
+//! earlier of the two renewals, so a change of the shard count cannot let replicas of the
+//! old and the new count write at once ([`LeaderElector`]).
+//!
 //! It does not fence writes that do not go through the Kubernetes client (the App Mesh
 //! AWS API router), and it does not release the Lease on shutdown: a standby takes over
 //! one lease duration after the leader's last renewal.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,7 +38,9 @@ use axum::http::{Method, Request, Response, StatusCode, header};
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+use super::shard::Shard;
 
 /// Lease timing, validated by [`LeaseTiming::new`]: retry period < renew deadline < lease
 /// duration.
@@ -120,6 +128,8 @@ pub struct LeaseConfig {
     pub identity: String,
     /// Lease timing.
     pub timing: LeaseTiming,
+    /// How many shards share the Canaries (1: one leader for all).
+    pub shards: u16,
 }
 
 /// Why leadership ended.
@@ -498,19 +508,67 @@ fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Ht
     resp
 }
 
-/// Holds and renews a Lease.
+/// Holds and renews this replica's two Leases: the **shard-count Lease**
+/// (`<name>-shards`, held by `shards=<N>` and renewed by every leader of that shard count)
+/// and the Lease of one shard (`<name>` with one shard, `<name>-<i>-of-<N>` with more).
+///
+/// A replica acts only while it holds both. A replica of another shard count waits until
+/// the shard-count Lease has gone unrenewed for a lease duration, that is until every
+/// leader of the old count has stopped, and takes it with a compare-and-swap; the old
+/// leaders' renewals are JSON Patches that test the holder, so they fail from then on. So
+/// a change of the shard count never lets two replicas act on one Canary: the buckets move
+/// between shards only while no shard of the old count can write. The cost is a pause of
+/// about one lease duration at the change.
 pub struct LeaderElector {
     api: Api<Lease>,
     config: LeaseConfig,
     fence: Arc<Fence>,
-    observer: Mutex<Observer>,
-    /// When the last successful acquisition or renewal was sent.
+    observers: Mutex<HashMap<String, Observer>>,
+    /// When the last successful acquisition or renewal of both Leases was sent (the
+    /// earlier of the two).
     last_renew_sent: Mutex<Option<Instant>>,
+    /// The shard whose Lease this replica holds, or last took.
+    shard: Mutex<Option<u16>>,
 }
 
 enum RenewError {
-    Lost(String),
+    /// Lease `lease` is held by `holder` now.
+    Lost {
+        lease: String,
+        holder: String,
+    },
     Api(kube::Error),
+}
+
+/// What an attempt on a Lease found.
+enum Take {
+    /// Held by someone else, and alive.
+    Busy,
+    /// Already held by this holder; nothing was written.
+    Ours,
+    /// Written with this holder; the write was sent then.
+    Taken(Instant),
+}
+
+impl LeaseConfig {
+    /// The shard-count Lease.
+    pub fn count_lease(&self) -> String {
+        format!("{}-shards", self.name)
+    }
+
+    /// The holder of the shard-count Lease for this replica's shard count.
+    fn count_holder(&self) -> String {
+        format!("shards={}", self.shards)
+    }
+
+    /// The Lease of shard `index`.
+    pub fn shard_lease(&self, index: u16) -> String {
+        if self.shards <= 1 {
+            self.name.clone()
+        } else {
+            format!("{}-{index}-of-{}", self.name, self.shards)
+        }
+    }
 }
 
 impl LeaderElector {
@@ -522,8 +580,9 @@ impl LeaderElector {
             api,
             config,
             fence,
-            observer: Mutex::new(Observer::default()),
+            observers: Mutex::default(),
             last_renew_sent: Mutex::new(None),
+            shard: Mutex::new(None),
         }
     }
 
@@ -538,26 +597,51 @@ impl LeaderElector {
         self.fence.renewed(sent);
     }
 
-    /// Waits until this replica holds the Lease. Meanwhile it is a standby: healthy, and
-    /// writing nothing but its attempts on the Lease.
-    pub async fn acquire(&self) {
+    fn held_shard(&self) -> Option<u16> {
+        self.shard.lock().ok().and_then(|s| *s)
+    }
+
+    fn held_lease(&self) -> String {
+        self.config.shard_lease(self.held_shard().unwrap_or(0))
+    }
+
+    /// The holder last observed of Lease `name` ("" when none).
+    fn observed_holder(&self, name: &str) -> String {
+        self.observers
+            .lock()
+            .ok()
+            .and_then(|o| o.get(name).map(|o| o.holder().to_string()))
+            .unwrap_or_default()
+    }
+
+    /// Waits until this replica holds the shard-count Lease's count and one shard's
+    /// Lease; returns the shard. Meanwhile it is a standby: healthy, and writing nothing
+    /// but its attempts on the Leases.
+    pub async fn acquire(&self) -> Shard {
         let mut standing_by_for = String::new();
         loop {
             let attempt = tokio::time::timeout(self.timing().renew_deadline, self.try_acquire());
             match attempt.await {
-                Ok(Ok(true)) => {
-                    tracing::info!(lease = %self.config.name, identity = %self.config.identity, "acquired leadership");
-                    return;
+                Ok(Ok(Some(index))) => {
+                    tracing::info!(lease = %self.config.shard_lease(index), identity = %self.config.identity, shard = index, shards = self.config.shards, "acquired leadership");
+                    return Shard {
+                        index,
+                        count: self.config.shards,
+                    };
                 }
-                Ok(Ok(false)) => {
-                    let holder = self
-                        .observer
-                        .lock()
-                        .map(|o| o.holder().to_string())
-                        .unwrap_or_default();
-                    if holder != standing_by_for {
-                        tracing::info!(lease = %self.config.name, holder = %holder, "standing by: the lease is held by another replica");
-                        standing_by_for = holder;
+                Ok(Ok(None)) => {
+                    let count = self.observed_holder(&self.config.count_lease());
+                    let why = if !count.is_empty() && count != self.config.count_holder() {
+                        format!("replicas with {count} still lead; waiting for them to stop")
+                    } else {
+                        let holders: Vec<String> = (0..self.config.shards)
+                            .map(|i| self.observed_holder(&self.config.shard_lease(i)))
+                            .collect();
+                        format!("every shard is led: {}", holders.join(", "))
+                    };
+                    if why != standing_by_for {
+                        tracing::info!(lease = %self.config.name, "standing by: {why}");
+                        standing_by_for = why;
                     }
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "lease acquisition failed; retrying"),
@@ -567,21 +651,68 @@ impl LeaderElector {
         }
     }
 
-    async fn try_acquire(&self) -> Result<bool, kube::Error> {
+    async fn try_acquire(&self) -> Result<Option<u16>, kube::Error> {
+        let (count_lease, count_holder) = (self.config.count_lease(), self.config.count_holder());
+        if matches!(
+            self.take(&count_lease, &count_holder, false).await?,
+            Take::Busy
+        ) {
+            return Ok(None);
+        }
+        // The shard last held first, then from a place that spreads replicas over the
+        // shards (so they do not all try shard 0 first).
+        let shards = self.config.shards.max(1);
+        let first = self
+            .held_shard()
+            .unwrap_or_else(|| super::shard::bucket_of(&self.config.identity) % shards);
+        for i in 0..shards {
+            let index = (first + i) % shards;
+            let Take::Taken(shard_sent) = self
+                .take(&self.config.shard_lease(index), &self.config.identity, true)
+                .await?
+            else {
+                continue;
+            };
+            if let Ok(mut s) = self.shard.lock() {
+                *s = Some(index);
+            }
+            // The shard count is confirmed after the shard is taken: the count's holder
+            // may have changed in between, and the fence counts from the earlier write.
+            return match self.renew_count().await {
+                Ok(count_sent) => {
+                    self.succeeded(count_sent.min(shard_sent));
+                    Ok(Some(index))
+                }
+                Err(RenewError::Lost { .. }) => Ok(None),
+                Err(RenewError::Api(e)) => Err(e),
+            };
+        }
+        Ok(None)
+    }
+
+    /// Takes Lease `name` for `holder` if it is unheld, expired, or (with `write_if_ours`)
+    /// already ours; every write is a compare-and-swap on the resourceVersion read.
+    async fn take(
+        &self,
+        name: &str,
+        holder: &str,
+        write_if_ours: bool,
+    ) -> Result<Take, kube::Error> {
         let wall = Utc::now();
         let spec = |transitions: i32| LeaseSpec {
-            holder_identity: Some(self.config.identity.clone()),
+            holder_identity: Some(holder.to_string()),
             lease_duration_seconds: Some(self.timing().lease_seconds()),
             acquire_time: Some(micro_time(wall)),
             renew_time: Some(micro_time(wall)),
             lease_transitions: Some(transitions),
             ..Default::default()
         };
-        match self.api.get_opt(&self.config.name).await? {
+        let written = |sent| Take::Taken(sent);
+        match self.api.get_opt(name).await? {
             None => {
                 let lease = Lease {
                     metadata: ObjectMeta {
-                        name: Some(self.config.name.clone()),
+                        name: Some(name.to_string()),
                         namespace: Some(self.config.namespace.clone()),
                         ..Default::default()
                     },
@@ -589,26 +720,27 @@ impl LeaderElector {
                 };
                 let sent = Instant::now();
                 match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => {
-                        self.succeeded(sent);
-                        Ok(true)
-                    }
-                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                    Ok(_) => Ok(written(sent)),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(Take::Busy),
                     Err(e) => Err(e),
                 }
             }
             Some(mut lease) => {
                 let free = {
-                    let mut observer = self.observer.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut observers = self.observers.lock().unwrap_or_else(|p| p.into_inner());
+                    let observer = observers.entry(name.to_string()).or_default();
                     let now = Instant::now();
                     observer.observe(&lease, self.timing().duration, now);
-                    observer.is_free(&self.config.identity, now)
+                    observer.is_free(holder, now)
                 };
                 if !free {
-                    return Ok(false);
+                    return Ok(Take::Busy);
                 }
                 let old = lease.spec.clone().unwrap_or_default();
-                let ours = old.holder_identity.as_deref() == Some(&self.config.identity);
+                let ours = old.holder_identity.as_deref() == Some(holder);
+                if ours && !write_if_ours {
+                    return Ok(Take::Ours);
+                }
                 let transitions = old.lease_transitions.unwrap_or(0);
                 let mut new = spec(if ours {
                     transitions
@@ -620,23 +752,16 @@ impl LeaderElector {
                 }
                 lease.spec = Some(new);
                 let sent = Instant::now();
-                match self
-                    .api
-                    .replace(&self.config.name, &PostParams::default(), &lease)
-                    .await
-                {
-                    Ok(_) => {
-                        self.succeeded(sent);
-                        Ok(true)
-                    }
-                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                match self.api.replace(name, &PostParams::default(), &lease).await {
+                    Ok(_) => Ok(written(sent)),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(Take::Busy),
                     Err(e) => Err(e),
                 }
             }
         }
     }
 
-    /// Renews the Lease until leadership is lost; returns why, after closing the fence.
+    /// Renews the Leases until leadership is lost; returns why, after closing the fence.
     /// Never returns while leading.
     pub async fn hold(&self) -> LeaseError {
         let err = self.renew_until_lost().await;
@@ -658,7 +783,7 @@ impl LeaderElector {
                 .unwrap_or_else(Instant::now);
             let deadline = last.checked_add(timing.renew_deadline).unwrap_or(last);
             let failed = |cause| LeaseError::RenewFailed {
-                name: self.config.name.clone(),
+                name: self.held_lease(),
                 deadline: timing.renew_deadline,
                 cause,
             };
@@ -669,9 +794,9 @@ impl LeaderElector {
                 tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), self.renew());
             match attempt.await {
                 Ok(Ok(sent)) => self.succeeded(sent),
-                Ok(Err(RenewError::Lost(holder))) => {
+                Ok(Err(RenewError::Lost { lease, holder })) => {
                     return LeaseError::TakenOver {
-                        name: self.config.name.clone(),
+                        name: lease,
                         holder,
                     };
                 }
@@ -684,15 +809,16 @@ impl LeaderElector {
         }
     }
 
-    /// One renewal; returns when its write was sent.
-    /// Gives the Lease up on a clean shutdown, so a standby takes over within its retry
-    /// period instead of a lease duration. Call it once the writes already sent have ended
-    /// (answered, or abandoned at the write timeout), so that the two replicas' writes
-    /// cannot overlap; the fence is closed here too. A Lease no longer ours, or an API
-    /// error, is left alone: the standby then waits out the lease.
+    /// Gives the shard's Lease up on a clean shutdown, so a standby takes over within its
+    /// retry period instead of a lease duration. Call it once the writes already sent have
+    /// ended (answered, or abandoned at the write timeout), so that the two replicas'
+    /// writes cannot overlap; the fence is closed here too. A Lease no longer ours, or an
+    /// API error, is left alone: the standby then waits out the lease. The shard-count
+    /// Lease is left to the other leaders of this count (it expires when the last stops).
     pub async fn release(&self) {
         self.fence.close();
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else {
+        let name = self.held_lease();
+        let Ok(Some(mut lease)) = self.api.get_opt(&name).await else {
             return;
         };
         let Some(spec) = lease.spec.as_mut() else {
@@ -706,29 +832,75 @@ impl LeaderElector {
         // Guarded by the resourceVersion read above: a takeover in between wins.
         match self
             .api
-            .replace(&self.config.name, &PostParams::default(), &lease)
+            .replace(&name, &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => tracing::info!(lease = %self.config.name, "released leadership"),
+            Ok(_) => tracing::info!(lease = %name, "released leadership"),
             Err(e) => {
                 tracing::warn!(error = %e, "could not release the lease; a standby waits it out")
             }
         }
     }
 
+    /// One renewal of both Leases; returns when the earlier write was sent.
     async fn renew(&self) -> Result<Instant, RenewError> {
-        let mut lease = self
+        let count_sent = self.renew_count().await?;
+        let shard_sent = self.renew_shard().await?;
+        Ok(count_sent.min(shard_sent))
+    }
+
+    /// Renews the shard-count Lease with a JSON Patch that tests its holder: the leaders of
+    /// one count renew it side by side without conflicts, and none of them can renew it
+    /// once a replica of another count has taken it.
+    async fn renew_count(&self) -> Result<Instant, RenewError> {
+        let (name, holder) = (self.config.count_lease(), self.config.count_holder());
+        let renew_time = serde_json::to_value(micro_time(Utc::now()))
+            .map_err(|e| RenewError::Api(kube::Error::SerdeError(e)))?;
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            {"op": "test", "path": "/spec/holderIdentity", "value": holder},
+            {"op": "add", "path": "/spec/renewTime", "value": renew_time},
+            {"op": "add", "path": "/spec/leaseDurationSeconds", "value": self.timing().lease_seconds()},
+        ]))
+        .map_err(|e| RenewError::Api(kube::Error::SerdeError(e)))?;
+        let sent = Instant::now();
+        match self
             .api
-            .get(&self.config.name)
+            .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await
-            .map_err(RenewError::Api)?;
+        {
+            Ok(_) => Ok(sent),
+            Err(e) => {
+                // A failed test, or no Lease at all: whose is it now?
+                let now = match self.api.get_opt(&name).await {
+                    Ok(Some(l)) => l.spec.and_then(|s| s.holder_identity).unwrap_or_default(),
+                    Ok(None) => String::new(),
+                    Err(_) => return Err(RenewError::Api(e)),
+                };
+                if now == holder {
+                    Err(RenewError::Api(e))
+                } else {
+                    Err(RenewError::Lost {
+                        lease: name,
+                        holder: now,
+                    })
+                }
+            }
+        }
+    }
+
+    async fn renew_shard(&self) -> Result<Instant, RenewError> {
+        let name = self.held_lease();
+        let mut lease = self.api.get(&name).await.map_err(RenewError::Api)?;
         let holder = lease
             .spec
             .as_ref()
             .and_then(|s| s.holder_identity.clone())
             .unwrap_or_default();
         if holder != self.config.identity {
-            return Err(RenewError::Lost(holder));
+            return Err(RenewError::Lost {
+                lease: name,
+                holder,
+            });
         }
         if let Some(spec) = lease.spec.as_mut() {
             spec.renew_time = Some(micro_time(Utc::now()));
@@ -737,14 +909,15 @@ impl LeaderElector {
         let sent = Instant::now();
         match self
             .api
-            .replace(&self.config.name, &PostParams::default(), &lease)
+            .replace(&name, &PostParams::default(), &lease)
             .await
         {
             Ok(_) => Ok(sent),
             // Someone else wrote the Lease between our read and write: it is no longer ours.
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                Err(RenewError::Lost("another replica".into()))
-            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(RenewError::Lost {
+                lease: name,
+                holder: "another replica".into(),
+            }),
             Err(e) => Err(RenewError::Api(e)),
         }
     }

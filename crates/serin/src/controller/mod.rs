@@ -22,6 +22,7 @@ pub mod cli;
 pub mod deletion;
 pub mod leader;
 pub mod ratelimit;
+pub mod shard;
 pub mod sources;
 pub mod telemetry;
 pub mod workload;
@@ -340,6 +341,8 @@ pub struct ControllerOptions {
     pub namespace: Option<String>,
     /// Reconciles running at once.
     pub concurrency: u16,
+    /// The shard this replica leads: it watches and acts on that shard's Canaries only.
+    pub shard: shard::Shard,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -377,10 +380,22 @@ pub async fn run(
     let config = || watcher::Config::default().any_semantic();
     // Canaries: Serin's own status writes change neither generation, labels, annotations
     // (commands) nor finalizers, so they wake no reconcile; a deletion bumps the generation.
+    // A shard watches only its own buckets' Canaries (a label selector, filtered by the
+    // API server); shard 0 also labels the Canaries no shard owns.
+    let canary_config = match options.shard.selector() {
+        Some(selector) => config().labels(&selector),
+        None => config(),
+    };
+    let labeller = options.shard.labels_unassigned().then(|| {
+        tokio::spawn(shard::label_unassigned(
+            ctx.clone(),
+            options.namespace.clone(),
+        ))
+    });
     let (canary_store, canary_writer) = reflector::store();
     // Cached without managedFields (a third of a Canary's size) and kubectl's copy of it:
     // status is written with a PUT to the status subresource, which takes only the status.
-    let canary_trigger = watcher(canaries, config())
+    let canary_trigger = watcher(canaries, canary_config)
         .default_backoff()
         .modify(|c: &mut DeserializeGuard<Canary>| {
             if let Ok(c) = &mut c.0 {
@@ -450,6 +465,9 @@ pub async fn run(
         })
         .await;
     pruning.abort();
+    if let Some(labeller) = labeller {
+        labeller.abort();
+    }
 }
 
 /// How often state about deleted Canaries is dropped.

@@ -38,6 +38,7 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     reconcile_errors: Family<Labels, Counter>,
     weight_write: Histogram,
+    shard: Family<Labels, Gauge>,
     /// Canaries with series, with their phase series and the metric names of their
     /// `serin_metric_value` series, so that a phase change and a deleted Canary remove theirs.
     canaries: Mutex<HashMap<(String, String), Series>>,
@@ -58,6 +59,16 @@ fn duration_histogram() -> Histogram {
 }
 
 impl Metrics {
+    /// Records the shard this replica leads.
+    pub fn set_shard(&self, shard: super::shard::Shard) {
+        self.shard
+            .get_or_create(&vec![
+                ("shard", shard.index.to_string()),
+                ("shards", shard.count.to_string()),
+            ])
+            .set(1);
+    }
+
     /// Creates the metrics; `extra` registers other modules' metrics (the metric providers'
     /// request counters) into the same registry.
     pub fn new(extra: impl FnOnce(&mut Registry)) -> Self {
@@ -126,8 +137,15 @@ impl Metrics {
             "Time from a decision to move traffic until the router acknowledged the weight write",
             weight_write.clone(),
         );
+        let shard = Family::<Labels, Gauge>::default();
+        registry.register(
+            "serin_shard",
+            "Always 1 on a leader: the shard it leads, of how many (shard 0 of 1 without shards)",
+            shard.clone(),
+        );
         extra(&mut registry);
         Metrics {
+            shard,
             registry,
             weight,
             phase,

@@ -869,6 +869,7 @@ impl Operator {
             ControllerOptions {
                 namespace: None,
                 concurrency: 4,
+                shard: crate::controller::shard::Shard::ALL,
             },
             async move {
                 let _ = stopped.wait_for(|s| *s).await;

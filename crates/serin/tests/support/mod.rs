@@ -13,6 +13,7 @@ pub mod fault_proxy;
 pub mod moto;
 pub mod prometheus;
 pub mod rbac;
+pub mod replica;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
