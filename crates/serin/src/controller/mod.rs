@@ -19,6 +19,7 @@
 
 pub mod checks;
 pub mod cli;
+pub mod compact;
 pub mod deletion;
 pub mod leader;
 pub mod ratelimit;
@@ -136,7 +137,7 @@ pub struct Context {
 /// for the configs a target references). None holds managedFields or the last-applied
 /// annotation.
 struct Caches {
-    deployments: Store<Deployment>,
+    deployments: Store<compact::CompactDeployment>,
     configmaps: Store<PartialObjectMeta<ConfigMap>>,
     secrets: Store<PartialObjectMeta<Secret>>,
 }
@@ -352,14 +353,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (canaries, deployments): (Api<DeserializeGuard<Canary>>, Api<Deployment>) =
-        match &options.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
+    // Deployments are cached compact: typed metadata, the spec and status as JSON.
+    let (canaries, deployments): (
+        Api<DeserializeGuard<Canary>>,
+        Api<compact::CompactDeployment>,
+    ) = match &options.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
     let services: Api<Service> = match &options.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -416,7 +420,6 @@ pub async fn run(
     let deployment_trigger = watcher(deployments, config())
         .default_backoff()
         .try_filter_map(move |e| std::future::ready(Ok(only_dependencies(&d_ctx, "deployment", e))))
-        .modify(strip)
         .reflect(deployment_writer)
         .touched_objects();
     let (configmap_store, configmap_writer) = reflector::store();
@@ -447,7 +450,7 @@ pub async fn run(
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
         .owns(services, config())
-        .watches_stream(deployment_trigger, move |d: Deployment| {
+        .watches_stream(deployment_trigger, move |d: compact::CompactDeployment| {
             deployment_to_canary(&mapper_ctx, &d)
         })
         .watches_stream(configmap_trigger, move |c: PartialObjectMeta<ConfigMap>| {
@@ -524,7 +527,10 @@ async fn prune_deleted(
 }
 
 /// Maps a Deployment event to the Canary that owns it (the primary) or targets it.
-fn deployment_to_canary(ctx: &Context, d: &Deployment) -> Vec<ObjectRef<DeserializeGuard<Canary>>> {
+fn deployment_to_canary(
+    ctx: &Context,
+    d: &compact::CompactDeployment,
+) -> Vec<ObjectRef<DeserializeGuard<Canary>>> {
     let Some(ns) = d.namespace() else {
         return Vec::new();
     };
@@ -846,7 +852,12 @@ async fn read_deployment(ctx: &Context, ns: &str, name: &str) -> Result<Option<D
     if let Some(caches) = ctx.caches.get()
         && let Some(d) = cached(&caches.deployments, ns, name)
     {
-        return Ok(Some(Deployment::clone(&d)));
+        match d.to_deployment() {
+            Ok(d) => return Ok(Some(d)),
+            Err(e) => {
+                tracing::warn!(namespace = ns, deployment = name, error = %e, "cached Deployment unreadable; reading it from the API server")
+            }
+        }
     }
     get_deployment(&Api::namespaced(ctx.client.clone(), ns), name).await
 }
