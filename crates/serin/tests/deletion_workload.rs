@@ -220,7 +220,8 @@ async fn arrange(kind: Kind) -> Option<(Env, WeightLog)> {
         kind.resource(),
         APP,
         kind.weights_at(),
-    );
+    )
+    .await;
     env.tasks.push(recorder);
     let canary: Canary = serde_json::from_value(workload_canary_for(&env, kind)).unwrap();
     Api::<Canary>::namespaced(env.client.clone(), &env.ns)

@@ -16,9 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, DynamicObject, PostParams};
+use kube::api::Api;
 use serde_json::json;
 use serin::api::Phase;
 use serin::demo::traffic::Behaviour;
@@ -184,42 +183,19 @@ async fn shards_share_canaries_fail_over_and_change_count_without_two_writers() 
     else {
         return;
     };
-    ensure_mesh(&env.client).await;
-    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
-    let canaries: Api<DynamicObject> = Api::namespaced_with(
-        env.client.clone(),
-        &env.ns,
-        &gvk("serin.dev", "v1alpha1", "Canary", "canaries"),
-    );
     let mut weights = BTreeMap::new();
     for (name, label) in CANARIES {
-        deployments
-            .create(
-                &PostParams::default(),
-                &deployment(&env.ns, name, "podinfo:1"),
-            )
-            .await
-            .unwrap();
-        let obj = canary_value(&env.ns, name, label, &env.prometheus.url);
-        canaries
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(obj).unwrap(),
-            )
-            .await
-            .unwrap();
-        let (log, task) = record_weights(&env.client, &env.ns, name);
+        let canary = canary_value(&env.ns, name, label, &env.prometheus.url);
+        setup_appmesh_with(&env, name, canary).await;
+        let (log, task) = record_weights(&env.client, &env.ns, name).await;
         env.tasks.push(task);
         weights.insert(name, log);
     }
-    let bad = canary_value(&env.ns, BAD, Some("x"), &env.prometheus.url);
-    canaries
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(bad).unwrap(),
-        )
-        .await
-        .unwrap();
+    create_canary(
+        &env,
+        canary_value(&env.ns, BAD, Some("x"), &env.prometheus.url),
+    )
+    .await;
 
     // Two shards, three replicas: two lead, one stands by.
     let two = ["--shards", "2"];

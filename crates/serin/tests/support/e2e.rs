@@ -374,6 +374,16 @@ pub async fn ensure_mesh(client: &kube::Client) {
 }
 
 pub async fn setup_appmesh(env: &Env, name: &str) {
+    setup_appmesh_with(
+        env,
+        name,
+        workload_canary(&env.ns, name, &env.prometheus.url),
+    )
+    .await;
+}
+
+/// [`setup_appmesh`] with the Canary `canary` (say, [`workload_canary`] with labels).
+pub async fn setup_appmesh_with(env: &Env, name: &str, canary: Value) {
     ensure_mesh(&env.client).await;
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
     deployments
@@ -383,13 +393,17 @@ pub async fn setup_appmesh(env: &Env, name: &str) {
         )
         .await
         .unwrap();
+    create_canary(env, canary).await;
+}
+
+/// Creates Canary `canary` in the test's namespace.
+pub async fn create_canary(env: &Env, canary: Value) {
     let canaries: Api<DynamicObject> = Api::namespaced_with(
         env.client.clone(),
         &env.ns,
         &gvk("serin.dev", "v1alpha1", "Canary", "canaries"),
     );
-    let obj: DynamicObject =
-        serde_json::from_value(workload_canary(&env.ns, name, &env.prometheus.url)).unwrap();
+    let obj: DynamicObject = serde_json::from_value(canary).unwrap();
     canaries.create(&PostParams::default(), &obj).await.unwrap();
 }
 
@@ -427,7 +441,7 @@ impl WeightLog {
 }
 
 /// Records the weights of the VirtualRouter `ns/name`'s first route.
-pub fn record_weights(
+pub async fn record_weights(
     client: &kube::Client,
     ns: &str,
     name: &str,
@@ -439,10 +453,14 @@ pub fn record_weights(
         name,
         "/spec/routes/0/httpRoute/action/weightedTargets",
     )
+    .await
 }
 
 /// Records the weights of object `name` of kind `ar`, from the weight list at `pointer`.
-pub fn record_weights_of(
+/// Returns once the watch's first list has succeeded, so a test that asserts the whole
+/// sequence cannot lose a pair written while the watch was still retrying that list (the
+/// real server may refuse it while a CRD is fresh).
+pub async fn record_weights_of(
     client: &kube::Client,
     ns: &str,
     ar: ApiResource,
@@ -453,9 +471,10 @@ pub fn record_weights_of(
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
     let name = name.to_string();
     let out = seen.clone();
+    let (listed_tx, listed) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
-        // A watch error (the real server may refuse the first list while a CRD is fresh)
-        // must not end the recording: the watcher retries with backoff.
+        let mut listed_tx = Some(listed_tx);
+        // A watch error must not end the recording: the watcher retries with backoff.
         let mut stream = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
             .boxed();
@@ -465,6 +484,12 @@ pub fn record_weights_of(
             };
             let objs = match ev {
                 watcher::Event::Apply(o) | watcher::Event::InitApply(o) => vec![o],
+                watcher::Event::InitDone => {
+                    if let Some(tx) = listed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                    vec![]
+                }
                 _ => vec![],
             };
             for o in objs
@@ -478,6 +503,15 @@ pub fn record_weights_of(
             }
         }
     });
+    tokio::time::timeout(Duration::from_secs(30), listed)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the watch of {} in {ns} did not list within 30 s",
+                ar.plural
+            )
+        })
+        .expect("the weight recorder ended before its first list");
     (seen, task)
 }
 
@@ -616,7 +650,7 @@ fn podinfo_services(canary: Behaviour) -> impl FnOnce(&kube::Client, &str) -> Ve
 
 async fn podinfo_setup(mut env: Env) -> Option<(Env, WeightLog)> {
     setup_appmesh(&env, "podinfo").await;
-    let (weights, recorder) = record_weights(&env.client, &env.ns, "podinfo");
+    let (weights, recorder) = record_weights(&env.client, &env.ns, "podinfo").await;
     env.tasks.push(recorder);
     Some((env, weights))
 }

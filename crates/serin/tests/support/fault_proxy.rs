@@ -437,7 +437,24 @@ async fn forward(st: Arc<Shared>, req: Request<Body>) -> Response<Body> {
         .expect("request");
     *upstream_req.headers_mut() = headers;
     st.update(index, |e| e.forwarded = Some(Instant::now()));
-    let resp = match st.upstream.send(upstream_req).await {
+    // The upstream exchange runs on its own task: a request that left for the server goes
+    // on when its client dies (as a request already on the wire may still be applied), and
+    // its answer time is recorded, so a killed replica's last write has a real end.
+    let upstream = {
+        let st = st.clone();
+        tokio::spawn(async move {
+            let resp = st.upstream.send(upstream_req).await;
+            if let Ok(r) = &resp {
+                let code = r.status().as_u16();
+                st.update(index, |e| {
+                    e.answered = Some(Instant::now());
+                    e.status = Some(code);
+                });
+            }
+            resp
+        })
+    };
+    let resp = match upstream.await.expect("the upstream exchange panicked") {
         Ok(r) => r,
         Err(e) => {
             st.update(index, |x| x.outcome = Outcome::Unreachable);
@@ -445,11 +462,6 @@ async fn forward(st: Arc<Shared>, req: Request<Body>) -> Response<Body> {
             return status_response(502, &format!("fault proxy: upstream: {e}"));
         }
     };
-    let code = resp.status().as_u16();
-    st.update(index, |e| {
-        e.answered = Some(Instant::now());
-        e.status = Some(code);
-    });
     if let Some((HoldAt::Response, reached, release)) = &hold {
         reached.send_replace(true);
         release.notified().await;
