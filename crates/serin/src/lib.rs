@@ -18,6 +18,7 @@ pub mod analyze;
 pub mod api;
 pub mod arms;
 pub mod bench;
+pub mod bounded;
 pub mod controller;
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -48,6 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::analysis::sequential;
 use crate::api::{AwsConnection, MetricDataQuery, MetricSpec, Preset, ProviderKind};
 use crate::arms::Arm;
+use crate::bounded::{self, Bounded};
 
 use super::presets::{self, Kind};
 use super::template::Vars;
@@ -130,7 +131,9 @@ struct Series {
 
 /// Reads CloudWatch through one batcher per region, role and endpoint.
 pub struct CloudWatch {
-    batchers: Mutex<HashMap<Key, mpsc::Sender<Item>>>,
+    /// By region, role and endpoint (as users write them, so bounded). An evicted batcher
+    /// finishes what it was given and ends when its last sender goes.
+    batchers: Mutex<Bounded<Key, mpsc::Sender<Item>>>,
     options: CloudWatchOptions,
     metrics: ProviderMetrics,
 }
@@ -139,7 +142,7 @@ impl CloudWatch {
     /// A provider with `options`; batchers start on first use (inside a Tokio runtime).
     pub fn new(options: CloudWatchOptions, metrics: ProviderMetrics) -> Self {
         CloudWatch {
-            batchers: Mutex::new(HashMap::new()),
+            batchers: Mutex::new(Bounded::new(bounded::CLIENTS)),
             options,
             metrics,
         }

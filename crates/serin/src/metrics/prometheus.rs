@@ -23,6 +23,7 @@ use prometheus_http_query::response::Data;
 use reqwest::header::{HeaderName, HeaderValue};
 
 use crate::api::{MetricSpec, PrometheusProvider, ProviderKind};
+use crate::bounded::{self, Bounded};
 
 use super::presets::{self, Counters, Kind};
 use super::template::Vars;
@@ -55,7 +56,8 @@ impl Default for PrometheusOptions {
 /// Runs PromQL instant queries. One HTTP connection pool is shared by every address.
 pub struct Prometheus {
     http: reqwest::Client,
-    clients: Mutex<HashMap<String, Client>>,
+    /// By address (as users write it in Canaries, so bounded).
+    clients: Mutex<Bounded<String, Client>>,
     secrets: Arc<dyn SecretLookup>,
     options: PrometheusOptions,
     metrics: ProviderMetrics,
@@ -77,7 +79,7 @@ impl Prometheus {
             .map_err(|e| MetricError::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(Prometheus {
             http,
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(Bounded::new(bounded::CLIENTS)),
             secrets,
             options,
             metrics,

@@ -13,7 +13,6 @@
 //! exponential backoff with jitter). The state lives outside Kubernetes, so this router
 //! needs a finalizer, and [`Router::finalize`] puts all traffic back on the primary.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,6 +23,7 @@ use tokio::sync::Mutex;
 
 use crate::api::{AppMeshApiRouter as AppMeshApiSpec, AwsConnection, Canary, RouterKind};
 use crate::arms::{ArmNames, DataPlaneArm, DataPlaneArms, Weights};
+use crate::bounded::{self, Bounded};
 
 use super::split::{Plan, Subject, plan, to_percent};
 use super::{Registration, Router, RouterError, WriteOutcome};
@@ -88,7 +88,8 @@ fn arms(canary: &Canary) -> Result<DataPlaneArms, RouterError> {
 /// Routes traffic by updating an App Mesh route through the AWS API.
 pub struct AppMeshAwsRouter {
     options: AwsOptions,
-    clients: Mutex<HashMap<ClientKey, aws_sdk_appmesh::Client>>,
+    /// By region, endpoint and role (as users write them, so bounded).
+    clients: Mutex<Bounded<ClientKey, aws_sdk_appmesh::Client>>,
 }
 
 struct Target {
@@ -228,7 +229,7 @@ impl AppMeshAwsRouter {
     pub fn with_options(options: AwsOptions) -> Self {
         AppMeshAwsRouter {
             options,
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(Bounded::new(bounded::CLIENTS)),
         }
     }
 
