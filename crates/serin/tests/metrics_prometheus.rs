@@ -10,7 +10,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use serin::analysis::{MetricObservation, Outcome};
 use serin::api::{CanarySpec, CanaryStatus, MetricResult, Phase, Verdict};
-use serin::metrics::{Evaluator, EvaluatorConfig, MetricError, MetricEvaluation, StaticSecrets};
+use serin::metrics::{
+    Evaluator, EvaluatorConfig, MetricError, MetricEvaluation, PrometheusOptions, StaticSecrets,
+};
 use serin::rollout::{self, Input, Observations, WorkloadState};
 use support::prometheus::{History, TestPrometheus};
 
@@ -80,6 +82,40 @@ fn fixture() -> &'static Fixture {
             &format!(r#"envoy_cluster_name="{}""#, am("podinfo-canary")),
             10.0,
         );
+        // Canary `multi`: each arm has two clusters (two listeners), whose counts and
+        // latency buckets a check sums before it judges.
+        for (arm, listener, ok, bad) in [
+            ("multi-canary", "http_9898", 4.0, 1.0),
+            ("multi-canary", "grpc_9090", 6.0, 0.0),
+            ("multi-primary", "http_9898", 10.0, 0.1),
+            ("multi-primary", "grpc_9090", 10.0, 0.3),
+        ] {
+            let cluster = format!("cds_egress_global_{arm}_test_{listener}");
+            for (code, rate) in [("200", ok), ("503", bad)] {
+                h.counter(
+                    "envoy_cluster_upstream_rq",
+                    &format!(r#"envoy_cluster_name="{cluster}",envoy_response_code="{code}""#),
+                    rate,
+                );
+            }
+            if arm == "multi-canary" {
+                // The gRPC listener answers every request within 5 ms: the p99 of the sum
+                // is neither listener's own.
+                let fast = listener == "grpc_9090";
+                for (le, rate) in BUCKETS {
+                    h.counter(
+                        "envoy_cluster_upstream_rq_time_bucket",
+                        &format!(r#"envoy_cluster_name="{cluster}",le="{le}""#),
+                        if fast { 2.0 } else { rate },
+                    );
+                }
+                h.counter(
+                    "envoy_cluster_upstream_rq_time_count",
+                    &format!(r#"envoy_cluster_name="{cluster}""#),
+                    if fast { 2.0 } else { 10.0 },
+                );
+            }
+        }
         // Canary `stale` (arms stale-primary and stale-canary): its series stopped being
         // scraped three minutes before the evaluation time; the last sample is at
         // base + 1020.
@@ -450,12 +486,33 @@ async fn unknown_template_variable() {
     assert!(e.queries.is_empty());
 }
 
-/// Each query counts in serin_provider_requests_total, exposed through a registry.
+/// The request counter `serin_provider_requests_total` of an evaluator, as exposed.
+fn requests_counted(evaluator: &Evaluator) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    evaluator.metrics().register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
+}
+
+/// An evaluator that sends every check's queries alone (no batching).
+fn unbatched() -> Evaluator {
+    let config = EvaluatorConfig {
+        prometheus: PrometheusOptions {
+            linger: Duration::ZERO,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Evaluator::new(Arc::new(StaticSecrets::none()), config).unwrap()
+}
+
+/// Each query counts in serin_provider_requests_total, exposed through a registry: a
+/// preset check alone sends its four counts and the freshness query, or, batched (the
+/// default), the two counts by cluster and the freshness query.
 #[tokio::test]
 async fn requests_are_counted() {
     let f = fixture();
-    let evaluator =
-        Evaluator::new(Arc::new(StaticSecrets::none()), EvaluatorConfig::default()).unwrap();
     let ctx = support::canary_context(
         "test",
         "podinfo",
@@ -468,16 +525,115 @@ async fn requests_are_counted() {
             ),
         ),
     );
-    evaluator.evaluate(&ctx, f.at).await;
-    let mut registry = prometheus_client::registry::Registry::default();
-    evaluator.metrics().register(&mut registry);
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let alone = unbatched();
+    alone.evaluate(&ctx, f.at).await;
+    let text = requests_counted(&alone);
     assert!(
         text.contains(
             r#"serin_provider_requests_total{provider="prometheus",outcome="success"} 5"#
         ),
         "{text}"
+    );
+    let batched =
+        Evaluator::new(Arc::new(StaticSecrets::none()), EvaluatorConfig::default()).unwrap();
+    batched.evaluate(&ctx, f.at).await;
+    let text = requests_counted(&batched);
+    assert!(
+        text.contains(
+            r#"serin_provider_requests_total{provider="prometheus",outcome="success"} 3"#
+        ),
+        "{text}"
+    );
+}
+
+/// Preset checks of many Canaries due together go out as one batch per preset kind (three
+/// requests each), and every Canary gets exactly what its own queries answer alone:
+/// values, evidence, sample sizes, timestamps and the no-data messages of Canaries
+/// without series. Arms of different data planes share the batch.
+#[tokio::test]
+async fn checks_of_many_canaries_share_queries_and_answer_as_alone() {
+    let f = fixture();
+    let threshold = |preset: &str| format!("preset: {preset}\n      judge: Threshold");
+    let canaries: Vec<(&str, String)> = vec![
+        ("podinfo", appmesh().to_string()),
+        ("stale", appmesh().to_string()),
+        ("multi", appmesh().to_string()),
+        ("absent", appmesh().to_string()),
+        ("podinfo", "{gloo: {upstreamGroup: {name: ug}}}".to_string()),
+        (
+            "podinfo",
+            "{gatewayApi: {httpRoute: {name: podinfo}}}".to_string(),
+        ),
+    ];
+    let mut contexts = Vec::new();
+    for (target, router) in &canaries {
+        let preset = match router.split(':').next() {
+            Some("{gloo") => "gloo",
+            Some("{gatewayApi") => "gateway",
+            _ => "appmesh",
+        };
+        for kind in ["error-rate", "latency-p99"] {
+            let mut s = spec(
+                router,
+                &metric(
+                    &f.prometheus.url,
+                    &threshold(&format!("{preset}-{kind}")),
+                    "",
+                ),
+            );
+            s.target_ref.as_mut().unwrap().name = (*target).into();
+            contexts.push(support::canary_context("test", target, s));
+        }
+    }
+    let alone = unbatched();
+    let mut expected = Vec::new();
+    for ctx in &contexts {
+        expected.push(alone.evaluate_detailed(ctx, f.at).await.remove(0));
+    }
+    let batched =
+        Evaluator::new(Arc::new(StaticSecrets::none()), EvaluatorConfig::default()).unwrap();
+    let got = futures::future::join_all(
+        contexts
+            .iter()
+            .map(|ctx| batched.evaluate_detailed(ctx, f.at)),
+    )
+    .await;
+    let mut passed = 0;
+    for ((ctx, want), mut got) in contexts.iter().zip(&expected).zip(got) {
+        let got = got.remove(0);
+        let what = format!("{} {:?}", ctx.name, ctx.data_plane);
+        assert_eq!(got.queries, want.queries, "{what}");
+        match (&got.result, &want.result) {
+            (Ok(g), Ok(w)) => {
+                passed += 1;
+                assert!((g.value - w.value).abs() < 1e-9, "{what}: {g:?} vs {w:?}");
+                assert_eq!(g.timestamp, w.timestamp, "{what}");
+                assert_eq!(g.sample_size, w.sample_size, "{what}");
+                let (ge, we) = (g.evidence.as_ref(), w.evidence.as_ref());
+                assert_eq!(ge.is_some(), we.is_some(), "{what}");
+                if let (Some(ge), Some(we)) = (ge, we) {
+                    for (a, b) in [
+                        (ge.primary.requests, we.primary.requests),
+                        (ge.primary.errors, we.primary.errors),
+                        (ge.canary.requests, we.canary.requests),
+                        (ge.canary.errors, we.canary.errors),
+                    ] {
+                        assert!((a - b).abs() < 1e-9, "{what}: {ge:?} vs {we:?}");
+                    }
+                }
+            }
+            (g, w) => assert_eq!(g, w, "{what}"),
+        }
+    }
+    // podinfo's and multi's App Mesh error rates and p99s, and the Gloo and Gateway API
+    // error rates.
+    assert_eq!(passed, 6, "{expected:?}");
+    let text = requests_counted(&batched);
+    assert!(
+        text.contains(
+            r#"serin_provider_requests_total{provider="prometheus",outcome="success"} 6"#
+        ),
+        "two batches of three requests: {text}"
     );
 }
 

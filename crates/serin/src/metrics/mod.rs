@@ -22,6 +22,7 @@
 mod cloudwatch;
 pub mod presets;
 mod prometheus;
+mod prometheus_batch;
 mod telemetry;
 pub mod template;
 

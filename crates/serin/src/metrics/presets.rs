@@ -12,7 +12,7 @@ use crate::arms::{Arm, DataPlaneArms};
 use super::CanaryContext;
 
 /// What a preset measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// Percent of requests answered with 5xx.
     ErrorRate,
@@ -36,29 +36,85 @@ pub fn kind(preset: Preset) -> Kind {
     }
 }
 
-/// The PromQL label matcher that selects one arm's Envoy cluster. The names come from the
-/// router's resolution of the arms ([`DataPlaneArms`]), never from a second naming rule, so
-/// the series judged are the ones the weights move.
-fn cluster_matcher(preset: Preset, arms: &DataPlaneArms, arm: Arm) -> String {
+/// The regex (RE2, which Prometheus anchors at both ends) of the `envoy_cluster_name` of one
+/// arm's Envoy cluster. The names come from the router's resolution of the arms
+/// ([`DataPlaneArms`]), never from a second naming rule, so the series judged are the ones
+/// the weights move.
+pub fn cluster_regex(preset: Preset, arms: &DataPlaneArms, arm: Arm) -> String {
     let target = arms.get(arm);
     let (name, namespace) = (&target.name, &target.namespace);
     match preset {
         // The caller's Envoy names the cluster of a virtual node target
         // `cds_egress_<mesh>_<virtual node>_<protocol>_<port>`, and the App Mesh controller
         // names a VirtualNode `<name>_<namespace>` in AWS.
-        Preset::AppmeshErrorRate | Preset::AppmeshLatencyP99 => format!(
-            r#"envoy_cluster_name=~"cds_egress_.+_{name}_{namespace}_(http|http2|grpc)_[0-9]+""#
-        ),
+        Preset::AppmeshErrorRate | Preset::AppmeshLatencyP99 => {
+            format!(r#"cds_egress_.+_{name}_{namespace}_(http|http2|grpc)_[0-9]+"#)
+        }
         // Gloo names the cluster of an Upstream `<upstream name>_<upstream namespace>`; with
         // its Kubernetes Gateway integration on, kube upstreams' stats carry the prefix
         // `kube-upstream_` (solo-io/gloo#10439).
-        Preset::GlooErrorRate | Preset::GlooLatencyP99 => {
-            format!(r#"envoy_cluster_name=~"(kube-upstream_)?{name}_.+""#)
-        }
+        Preset::GlooErrorRate | Preset::GlooLatencyP99 => format!(r#"(kube-upstream_)?{name}_.+"#),
         // Envoy-based Gateway API implementations name a backend Service's cluster with its
         // namespace, name and port as path or underscore components:
         // Contour `<ns>/<service>/<port>/<hash>`, kgateway `kube_<ns>_<service>_<port>`.
-        _ => format!(r#"envoy_cluster_name=~".*{namespace}[/_]{name}[/_][0-9]+.*""#),
+        _ => format!(r#".*{namespace}[/_]{name}[/_][0-9]+.*"#),
+    }
+}
+
+/// The PromQL label matcher that selects one arm's Envoy cluster ([`cluster_regex`]).
+fn cluster_matcher(preset: Preset, arms: &DataPlaneArms, arm: Arm) -> String {
+    format!(
+        r#"envoy_cluster_name=~"{}""#,
+        cluster_regex(preset, arms, arm)
+    )
+}
+
+/// The PromQL of a preset for many Canaries at once: each query's series are kept apart by
+/// `envoy_cluster_name` (and `le` for histogram buckets), so that every Canary's arms are
+/// summed from them ([`cluster_regex`] picks an arm's series). `clusters` is the union of
+/// the arms' regexes, `fresh` that of the arms whose freshness is judged (the canaries'),
+/// `window` the rendered `{{ interval }}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batched {
+    /// Instant queries. Error rate: requests, then 5xx responses, by cluster. Latency:
+    /// request-time bucket rates by cluster and `le`, then request counts by cluster.
+    pub instant: [String; 2],
+    /// The range query whose values are the newest sample time by cluster, of the series
+    /// the judged query reads (as [`super::freshness_query`] for one Canary).
+    pub freshness: String,
+}
+
+/// The batched queries of a preset kind (see [`Batched`]).
+pub fn promql_batched(kind: Kind, clusters: &str, fresh: &str, window: &str) -> Batched {
+    let m = format!(r#"envoy_cluster_name=~"{clusters}""#);
+    let f = format!(r#"envoy_cluster_name=~"{fresh}""#);
+    match kind {
+        Kind::ErrorRate => Batched {
+            instant: [
+                format!(
+                    "sum by (envoy_cluster_name) (increase(envoy_cluster_upstream_rq{{{m}}}[{window}]))"
+                ),
+                format!(
+                    r#"sum by (envoy_cluster_name) (increase(envoy_cluster_upstream_rq{{{m},envoy_response_code=~"5.."}}[{window}]))"#
+                ),
+            ],
+            freshness: format!(
+                "max by (envoy_cluster_name) (timestamp(envoy_cluster_upstream_rq{{{f}}}))"
+            ),
+        },
+        Kind::LatencyP99 => Batched {
+            instant: [
+                format!(
+                    "sum by (envoy_cluster_name, le) (rate(envoy_cluster_upstream_rq_time_bucket{{{m}}}[{window}]))"
+                ),
+                format!(
+                    "sum by (envoy_cluster_name) (increase(envoy_cluster_upstream_rq_time_count{{{m}}}[{window}]))"
+                ),
+            ],
+            freshness: format!(
+                "max by (envoy_cluster_name) (timestamp(envoy_cluster_upstream_rq_time_count{{{f}}}))"
+            ),
+        },
     }
 }
 

@@ -26,14 +26,16 @@ use crate::api::{MetricSpec, PrometheusProvider, ProviderKind};
 use crate::bounded::{self, Bounded};
 
 use super::presets::{self, Counters, Kind};
+use super::prometheus_batch::{self, BatchKey, Batches};
 use super::template::Vars;
 use super::{
     ArmCounts, CanaryContext, Evidence, Measurement, MetricError, MetricProvider, ProviderMetrics,
     Sample, SecretLookup,
 };
 use crate::analysis::sequential;
+use crate::arms::Arm;
 
-const PROVIDER: &str = "prometheus";
+pub(super) const PROVIDER: &str = "prometheus";
 
 /// Settings of the Prometheus provider.
 #[derive(Clone, Debug)]
@@ -42,6 +44,9 @@ pub struct PrometheusOptions {
     pub default_timeout: Duration,
     /// Timeout for opening a TCP connection.
     pub connect_timeout: Duration,
+    /// How long a preset check waits for others to share its queries
+    /// ([`super::prometheus_batch`]); zero sends every check's queries alone.
+    pub linger: Duration,
 }
 
 impl Default for PrometheusOptions {
@@ -49,6 +54,7 @@ impl Default for PrometheusOptions {
         PrometheusOptions {
             default_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            linger: Duration::from_millis(50),
         }
     }
 }
@@ -61,10 +67,12 @@ pub struct Prometheus {
     secrets: Arc<dyn SecretLookup>,
     options: PrometheusOptions,
     metrics: ProviderMetrics,
+    /// Preset checks waiting to share their queries.
+    batches: Batches,
 }
 
 /// One value of an instant query, or nothing when no series matched.
-type Instant = Option<(f64, DateTime<Utc>)>;
+pub(super) type Instant = Option<(f64, DateTime<Utc>)>;
 
 impl Prometheus {
     /// A provider that reads credentials through `secrets`.
@@ -83,6 +91,7 @@ impl Prometheus {
             secrets,
             options,
             metrics,
+            batches: Batches::default(),
         })
     }
 
@@ -249,24 +258,46 @@ impl Prometheus {
             None => queries.first(),
         };
         let freshness = judged.and_then(|q| freshness_query(q));
-        let values = futures::future::join_all(
-            queries
-                .iter()
-                .map(|q| self.instant(&client, &headers, timeout, q, now)),
-        );
-        let newest = async {
-            match &freshness {
-                Some(f) => Some(
-                    self.newest_sample(&client, &headers, timeout, f, window, now)
-                        .await,
-                ),
-                None => None,
+        let (results, newest, at) = match self
+            .batched(
+                canary, metric, provider, &headers, &client, timeout, window, now,
+            )
+            .await
+        {
+            Some(Ok(answer)) => (
+                answer.values.into_iter().map(Ok).collect(),
+                Some(Ok(answer.newest)),
+                answer.at,
+            ),
+            // A batch Prometheus cannot parse is retried as this Canary's own queries,
+            // so that the message names them.
+            None | Some(Err(MetricError::BadQuery(_))) => {
+                let values = futures::future::join_all(
+                    queries
+                        .iter()
+                        .map(|q| self.instant(&client, &headers, timeout, q, now)),
+                );
+                let newest = async {
+                    match &freshness {
+                        Some(f) => Some(
+                            self.newest_sample(&client, &headers, timeout, f, window, now)
+                                .await,
+                        ),
+                        None => None,
+                    }
+                };
+                // One round trip: the freshness query goes out with the value queries.
+                let (results, newest) = futures::join!(values, newest);
+                (results, newest, now)
+            }
+            Some(Err(e)) => {
+                let mut queries = queries;
+                queries.extend(freshness);
+                return Measurement::failed(queries, e);
             }
         };
-        // One round trip: the freshness query goes out with the value queries.
-        let (results, newest) = futures::join!(values, newest);
         let result = match metric.preset.map(presets::kind) {
-            Some(Kind::ErrorRate) => error_rate(&queries, results, now),
+            Some(Kind::ErrorRate) => error_rate(&queries, results, at),
             Some(Kind::LatencyP99) => latency(&queries, results),
             None => results
                 .into_iter()
@@ -279,8 +310,8 @@ impl Prometheus {
                 // Nothing read from series (`vector(1)`), or none of them has a sample
                 // near the window (`sum(rate(errors[1m])) or vector(0)` without errors):
                 // the value is computed at the evaluation time.
-                None | Some(Ok(None)) => now,
-                Some(Ok(Some(at))) => at,
+                None | Some(Ok(None)) => at,
+                Some(Ok(Some(t))) => t,
                 Some(Err(e)) => return Err(e),
             };
             Ok(sample)
@@ -288,6 +319,54 @@ impl Prometheus {
         let mut queries = queries;
         queries.extend(freshness);
         Measurement { queries, result }
+    }
+
+    /// A preset check's values from a batch shared with the other Canaries' checks
+    /// ([`super::prometheus_batch`]); `None` for a user query, or when batching is off.
+    #[allow(clippy::too_many_arguments)]
+    async fn batched(
+        &self,
+        canary: &CanaryContext,
+        metric: &MetricSpec,
+        provider: &PrometheusProvider,
+        headers: &[(HeaderName, HeaderValue)],
+        client: &Client,
+        timeout: Duration,
+        window: Duration,
+        now: DateTime<Utc>,
+    ) -> Option<Result<prometheus_batch::Answer, MetricError>> {
+        let preset = metric.preset?;
+        if self.options.linger.is_zero() {
+            return None;
+        }
+        let kind = presets::kind(preset);
+        let arms: &[Arm] = match kind {
+            Kind::ErrorRate => &Arm::BOTH,
+            Kind::LatencyP99 => &[Arm::Canary],
+        };
+        let arms = arms
+            .iter()
+            .map(|&arm| presets::cluster_regex(preset, &canary.data_plane, arm))
+            .collect();
+        let key = BatchKey {
+            address: provider.address.clone(),
+            headers: headers.to_vec(),
+            timeout,
+            window,
+            kind,
+        };
+        Some(
+            self.batches
+                .submit(
+                    key,
+                    client.clone(),
+                    self.metrics.clone(),
+                    self.options.linger,
+                    arms,
+                    now,
+                )
+                .await,
+        )
     }
 
     /// When the data behind a value ends ([`fresh_until`]): `freshness` (from
@@ -746,7 +825,11 @@ fn time(ts: f64) -> DateTime<Utc> {
         .unwrap_or_default()
 }
 
-fn map_error(client: &Client, query: &str, e: prometheus_http_query::Error) -> MetricError {
+pub(super) fn map_error(
+    client: &Client,
+    query: &str,
+    e: prometheus_http_query::Error,
+) -> MetricError {
     use prometheus_http_query::Error as E;
     use prometheus_http_query::error::PrometheusErrorType as T;
     let base = client.base_url();
@@ -1131,7 +1214,7 @@ pub fn promql_selectors(query: &str) -> Vec<String> {
 
 /// The newest sample time and the one before it, from a freshness range query's values
 /// (each step's newest sample time).
-fn newest_two(values: impl IntoIterator<Item = f64>) -> Option<(f64, Option<f64>)> {
+pub(super) fn newest_two(values: impl IntoIterator<Item = f64>) -> Option<(f64, Option<f64>)> {
     let mut newest: Option<f64> = None;
     let mut previous: Option<f64> = None;
     for v in values.into_iter().filter(|v| v.is_finite()) {
@@ -1155,7 +1238,7 @@ fn newest_two(values: impl IntoIterator<Item = f64>) -> Option<(f64, Option<f64>
 /// The time a sample whose newest data is at `newest` (seconds) stands for: until the next
 /// sample is due, one sampling interval later (the gap to the sample before, at most the
 /// window), never after `now`. A lone sample stands for its own time only.
-fn fresh_until(
+pub(super) fn fresh_until(
     newest: f64,
     previous: Option<f64>,
     window: Duration,

@@ -1,0 +1,579 @@
+//! Checks of preset metrics batched across Canaries: the checks that arrive within
+//! [`PrometheusOptions::linger`](super::PrometheusOptions::linger) and share a Prometheus
+//! (address, headers and credentials, timeout), a window and a preset kind go out as one
+//! set of queries, whatever their data plane: two instant queries `sum by
+//! (envoy_cluster_name) (...)` over the union of every arm's cluster regex, and one
+//! freshness range query `max by (envoy_cluster_name) (timestamp(...))`. Each Canary's
+//! arms are then summed from the series their own regex matches, so every Canary gets
+//! exactly what its own queries would have answered (the latency preset's
+//! `histogram_quantile` is computed here, as Prometheus computes it, from the summed
+//! buckets). Three requests serve up to [`MAX_BATCH`] Canaries instead of five (error
+//! rate) or three (latency) each.
+//!
+//! The batch is evaluated at the latest evaluation time of its checks: never before a
+//! check was due, so a result is never judged stale for the batching; at most the linger
+//! later than the earliest.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus_http_query::Client;
+use prometheus_http_query::response::Data;
+use reqwest::header::{HeaderName, HeaderValue};
+use tokio::sync::oneshot;
+
+use super::presets::{self, Kind};
+use super::prometheus::{Instant, PROVIDER, fresh_until, map_error, newest_two};
+use super::template::promql_duration;
+use super::{MetricError, ProviderMetrics};
+
+/// Checks at most in one batch: the union regex of their arms stays a few tens of KiB.
+pub const MAX_BATCH: usize = 100;
+
+/// What the checks of one batch share.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    /// `provider.prometheus.address`.
+    pub address: String,
+    /// The headers sent, credentials included: only checks that may read the same data
+    /// share a query.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The query timeout.
+    pub timeout: Duration,
+    /// The metric's window (`{{ interval }}`).
+    pub window: Duration,
+    /// The preset's kind.
+    pub kind: Kind,
+}
+
+/// What a batch answers one check: the values its own queries would have returned, in
+/// the order of `presets::promql_error_rate` (requests and errors of the primary, then of
+/// the canary) or `presets::promql_latency` (p99, request count), and the newest sample
+/// time of its judged series.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    /// The instant values, each `None` when no series matched.
+    pub values: Vec<Instant>,
+    /// Until when the judged series' data stands ([`fresh_until`]); `None` when no series
+    /// has a sample in the window.
+    pub newest: Option<DateTime<Utc>>,
+    /// The evaluation time of the batch.
+    pub at: DateTime<Utc>,
+}
+
+struct Item {
+    /// The arms' cluster regexes: primary then canary for an error rate, the canary alone
+    /// for a latency. The last one's freshness is judged.
+    arms: Vec<String>,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<Result<Answer, MetricError>>,
+}
+
+struct Pending {
+    id: u64,
+    items: Vec<Item>,
+}
+
+/// The batches being collected, by what their checks share. An entry lives for one linger
+/// at most, so the map holds only keys in use.
+#[derive(Default)]
+pub struct Batches {
+    pending: Arc<Mutex<HashMap<BatchKey, Pending>>>,
+    next: AtomicU64,
+}
+
+impl Batches {
+    /// Adds a check to the batch of `key` (starting one, which goes out after `linger` or
+    /// once it holds [`MAX_BATCH`] checks) and waits for its answer.
+    pub async fn submit(
+        &self,
+        key: BatchKey,
+        client: Client,
+        metrics: ProviderMetrics,
+        linger: Duration,
+        arms: Vec<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Answer, MetricError> {
+        let (reply, rx) = oneshot::channel();
+        let item = Item { arms, now, reply };
+        let full = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.get_mut(&key) {
+                Some(p) => {
+                    p.items.push(item);
+                    if p.items.len() >= MAX_BATCH {
+                        pending.remove(&key)
+                    } else {
+                        None
+                    }
+                }
+                None => {
+                    let id = self.next.fetch_add(1, Ordering::Relaxed);
+                    pending.insert(
+                        key.clone(),
+                        Pending {
+                            id,
+                            items: vec![item],
+                        },
+                    );
+                    let (map, key, client, metrics) = (
+                        self.pending.clone(),
+                        key.clone(),
+                        client.clone(),
+                        metrics.clone(),
+                    );
+                    tokio::spawn(async move {
+                        tokio::time::sleep(linger).await;
+                        // Unless it went out full meanwhile (and a new one took its key).
+                        let due = {
+                            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+                            match map.get(&key) {
+                                Some(p) if p.id == id => map.remove(&key),
+                                _ => None,
+                            }
+                        };
+                        if let Some(p) = due {
+                            run(&client, &key, &metrics, p.items).await;
+                        }
+                    });
+                    None
+                }
+            }
+        };
+        if let Some(p) = full {
+            tokio::spawn(async move { run(&client, &key, &metrics, p.items).await });
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(MetricError::Provider(
+                "the batch of Prometheus queries stopped before answering".into(),
+            ))
+        })
+    }
+}
+
+/// The union of cluster regexes, each kept whole.
+fn union<'a>(regexes: impl IntoIterator<Item = &'a str>) -> String {
+    let set: BTreeSet<&str> = regexes.into_iter().collect();
+    set.iter()
+        .map(|r| format!("(?:{r})"))
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// A long batched query shortened for a message.
+fn shown(query: &str, checks: usize) -> String {
+    const KEEP: usize = 300;
+    if query.len() <= KEEP {
+        return query.to_string();
+    }
+    let mut end = KEEP;
+    while !query.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… (the preset queries of {checks} Canaries in one)",
+        &query[..end]
+    )
+}
+
+/// An instant query's series: labels and value.
+type Vector = Vec<(HashMap<String, String>, f64)>;
+/// A range query's series: labels and values.
+type Matrix = Vec<(HashMap<String, String>, Vec<(f64, f64)>)>;
+
+async fn instant(
+    client: &Client,
+    key: &BatchKey,
+    metrics: &ProviderMetrics,
+    query: &str,
+    at: DateTime<Utc>,
+    checks: usize,
+) -> Result<Vector, MetricError> {
+    let mut q = client
+        .query(query)
+        .query(
+            "time",
+            format!("{:.3}", at.timestamp_millis() as f64 / 1000.0),
+        )
+        .timeout(key.timeout.as_millis().min(i64::MAX as u128) as i64);
+    for (name, value) in &key.headers {
+        q = q.header(name.clone(), value.clone());
+    }
+    // POST: the union regex can be longer than proxies allow in a URL.
+    let result = match tokio::time::timeout(key.timeout, q.post()).await {
+        Err(_) => Err(timed_out(client, key, query, checks)),
+        Ok(Err(e)) => Err(map_error(client, &shown(query, checks), e)),
+        Ok(Ok(r)) => match r.into_inner().0 {
+            Data::Vector(v) => Ok(v
+                .into_iter()
+                .map(|s| {
+                    let (labels, sample) = s.into_inner();
+                    (labels, sample.value())
+                })
+                .collect()),
+            _ => Err(MetricError::Provider(format!(
+                "Prometheus answered an instant query without an instant vector; is the address a Prometheus API? Query was {}",
+                shown(query, checks)
+            ))),
+        },
+    };
+    count(metrics, &result);
+    result
+}
+
+async fn range(
+    client: &Client,
+    key: &BatchKey,
+    metrics: &ProviderMetrics,
+    query: &str,
+    at: DateTime<Utc>,
+    checks: usize,
+) -> Result<Matrix, MetricError> {
+    // As for one Canary: the window rounded outwards to whole seconds, in sixty steps.
+    let end = at.timestamp() + i64::from(at.timestamp_subsec_millis() > 0);
+    let start = at
+        .timestamp()
+        .saturating_sub(i64::try_from(key.window.as_secs()).unwrap_or(i64::MAX));
+    let step = ((end.saturating_sub(start)) as f64 / 60.0).max(0.001);
+    let mut q = client
+        .query_range(query, start, end, step)
+        .timeout(key.timeout.as_millis().min(i64::MAX as u128) as i64);
+    for (name, value) in &key.headers {
+        q = q.header(name.clone(), value.clone());
+    }
+    let result = match tokio::time::timeout(key.timeout, q.post()).await {
+        Err(_) => Err(timed_out(client, key, query, checks)),
+        Ok(Err(e)) => Err(match map_error(client, &shown(query, checks), e) {
+            MetricError::BadQuery(m) => MetricError::BadQuery(format!(
+                "cannot tell how fresh the data is: {m}. Report this query to Serin's maintainers"
+            )),
+            other => other,
+        }),
+        Ok(Ok(r)) => match r.into_inner().0 {
+            Data::Matrix(series) => Ok(series
+                .into_iter()
+                .map(|s| {
+                    let (labels, samples) = s.into_inner();
+                    (
+                        labels,
+                        samples.iter().map(|p| (p.timestamp(), p.value())).collect(),
+                    )
+                })
+                .collect()),
+            _ => Err(MetricError::Provider(format!(
+                "Prometheus answered a range query without a range result; is the address a Prometheus API? Query was {}",
+                shown(query, checks)
+            ))),
+        },
+    };
+    count(metrics, &result);
+    result
+}
+
+fn timed_out(client: &Client, key: &BatchKey, query: &str, checks: usize) -> MetricError {
+    MetricError::Timeout(format!(
+        "Prometheus at {} did not answer within {}s; is it overloaded, or is provider.prometheus.timeout too short? query was {}",
+        client.base_url(),
+        key.timeout.as_secs_f64(),
+        shown(query, checks)
+    ))
+}
+
+fn count<T>(metrics: &ProviderMetrics, result: &Result<T, MetricError>) {
+    metrics.inc(
+        PROVIDER,
+        match result {
+            Ok(_) => "success",
+            Err(e) => e.category(),
+        },
+    );
+}
+
+/// Sends a batch's queries and answers each of its checks.
+async fn run(client: &Client, key: &BatchKey, metrics: &ProviderMetrics, items: Vec<Item>) {
+    let Some(at) = items.iter().map(|i| i.now).max() else {
+        return;
+    };
+    let all = union(items.iter().flat_map(|i| i.arms.iter().map(String::as_str)));
+    let fresh = union(
+        items
+            .iter()
+            .filter_map(|i| i.arms.last().map(String::as_str)),
+    );
+    let q = presets::promql_batched(key.kind, &all, &fresh, &promql_duration(key.window));
+    let n = items.len();
+    let (first, second, newest) = futures::join!(
+        instant(client, key, metrics, &q.instant[0], at, n),
+        instant(client, key, metrics, &q.instant[1], at, n),
+        range(client, key, metrics, &q.freshness, at, n),
+    );
+    let answers = match (first, second, newest) {
+        (Ok(first), Ok(second), Ok(newest)) => Ok((first, second, newest)),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+    };
+    let (first, second, newest) = match answers {
+        Ok(a) => a,
+        Err(e) => {
+            for item in items {
+                let _ = item.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    let series = Series::new(&first, &second, &newest);
+    for item in items {
+        let answer = series.answer(key, &item.arms, at);
+        // The check may have been dropped meanwhile (a cancelled fetch): fine.
+        let _ = item.reply.send(answer);
+    }
+}
+
+/// A batch's answers, indexed by cluster name.
+struct Series<'a> {
+    first: Vec<(&'a str, &'a HashMap<String, String>, f64)>,
+    second: Vec<(&'a str, f64)>,
+    newest: Vec<(&'a str, &'a [(f64, f64)])>,
+}
+
+const CLUSTER: &str = "envoy_cluster_name";
+
+impl<'a> Series<'a> {
+    fn new(first: &'a Vector, second: &'a Vector, newest: &'a Matrix) -> Self {
+        let cluster = |l: &'a HashMap<String, String>| l.get(CLUSTER).map(String::as_str);
+        Series {
+            first: first
+                .iter()
+                .filter_map(|(l, v)| Some((cluster(l)?, l, *v)))
+                .collect(),
+            second: second
+                .iter()
+                .filter_map(|(l, v)| Some((cluster(l)?, *v)))
+                .collect(),
+            newest: newest
+                .iter()
+                .filter_map(|(l, p)| Some((cluster(l)?, p.as_slice())))
+                .collect(),
+        }
+    }
+
+    fn answer(
+        &self,
+        key: &BatchKey,
+        arms: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<Answer, MetricError> {
+        let regexes = arms
+            .iter()
+            .map(|a| {
+                regex_lite::Regex::new(&format!("^(?:{a})$")).map_err(|e| {
+                    MetricError::Provider(format!(
+                        "the cluster pattern {a:?} of a preset is not a regular expression: {e}"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(judged) = regexes.last() else {
+            return Err(MetricError::Provider("a preset check without arms".into()));
+        };
+        let sum = |series: &mut dyn Iterator<Item = (&str, f64)>, re: &regex_lite::Regex| {
+            series
+                .filter(|(c, _)| re.is_match(c))
+                .map(|(_, v)| v)
+                .reduce(|a, b| a + b)
+                .map(|v| (v, at))
+        };
+        let values = match key.kind {
+            Kind::ErrorRate => regexes
+                .iter()
+                .flat_map(|re| {
+                    [
+                        sum(&mut self.first.iter().map(|(c, _, v)| (*c, *v)), re),
+                        sum(&mut self.second.iter().copied(), re),
+                    ]
+                })
+                .collect(),
+            Kind::LatencyP99 => {
+                let mut buckets: BTreeMap<String, f64> = BTreeMap::new();
+                for (c, labels, v) in &self.first {
+                    if judged.is_match(c)
+                        && let Some(le) = labels.get("le")
+                    {
+                        *buckets.entry(le.clone()).or_default() += v;
+                    }
+                }
+                let p99 = (!buckets.is_empty()).then(|| {
+                    let buckets = buckets
+                        .into_iter()
+                        .filter_map(|(le, count)| Some((le.parse::<f64>().ok()?, count)))
+                        .collect();
+                    (histogram_quantile(0.99, buckets), at)
+                });
+                vec![p99, sum(&mut self.second.iter().copied(), judged)]
+            }
+        };
+        // The newest sample time across the judged arm's clusters at each step (what
+        // `max(timestamp(...))` over them gives), then as for one Canary.
+        let mut steps: BTreeMap<i64, f64> = BTreeMap::new();
+        for (c, points) in &self.newest {
+            if judged.is_match(c) {
+                for &(t, v) in points.iter() {
+                    let e = steps
+                        .entry((t * 1000.0).round() as i64)
+                        .or_insert(f64::NEG_INFINITY);
+                    *e = e.max(v);
+                }
+            }
+        }
+        let newest = newest_two(steps.into_values())
+            .map(|(newest, previous)| fresh_until(newest, previous, key.window, at));
+        Ok(Answer { values, newest, at })
+    }
+}
+
+/// `histogram_quantile(q, ...)` of classic buckets (upper bound, cumulative count), as
+/// Prometheus computes it: buckets sorted by bound and merged when equal, counts made
+/// monotonic (differences within a relative 1e-12 are float noise), linear interpolation
+/// inside the bucket the rank falls in, the first bucket starting at zero, the highest
+/// finite bound when the rank falls in `+Inf`; NaN without `+Inf`, with fewer than two
+/// buckets or no observations.
+pub fn histogram_quantile(q: f64, mut buckets: Vec<(f64, f64)>) -> f64 {
+    if q.is_nan() {
+        return f64::NAN;
+    }
+    if q < 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if q > 1.0 {
+        return f64::INFINITY;
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if buckets.last().is_none_or(|b| b.0 != f64::INFINITY) {
+        return f64::NAN;
+    }
+    let mut merged: Vec<(f64, f64)> = Vec::with_capacity(buckets.len());
+    for (bound, count) in buckets {
+        match merged.last_mut() {
+            Some(last) if last.0 == bound => last.1 += count,
+            _ => merged.push((bound, count)),
+        }
+    }
+    let mut previous = merged[0].1;
+    for b in merged.iter_mut().skip(1) {
+        if b.1 == previous {
+            continue;
+        }
+        if almost_equal(previous, b.1, 1e-12) || b.1 < previous {
+            b.1 = previous;
+            continue;
+        }
+        previous = b.1;
+    }
+    if merged.len() < 2 {
+        return f64::NAN;
+    }
+    let observations = merged[merged.len() - 1].1;
+    if observations == 0.0 {
+        return f64::NAN;
+    }
+    let mut rank = q * observations;
+    let last = merged.len() - 1;
+    let b = merged[..last]
+        .iter()
+        .position(|b| b.1 >= rank)
+        .unwrap_or(last);
+    if b == last {
+        return merged[last - 1].0;
+    }
+    if b == 0 && merged[0].0 <= 0.0 {
+        return merged[0].0;
+    }
+    let (mut start, end, mut count) = (0.0, merged[b].0, merged[b].1);
+    if b > 0 {
+        start = merged[b - 1].0;
+        count -= merged[b - 1].1;
+        rank -= merged[b - 1].1;
+    }
+    start + (end - start) * (rank / count)
+}
+
+/// Whether `a` and `b` are equal within the relative tolerance `epsilon`.
+fn almost_equal(a: f64, b: f64, epsilon: f64) -> bool {
+    if a == b {
+        return true;
+    }
+    let (sum, diff) = (a.abs() + b.abs(), (a - b).abs());
+    if a == 0.0 || b == 0.0 || sum < f64::MIN_POSITIVE {
+        return diff < epsilon * f64::MIN_POSITIVE;
+    }
+    diff / sum.min(f64::MAX) < epsilon
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+        points.to_vec()
+    }
+
+    /// Linear interpolation in the bucket the rank falls in; the first bucket starts at 0.
+    #[test]
+    fn interpolates_inside_the_bucket() {
+        let buckets = b(&[(10.0, 50.0), (20.0, 90.0), (f64::INFINITY, 100.0)]);
+        assert_eq!(histogram_quantile(0.5, buckets.clone()), 10.0);
+        assert!((histogram_quantile(0.7, buckets.clone()) - 15.0).abs() < 1e-9);
+        assert!((histogram_quantile(0.25, buckets) - 5.0).abs() < 1e-9);
+    }
+
+    /// A rank in +Inf gives the highest finite bound; no +Inf, too few buckets or no
+    /// observations give NaN; q outside [0, 1] gives ±Inf.
+    #[test]
+    fn edges() {
+        let buckets = b(&[(10.0, 50.0), (f64::INFINITY, 100.0)]);
+        assert_eq!(histogram_quantile(0.99, buckets.clone()), 10.0);
+        assert!(histogram_quantile(0.5, b(&[(10.0, 5.0), (20.0, 9.0)])).is_nan());
+        assert!(histogram_quantile(0.5, b(&[(f64::INFINITY, 9.0)])).is_nan());
+        assert!(histogram_quantile(0.5, b(&[(1.0, 0.0), (f64::INFINITY, 0.0)])).is_nan());
+        assert_eq!(histogram_quantile(-0.1, buckets.clone()), f64::NEG_INFINITY);
+        assert_eq!(histogram_quantile(1.1, buckets), f64::INFINITY);
+    }
+
+    /// Unsorted, duplicated and non-monotonic buckets are sorted, merged and made monotonic.
+    #[test]
+    fn repairs_buckets() {
+        let messy = b(&[
+            (f64::INFINITY, 100.0),
+            (20.0, 40.0),
+            (10.0, 30.0),
+            (10.0, 20.0),
+            (30.0, 35.0),
+        ]);
+        // Sorted and merged: 10 → 50, 20 → 40 (raised to 50), 30 → 35 (raised to 50),
+        // +Inf → 100; the median's rank 50 is reached in the first bucket.
+        assert_eq!(histogram_quantile(0.5, messy.clone()), 10.0);
+        // Rank 75 falls in +Inf: the highest finite bound.
+        assert_eq!(histogram_quantile(0.75, messy), 30.0);
+    }
+
+    /// Every regex is kept whole in the union, once.
+    #[test]
+    fn union_of_regexes() {
+        assert_eq!(union(["b|c", "a", "b|c"]), "(?:a)|(?:b|c)");
+    }
+
+    /// Long queries are cut on a character boundary in messages.
+    #[test]
+    fn long_queries_are_shortened() {
+        let q = "é".repeat(400);
+        let s = shown(&q, 7);
+        assert!(
+            s.ends_with("(the preset queries of 7 Canaries in one)"),
+            "{s}"
+        );
+        assert!(s.len() < 400);
+        assert_eq!(shown("up", 7), "up");
+    }
+}
