@@ -57,6 +57,12 @@ pub struct ScaleBenchArgs {
     /// analysis longer, so that the figures are mostly those of steady checks.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub checks_per_step: u32,
+    /// What every Canary's metric is: `preset` (the data plane's error-rate preset, judged
+    /// by threshold at each check, over Envoy counters the benchmark serves to Prometheus;
+    /// these checks are batched across Canaries) or `query` (a user query that reads no
+    /// series, `sum(rate(...)) or vector(0)`; never batched).
+    #[arg(long, value_enum, default_value_t = BenchMetric::Preset)]
+    pub metric: BenchMetric,
     /// Share of the full background (10,000 ConfigMaps, 5,000 Secrets, 5,000 Deployments
     /// with Services) to create next to the Canaries; 0 for none.
     #[arg(long, default_value_t = 1.0)]
@@ -94,18 +100,31 @@ pub struct ScaleBenchArgs {
     pub strict: bool,
 }
 
+/// What the benchmark's Canaries are judged on (see [`ScaleBenchArgs::metric`]).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchMetric {
+    /// The data plane's error-rate preset, judged by threshold.
+    Preset,
+    /// A user query over no series.
+    Query,
+}
+
 impl ScaleBenchArgs {
     /// The command line that reproduces the report.
     pub fn command(&self) -> String {
         let counts: Vec<String> = self.canaries.iter().map(|n| n.to_string()).collect();
         format!(
-            "serin bench scale --canaries {} --interval {}{} --background {} --rollback-share {} --steady {}{}",
+            "serin bench scale --canaries {} --interval {}{}{} --background {} --rollback-share {} --steady {}{}",
             counts.join(","),
             self.interval,
             if self.checks_per_step == 1 {
                 String::new()
             } else {
                 format!(" --checks-per-step {}", self.checks_per_step)
+            },
+            match self.metric {
+                BenchMetric::Preset => "",
+                BenchMetric::Query => " --metric query",
             },
             self.background,
             self.rollback_share,
@@ -139,7 +158,16 @@ pub async fn run(args: &ScaleBenchArgs, progress: &mut dyn FnMut(&str)) -> anyho
         None => std::env::current_exe().context("finding this binary to run as the operator")?,
     };
     let dir = TempDir::new()?;
-    let prometheus = Prometheus::start(&args.prometheus, &dir.0.join("prometheus")).await?;
+    let envoy = Envoy::start().await?;
+    // At least three scrapes per analysis interval, so that every window has data.
+    let scrape = (args.interval / 3).clamp(1, 15);
+    let prometheus = Prometheus::start(
+        &args.prometheus,
+        &dir.0.join("prometheus"),
+        &envoy.address,
+        scrape,
+    )
+    .await?;
     let mut results = Vec::new();
     for &n in &args.canaries {
         progress(&format!("N = {n}: starting"));
@@ -148,6 +176,7 @@ pub async fn run(args: &ScaleBenchArgs, progress: &mut dyn FnMut(&str)) -> anyho
             n,
             &operator,
             &prometheus,
+            &envoy,
             &dir.0.join(format!("n{n}")),
             progress,
         )
@@ -387,11 +416,14 @@ async fn run_one(
     n: usize,
     operator_bin: &Path,
     prometheus: &Prometheus,
+    envoy: &Envoy,
     dir: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> anyhow::Result<Result1> {
     std::fs::create_dir_all(dir)?;
     let layout = Layout::new(n);
+    // The data plane's counters exist before the Canaries do, as traffic does.
+    envoy.serve((0..n).flat_map(|i| clusters(&layout, i)).collect());
     let kubeconfig = dir.join("kubeconfig");
     let (cluster, client) = match &args.kubeconfig {
         None => {
@@ -465,16 +497,7 @@ async fn run_one(
     let prom_start = scrape(&prometheus.metrics_url()).await?;
     let requests_start = cluster.request_counts();
     let started = Instant::now();
-    create_canaries(
-        &creator,
-        &layout,
-        n,
-        &prometheus.url,
-        args.interval,
-        args.checks_per_step,
-        &tracks,
-    )
-    .await?;
+    create_canaries(&creator, &layout, n, &prometheus.url, args, &tracks).await?;
     let deadline = started
         + Duration::from_secs(args.interval * (3 * u64::from(args.checks_per_step) + 9) + 120)
         + Duration::from_millis(30 * n as u64);
@@ -709,14 +732,25 @@ fn canary_objects(
     prometheus: &str,
     interval: u64,
     checks_per_step: u32,
+    metric: BenchMetric,
 ) -> Vec<Value> {
     let (ns, name) = (layout.namespace(i), name_of(i));
-    let metric = json!({
-        "name": "errors",
-        "provider": {"prometheus": {"address": prometheus}},
-        "query": "sum(rate(bench_errors_total{app=\"{{ canary }}\"}[{{ interval }}])) or vector(0)",
-        "max": 1
-    });
+    let provider = json!({"prometheus": {"address": prometheus}});
+    let metric = match metric {
+        BenchMetric::Preset => json!({
+            "name": "errors",
+            "provider": provider,
+            "preset": if is_workload(i) { "appmesh-error-rate" } else { "gloo-error-rate" },
+            "judge": "Threshold",
+            "max": 1
+        }),
+        BenchMetric::Query => json!({
+            "name": "errors",
+            "provider": provider,
+            "query": "sum(rate(bench_errors_total{app=\"{{ canary }}\"}[{{ interval }}])) or vector(0)",
+            "max": 1
+        }),
+    };
     let analysis = json!({
         "interval": format!("{interval}s"), "checksPerStep": checks_per_step, "failureThreshold": 2,
         "metrics": [metric]
@@ -766,8 +800,7 @@ async fn create_canaries(
     layout: &Layout,
     n: usize,
     prometheus: &str,
-    interval: u64,
-    checks_per_step: u32,
+    args: &ScaleBenchArgs,
     tracks: &Tracks,
 ) -> anyhow::Result<()> {
     let mesh = layout.mesh();
@@ -782,7 +815,14 @@ async fn create_canaries(
     creator.create_all(first).await?;
     stream::iter(0..n)
         .map(|i| async move {
-            let mut objects = canary_objects(layout, i, prometheus, interval, checks_per_step);
+            let mut objects = canary_objects(
+                layout,
+                i,
+                prometheus,
+                args.interval,
+                args.checks_per_step,
+                args.metric,
+            );
             let canary = objects.pop().unwrap_or_default();
             for o in objects {
                 creator.create(&o).await?;
@@ -1020,17 +1060,23 @@ async fn wait_ready(
     }
 }
 
-/// A real Prometheus with no scrape targets: every query evaluates against an empty TSDB.
+/// A real Prometheus scraping the benchmark's Envoy counters ([`Envoy`]) every `scrape`
+/// seconds.
 struct Prometheus {
     url: String,
     _process: Process,
 }
 
 impl Prometheus {
-    async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+    async fn start(bin: &Path, dir: &Path, envoy: &str, scrape: u64) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("prometheus.yml");
-        std::fs::write(&config, "global:\n  scrape_interval: 15s\n")?;
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: {scrape}s\n  scrape_timeout: {scrape}s\nscrape_configs:\n  - job_name: envoy\n    static_configs:\n      - targets: ['{envoy}']\n"
+            ),
+        )?;
         let port = free_port()?;
         let log = dir.join("prometheus.log");
         let out = std::fs::File::create(&log)?;
@@ -1059,6 +1105,79 @@ impl Prometheus {
 
     fn metrics_url(&self) -> String {
         format!("{}/metrics", self.url)
+    }
+}
+
+/// The Envoy request counters of the Canaries' arms, served for Prometheus to scrape, as
+/// the callers' Envoys would export them: every arm answers 10 requests a second, all 200s
+/// (the rolled-back share is aborted by command, not by errors).
+struct Envoy {
+    /// `host:port` of the scrape target.
+    address: String,
+    clusters: Arc<Mutex<Arc<Vec<String>>>>,
+    _server: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Envoy {
+    async fn start() -> anyhow::Result<Self> {
+        let clusters: Arc<Mutex<Arc<Vec<String>>>> = Arc::default();
+        let started = Instant::now();
+        let served = clusters.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let clusters = served.lock().map(|c| c.clone()).unwrap_or_default();
+                async move {
+                    let count = (started.elapsed().as_secs_f64() * 10.0).floor();
+                    let mut text = String::with_capacity(clusters.len() * 100 + 64);
+                    text.push_str("# TYPE envoy_cluster_upstream_rq counter\n");
+                    for c in clusters.iter() {
+                        text.push_str(&format!(
+                            "envoy_cluster_upstream_rq{{envoy_cluster_name=\"{c}\",envoy_response_code=\"200\"}} {count}\n"
+                        ));
+                    }
+                    text
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Envoy {
+            address,
+            clusters,
+            _server: AbortOnDrop(server),
+        })
+    }
+
+    /// Serves the counters of `clusters` from now on (those of the N before go).
+    fn serve(&self, clusters: Vec<String>) {
+        if let Ok(mut c) = self.clusters.lock() {
+            *c = Arc::new(clusters);
+        }
+    }
+}
+
+/// The Envoy cluster names of Canary `i`'s two arms, as its data plane names them: App Mesh
+/// callers' egress clusters of the arms' virtual nodes, Gloo's clusters of the arms'
+/// discovered upstreams.
+fn clusters(layout: &Layout, i: usize) -> [String; 2] {
+    let (ns, name) = (layout.namespace(i), name_of(i));
+    if is_workload(i) {
+        let mesh = layout.mesh();
+        ["primary", "canary"].map(|arm| format!("cds_egress_{mesh}_{name}-{arm}_{ns}_http_{PORT}"))
+    } else {
+        [name.clone(), format!("{name}v2")].map(|svc| format!("{ns}-{svc}-{PORT}_{ns}"))
     }
 }
 
@@ -1447,14 +1566,39 @@ mod tests {
         assert_eq!(bucket_quantile(&[], 0.5), None);
     }
 
+    /// The counters the benchmark serves are the ones each Canary's preset selects: every
+    /// arm's cluster regex (from the router's own naming of the arms) matches its cluster,
+    /// and no other Canary's.
+    #[test]
+    fn served_clusters_are_the_presets_own() {
+        let layout = Layout::new(4);
+        let all: Vec<String> = (0..4).flat_map(|i| clusters(&layout, i)).collect();
+        for i in 0..4 {
+            let objects = canary_objects(&layout, i, "http://x", 10, 1, BenchMetric::Preset);
+            let canary: Canary = serde_json::from_value(objects.last().unwrap().clone()).unwrap();
+            let preset = canary.spec.analysis.metrics[0].preset.unwrap();
+            let arms = crate::router::data_plane_arms(&canary).unwrap();
+            for (arm, cluster) in crate::arms::Arm::BOTH.iter().zip(clusters(&layout, i)) {
+                let re = crate::metrics::presets::cluster_regex(preset, &arms, *arm);
+                let re = regex_lite::Regex::new(&format!("^(?:{re})$")).unwrap();
+                let matched: Vec<&String> = all.iter().filter(|c| re.is_match(c)).collect();
+                assert_eq!(matched, vec![&cluster], "Canary {i} {arm:?}");
+            }
+        }
+    }
+
     /// Every Canary and background object the benchmark creates is valid for Serin.
     #[test]
     fn objects() {
         for i in 0..4 {
-            let objects = canary_objects(&Layout::new(4), i, "http://127.0.0.1:9090", 10, 1);
-            let canary: Canary = serde_json::from_value(objects.last().unwrap().clone()).unwrap();
-            assert!(crate::api::validate(&canary.spec).is_empty(), "{i}");
-            assert_eq!(canary.spec.is_traffic_mode(), !is_workload(i));
+            for metric in [BenchMetric::Preset, BenchMetric::Query] {
+                let objects =
+                    canary_objects(&Layout::new(4), i, "http://127.0.0.1:9090", 10, 1, metric);
+                let canary: Canary =
+                    serde_json::from_value(objects.last().unwrap().clone()).unwrap();
+                assert!(crate::api::validate(&canary.spec).is_empty(), "{i}");
+                assert_eq!(canary.spec.is_traffic_mode(), !is_workload(i));
+            }
         }
         let bg = background(&Layout::new(4), 0.01);
         assert_eq!(bg.iter().filter(|o| o["kind"] == "ConfigMap").count(), 100);
