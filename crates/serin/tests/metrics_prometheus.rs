@@ -797,3 +797,76 @@ async fn freshness_queries_of_user_queries_are_valid_promql() {
     assert_eq!(e.queries.len(), 1);
     assert_eq!(e.result.expect("a value").timestamp, f.at);
 }
+
+/// The sequential judge's looks of many Canaries due together go out as one range query
+/// per counter and preset kind, whatever the grids' offsets, and every Canary gets exactly
+/// the looks its own range queries give; a long grid (a Canary catching up) is fetched
+/// alone.
+#[tokio::test]
+async fn looks_of_many_canaries_share_range_queries_and_answer_as_alone() {
+    let f = fixture();
+    let sequential = |preset: &str| format!("preset: {preset}\n      judge: Sequential");
+    let canaries = [
+        ("podinfo", appmesh(), "appmesh", 63),
+        ("multi", appmesh(), "appmesh", 57),
+        ("absent", appmesh(), "appmesh", 60),
+        ("stale", appmesh(), "appmesh", 41),
+        ("podinfo", "{gloo: {upstreamGroup: {name: ug}}}", "gloo", 60),
+        (
+            "podinfo",
+            "{gatewayApi: {httpRoute: {name: podinfo}}}",
+            "gateway",
+            35,
+        ),
+        // Twenty minutes behind: fetched alone.
+        ("podinfo", appmesh(), "appmesh", 1200),
+    ];
+    let mut cases = Vec::new();
+    for (target, router, preset, behind) in canaries {
+        for kind in ["error-rate", "latency-p99"] {
+            let mut s = spec(
+                router,
+                &metric(
+                    &f.prometheus.url,
+                    &sequential(&format!("{preset}-{kind}")),
+                    "",
+                ),
+            );
+            s.target_ref.as_mut().unwrap().name = target.into();
+            let from = f.at - chrono::Duration::seconds(behind);
+            cases.push((support::canary_context("test", target, s), from));
+        }
+    }
+    let step = Duration::from_secs(10);
+    let alone = unbatched();
+    let mut expected = Vec::new();
+    for (ctx, from) in &cases {
+        expected.push(alone.looks(ctx, *from, step, f.at).await);
+    }
+    let batched =
+        Evaluator::new(Arc::new(StaticSecrets::none()), EvaluatorConfig::default()).unwrap();
+    let got = futures::future::join_all(
+        cases
+            .iter()
+            .map(|(ctx, from)| batched.looks(ctx, *from, step, f.at)),
+    )
+    .await;
+    let mut with_looks = 0;
+    for (((ctx, _), want), got) in cases.iter().zip(&expected).zip(&got) {
+        assert_eq!(got, want, "{} {:?}", ctx.name, ctx.data_plane);
+        with_looks += usize::from(got.metrics[0].result.as_ref().is_ok_and(|l| !l.is_empty()));
+    }
+    // The error rates of podinfo (twice), multi, stale (zero requests: its series stopped),
+    // Gloo and Gateway API; no latency has looks, since the fixture has no primary
+    // histogram, and the sequential latency judge compares both arms.
+    assert_eq!(with_looks, 6);
+    // Batched: one range query for the error rates, two (counts, buckets) for the
+    // latencies; the long grids' own: two and four.
+    let text = requests_counted(&batched);
+    assert!(
+        text.contains(
+            r#"serin_provider_requests_total{provider="prometheus",outcome="success"} 9"#
+        ),
+        "{text}"
+    );
+}

@@ -177,6 +177,19 @@ impl Counters {
     }
 }
 
+/// The counter selectors of [`promql_counters`] for many arms at once (`clusters`, the union
+/// of their regexes), in the order of [`Counters::queries`].
+pub fn promql_counters_batched(kind: Kind, clusters: &str) -> Vec<String> {
+    let m = format!(r#"envoy_cluster_name=~"{clusters}""#);
+    match kind {
+        Kind::ErrorRate => vec![format!("envoy_cluster_upstream_rq{{{m}}}")],
+        Kind::LatencyP99 => vec![
+            format!("envoy_cluster_upstream_rq_time_count{{{m}}}"),
+            format!("envoy_cluster_upstream_rq_time_bucket{{{m}}}"),
+        ],
+    }
+}
+
 /// The counter selectors of a Prometheus preset for each arm, primary first.
 pub fn promql_counters(preset: Preset, canary: &CanaryContext) -> Vec<(Arm, Counters)> {
     Arm::BOTH

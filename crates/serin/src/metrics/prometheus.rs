@@ -524,12 +524,65 @@ impl Prometheus {
             .map(Duration::from)
             .unwrap_or(self.options.default_timeout);
         let seconds: Vec<i64> = grid.iter().map(|t| t.timestamp()).collect();
-        let answers = futures::future::join_all(
-            queries
-                .iter()
-                .map(|q| self.range(&client, &headers, timeout, q, &seconds)),
-        )
-        .await;
+        let batched =
+            if self.options.linger.is_zero() || !prometheus_batch::batchable_grid(&seconds) {
+                None
+            } else {
+                let key = BatchKey {
+                    address: provider.address.clone(),
+                    headers: headers.clone(),
+                    timeout,
+                    window: Duration::ZERO,
+                    kind: presets::kind(preset),
+                };
+                let arms = Arm::BOTH
+                    .iter()
+                    .map(|&arm| presets::cluster_regex(preset, &canary.data_plane, arm))
+                    .collect();
+                let answer = self
+                    .batches
+                    .looks(
+                        key,
+                        client.clone(),
+                        self.metrics.clone(),
+                        self.options.linger,
+                        arms,
+                        seconds.clone(),
+                    )
+                    .await;
+                match answer {
+                    Ok(matrices) => Some(
+                        matrices
+                            .into_iter()
+                            .map(|m| {
+                                Ok(m.into_iter()
+                                    .map(|(labels, points)| {
+                                        let points = points
+                                            .into_iter()
+                                            .map(|(t, v)| (t.round() as i64, v))
+                                            .collect();
+                                        (labels, points)
+                                    })
+                                    .collect())
+                            })
+                            .collect(),
+                    ),
+                    // Retried as this Canary's own queries, so that the message names them.
+                    Err(MetricError::BadQuery(_)) => None,
+                    Err(e) => return fail(queries, e),
+                }
+            };
+        let answers: Vec<Result<Matrix, MetricError>> = match batched {
+            Some(a) => a,
+            None => {
+                futures::future::join_all(
+                    queries
+                        .iter()
+                        .map(|q| self.range(&client, &headers, timeout, q, &seconds)),
+                )
+                .await
+            }
+        };
         let mut answers = answers.into_iter();
         let mut arms = Vec::new();
         for (_, c) in &counters {

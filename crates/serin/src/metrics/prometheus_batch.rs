@@ -13,6 +13,15 @@
 //! The batch is evaluated at the latest evaluation time of its checks: never before a
 //! check was due, so a result is never judged stale for the batching; at most the linger
 //! later than the earliest.
+//!
+//! The sequential judge's looks are batched the same way ([`Batches::looks`]): one range
+//! query per counter over the union of the arms' regexes, from the earliest grid start to
+//! the latest grid end, at a step that hits every Canary's grid (the greatest common divisor
+//! of the grids' steps and offsets, one second at worst). A range query's value at a time
+//! does not depend on the step, so each Canary keeps its arms' series at its own grid
+//! times and gets what its own range queries return. Grids longer than [`MAX_LOOK_SPAN`]
+//! (a Canary catching up) are fetched alone, so a batch stays a few hundred points per
+//! series.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +41,8 @@ use super::{MetricError, ProviderMetrics};
 
 /// Checks at most in one batch: the union regex of their arms stays a few tens of KiB.
 pub const MAX_BATCH: usize = 100;
+/// Seconds a look grid may span and still be batched.
+pub const MAX_LOOK_SPAN: i64 = 300;
 
 /// What the checks of one batch share.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -78,11 +89,34 @@ struct Pending {
 }
 
 /// The batches being collected, by what their checks share. An entry lives for one linger
-/// at most, so the map holds only keys in use.
+/// at most, so the maps hold only keys in use.
 #[derive(Default)]
 pub struct Batches {
     pending: Arc<Mutex<HashMap<BatchKey, Pending>>>,
+    pending_looks: Arc<Mutex<HashMap<BatchKey, PendingLooks>>>,
     next: AtomicU64,
+}
+
+/// One Canary's looks in a batch.
+struct LookItem {
+    /// The arms' cluster regexes, primary then canary.
+    arms: Vec<String>,
+    /// The grid (unix seconds).
+    grid: Vec<i64>,
+    reply: oneshot::Sender<Result<Vec<Matrix>, MetricError>>,
+}
+
+struct PendingLooks {
+    id: u64,
+    items: Vec<LookItem>,
+}
+
+/// Whether a grid is short enough to share a batch ([`MAX_LOOK_SPAN`]).
+pub fn batchable_grid(grid: &[i64]) -> bool {
+    match (grid.first(), grid.last()) {
+        (Some(a), Some(b)) => b - a <= MAX_LOOK_SPAN && grid.len() >= 2,
+        _ => false,
+    }
 }
 
 impl Batches {
@@ -154,6 +188,211 @@ impl Batches {
     }
 }
 
+impl Batches {
+    /// Adds a Canary's looks on `grid` (see [`batchable_grid`]) to the batch of `key`
+    /// (whose window is unused) and waits for its answer: for each arm, primary then
+    /// canary, the series of each of the kind's counters
+    /// ([`presets::promql_counters_batched`]) at the grid's times, as that arm's own
+    /// range queries return them.
+    pub async fn looks(
+        &self,
+        key: BatchKey,
+        client: Client,
+        metrics: ProviderMetrics,
+        linger: Duration,
+        arms: Vec<String>,
+        grid: Vec<i64>,
+    ) -> Result<Vec<Matrix>, MetricError> {
+        let (reply, rx) = oneshot::channel();
+        let item = LookItem { arms, grid, reply };
+        let full = {
+            let mut pending = self.pending_looks.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.get_mut(&key) {
+                Some(p) => {
+                    p.items.push(item);
+                    if p.items.len() >= MAX_BATCH {
+                        pending.remove(&key)
+                    } else {
+                        None
+                    }
+                }
+                None => {
+                    let id = self.next.fetch_add(1, Ordering::Relaxed);
+                    pending.insert(
+                        key.clone(),
+                        PendingLooks {
+                            id,
+                            items: vec![item],
+                        },
+                    );
+                    let (map, key, client, metrics) = (
+                        self.pending_looks.clone(),
+                        key.clone(),
+                        client.clone(),
+                        metrics.clone(),
+                    );
+                    tokio::spawn(async move {
+                        tokio::time::sleep(linger).await;
+                        let due = {
+                            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+                            match map.get(&key) {
+                                Some(p) if p.id == id => map.remove(&key),
+                                _ => None,
+                            }
+                        };
+                        if let Some(p) = due {
+                            run_looks(&client, &key, &metrics, p.items).await;
+                        }
+                    });
+                    None
+                }
+            }
+        };
+        if let Some(p) = full {
+            tokio::spawn(async move { run_looks(&client, &key, &metrics, p.items).await });
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(MetricError::Provider(
+                "the batch of Prometheus range queries stopped before answering".into(),
+            ))
+        })
+    }
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    let (mut a, mut b) = (a.abs(), b.abs());
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// The range every grid of a batch falls on: (start, end, step) in seconds.
+fn look_range(grids: &[&[i64]]) -> Option<(i64, i64, i64)> {
+    let start = grids.iter().filter_map(|g| g.first()).min().copied()?;
+    let end = grids.iter().filter_map(|g| g.last()).max().copied()?;
+    let mut step = 0;
+    for g in grids {
+        for t in g.iter() {
+            step = gcd(step, t - start);
+        }
+    }
+    Some((start, end, step.max(1)))
+}
+
+async fn run_looks(
+    client: &Client,
+    key: &BatchKey,
+    metrics: &ProviderMetrics,
+    items: Vec<LookItem>,
+) {
+    let grids: Vec<&[i64]> = items.iter().map(|i| i.grid.as_slice()).collect();
+    let Some((start, end, step)) = look_range(&grids) else {
+        return;
+    };
+    let all = union(items.iter().flat_map(|i| i.arms.iter().map(String::as_str)));
+    let queries = presets::promql_counters_batched(key.kind, &all);
+    let n = items.len();
+    let answers = futures::future::join_all(
+        queries
+            .iter()
+            .map(|q| range_on(client, key, metrics, q, (start, end, step), n)),
+    )
+    .await;
+    let answers: Result<Vec<Matrix>, MetricError> = answers.into_iter().collect();
+    let answers = match answers {
+        Ok(a) => a,
+        Err(e) => {
+            for item in items {
+                let _ = item.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    for item in items {
+        let reply = item
+            .arms
+            .iter()
+            .map(|a| {
+                regex_lite::Regex::new(&format!("^(?:{a})$")).map_err(|e| {
+                    MetricError::Provider(format!(
+                        "the cluster pattern {a:?} of a preset is not a regular expression: {e}"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|regexes| {
+                let times: BTreeSet<i64> = item.grid.iter().copied().collect();
+                let mut out = Vec::new();
+                for re in &regexes {
+                    for m in &answers {
+                        out.push(
+                            m.iter()
+                                .filter(|(labels, _)| {
+                                    labels.get(CLUSTER).is_some_and(|c| re.is_match(c))
+                                })
+                                .map(|(labels, points)| {
+                                    let mine: Vec<(f64, f64)> = points
+                                        .iter()
+                                        .copied()
+                                        .filter(|(t, _)| times.contains(&(t.round() as i64)))
+                                        .collect();
+                                    (labels.clone(), mine)
+                                })
+                                .filter(|(_, points)| !points.is_empty())
+                                .collect(),
+                        );
+                    }
+                }
+                out
+            });
+        let _ = item.reply.send(reply);
+    }
+}
+
+/// One range query of a look batch, on `(start, end, step)` seconds.
+async fn range_on(
+    client: &Client,
+    key: &BatchKey,
+    metrics: &ProviderMetrics,
+    query: &str,
+    (start, end, step): (i64, i64, i64),
+    checks: usize,
+) -> Result<Matrix, MetricError> {
+    let mut q = client
+        .query_range(query, start, end, step as f64)
+        .timeout(key.timeout.as_millis().min(i64::MAX as u128) as i64);
+    for (name, value) in &key.headers {
+        q = q.header(name.clone(), value.clone());
+    }
+    let result = match tokio::time::timeout(key.timeout, q.post()).await {
+        Err(_) => Err(timed_out(client, key, query, checks)),
+        Ok(Err(e)) => Err(map_error(client, &shown(query, checks), e)),
+        Ok(Ok(r)) => matrix(r.into_inner().0, query, checks),
+    };
+    count(metrics, &result);
+    result
+}
+
+fn matrix(data: Data, query: &str, checks: usize) -> Result<Matrix, MetricError> {
+    match data {
+        Data::Matrix(series) => Ok(series
+            .into_iter()
+            .map(|s| {
+                let (labels, samples) = s.into_inner();
+                (
+                    labels,
+                    samples.iter().map(|p| (p.timestamp(), p.value())).collect(),
+                )
+            })
+            .collect()),
+        _ => Err(MetricError::Provider(format!(
+            "Prometheus answered a range query without a range result; is the address a Prometheus API? Query was {}",
+            shown(query, checks)
+        ))),
+    }
+}
+
 /// The union of cluster regexes, each kept whole.
 fn union<'a>(regexes: impl IntoIterator<Item = &'a str>) -> String {
     let set: BTreeSet<&str> = regexes.into_iter().collect();
@@ -181,8 +420,8 @@ fn shown(query: &str, checks: usize) -> String {
 
 /// An instant query's series: labels and value.
 type Vector = Vec<(HashMap<String, String>, f64)>;
-/// A range query's series: labels and values.
-type Matrix = Vec<(HashMap<String, String>, Vec<(f64, f64)>)>;
+/// A range query's series: labels and (unix seconds, value) points.
+pub type Matrix = Vec<(HashMap<String, String>, Vec<(f64, f64)>)>;
 
 async fn instant(
     client: &Client,
@@ -252,22 +491,7 @@ async fn range(
             )),
             other => other,
         }),
-        Ok(Ok(r)) => match r.into_inner().0 {
-            Data::Matrix(series) => Ok(series
-                .into_iter()
-                .map(|s| {
-                    let (labels, samples) = s.into_inner();
-                    (
-                        labels,
-                        samples.iter().map(|p| (p.timestamp(), p.value())).collect(),
-                    )
-                })
-                .collect()),
-            _ => Err(MetricError::Provider(format!(
-                "Prometheus answered a range query without a range result; is the address a Prometheus API? Query was {}",
-                shown(query, checks)
-            ))),
-        },
+        Ok(Ok(r)) => matrix(r.into_inner().0, query, checks),
     };
     count(metrics, &result);
     result
@@ -556,6 +780,19 @@ mod tests {
         assert_eq!(histogram_quantile(0.5, messy.clone()), 10.0);
         // Rank 75 falls in +Inf: the highest finite bound.
         assert_eq!(histogram_quantile(0.75, messy), 30.0);
+    }
+
+    /// The batch range starts at the earliest grid, ends at the latest, and steps on every
+    /// grid's times.
+    #[test]
+    fn look_ranges_hit_every_grid() {
+        let (a, b, c) = ([100, 110, 120], [103, 113], [100, 120]);
+        assert_eq!(look_range(&[&a, &c]), Some((100, 120, 10)));
+        assert_eq!(look_range(&[&a, &b]), Some((100, 120, 1)));
+        assert_eq!(look_range(&[&[100, 106], &[104, 110]]), Some((100, 110, 2)));
+        assert_eq!(look_range(&[&c]), Some((100, 120, 20)));
+        assert_eq!(look_range(&[]), None);
+        assert!(batchable_grid(&[0, 10]) && !batchable_grid(&[0, 301]) && !batchable_grid(&[5]));
     }
 
     /// Every regex is kept whole in the union, once.
