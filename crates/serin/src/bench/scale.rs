@@ -209,6 +209,8 @@ struct Result1 {
     rss_background_kib: u64,
     rss_peak_kib: u64,
     rss_steady_kib: u64,
+    /// RSS once a minute during the rollouts: (seconds since the first creation, KiB).
+    rss_minutes: Vec<(f64, u64)>,
     rollout_seconds: f64,
     cpu_rollout_seconds: f64,
     cpu_steady_seconds: f64,
@@ -502,7 +504,13 @@ async fn run_one(
         + Duration::from_secs(args.interval * (3 * u64::from(args.checks_per_step) + 9) + 120)
         + Duration::from_millis(30 * n as u64);
     let mut last_report = Instant::now();
+    let mut last_rss = Instant::now();
     loop {
+        if last_rss.elapsed() >= Duration::from_secs(60) {
+            r.rss_minutes
+                .push((started.elapsed().as_secs_f64(), operator.memory()?.0));
+            last_rss = Instant::now();
+        }
         let (to_trigger, to_abort, finished) = {
             let t = tracks.lock().unwrap_or_else(|e| e.into_inner());
             let to_trigger: Vec<usize> = t
@@ -1382,6 +1390,22 @@ fn quantile(values: &[f64], q: f64) -> Option<f64> {
     Some(v[idx])
 }
 
+/// The least-squares slope of (seconds, KiB) samples, in KiB per second.
+fn slope(samples: &[(f64, u64)]) -> f64 {
+    let n = samples.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mean_t = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_m = samples.iter().map(|s| s.1 as f64).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for &(t, m) in samples {
+        num += (t - mean_t) * (m as f64 - mean_m);
+        den += (t - mean_t) * (t - mean_t);
+    }
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
@@ -1429,6 +1453,16 @@ fn report(args: &ScaleBenchArgs, operator: &Path, results: &[Result1]) -> String
             r.background_objects,
             mib(r.rss_peak_kib),
             mib(r.rss_steady_kib)
+        ));
+    }
+    for r in results.iter().filter(|r| r.rss_minutes.len() >= 4) {
+        let samples: Vec<String> = r.rss_minutes.iter().map(|(_, kib)| mib(*kib)).collect();
+        let half = &r.rss_minutes[r.rss_minutes.len() / 2..];
+        out.push_str(&format!(
+            "\nN = {}: RSS during the rollouts, once a minute (MiB): {}. Slope over the second half (least squares): {:+.2} MiB/hour.\n",
+            r.n,
+            samples.join(", "),
+            slope(half) * 3600.0 / 1024.0
         ));
     }
     out.push_str(
@@ -1585,6 +1619,15 @@ mod tests {
                 assert_eq!(matched, vec![&cluster], "Canary {i} {arm:?}");
             }
         }
+    }
+
+    /// The slope of a straight line is its rise per second; flat or single samples are 0.
+    #[test]
+    fn rss_slope() {
+        let line: Vec<(f64, u64)> = (0..5).map(|k| (60.0 * k as f64, 1000 + 120 * k)).collect();
+        assert!((slope(&line) - 2.0).abs() < 1e-9);
+        assert_eq!(slope(&[(0.0, 5), (60.0, 5)]), 0.0);
+        assert_eq!(slope(&[(0.0, 5)]), 0.0);
     }
 
     /// Every Canary and background object the benchmark creates is valid for Serin.

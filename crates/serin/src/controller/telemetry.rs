@@ -164,6 +164,15 @@ impl Collector for CanaryTable {
     }
 }
 
+/// The bucket bounds of `serin_weight_write_seconds`.
+fn weight_write_buckets() -> Vec<f64> {
+    let mut b: Vec<f64> = exponential_buckets(0.0005, 2.0, 16)
+        .chain([0.025, 0.05, 0.1])
+        .collect();
+    b.sort_by(f64::total_cmp);
+    b
+}
+
 fn duration_histogram() -> Histogram {
     // 10 s .. ~3 h: rollouts take minutes to hours.
     Histogram::new(exponential_buckets(10.0, 2.0, 11))
@@ -192,8 +201,9 @@ impl Metrics {
         let checks = Family::<Labels, Counter>::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let reconcile_errors = Family::<Labels, Counter>::default();
-        // 0.5 ms .. 16 s.
-        let weight_write = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        // 0.5 ms .. 16 s, doubling, with 25, 50 and 100 ms between: the 50 ms goal of a
+        // decision's weight write is a bucket bound.
+        let weight_write = Histogram::new(weight_write_buckets());
         registry.register_collector(Box::new(canaries.clone()));
         registry.register(
             "serin_rollout_duration_seconds",
