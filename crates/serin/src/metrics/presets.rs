@@ -61,6 +61,19 @@ pub fn cluster_regex(preset: Preset, arms: &DataPlaneArms, arm: Arm) -> String {
     }
 }
 
+/// The arm's name when every cluster [`cluster_regex`] matches holds it as a whole `_`- or
+/// `/`-separated part: always, for names of lowercase letters, digits and `-` (Kubernetes
+/// names), since each regex puts the name between separators or at the start. `None` for
+/// other names (a `.` in a name is a regex wildcard), whose clusters must all be searched.
+pub fn cluster_token(arms: &DataPlaneArms, arm: Arm) -> Option<String> {
+    let name = &arms.get(arm).name;
+    let plain = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    plain.then(|| name.clone())
+}
+
 /// The PromQL label matcher that selects one arm's Envoy cluster ([`cluster_regex`]).
 fn cluster_matcher(preset: Preset, arms: &DataPlaneArms, arm: Arm) -> String {
     format!(

@@ -22,11 +22,11 @@ use prometheus_http_query::Client;
 use prometheus_http_query::response::Data;
 use reqwest::header::{HeaderName, HeaderValue};
 
-use crate::api::{MetricSpec, PrometheusProvider, ProviderKind};
+use crate::api::{MetricSpec, Preset, PrometheusProvider, ProviderKind};
 use crate::bounded::{self, Bounded};
 
 use super::presets::{self, Counters, Kind};
-use super::prometheus_batch::{self, BatchKey, Batches};
+use super::prometheus_batch::{self, ArmPattern, BatchKey, Batches};
 use super::template::Vars;
 use super::{
     ArmCounts, CanaryContext, Evidence, Measurement, MetricError, MetricProvider, ProviderMetrics,
@@ -346,7 +346,7 @@ impl Prometheus {
         };
         let arms = arms
             .iter()
-            .map(|&arm| presets::cluster_regex(preset, &canary.data_plane, arm))
+            .map(|&arm| arm_pattern(preset, canary, arm))
             .collect();
         let key = BatchKey {
             address: provider.address.clone(),
@@ -537,7 +537,7 @@ impl Prometheus {
                 };
                 let arms = Arm::BOTH
                     .iter()
-                    .map(|&arm| presets::cluster_regex(preset, &canary.data_plane, arm))
+                    .map(|&arm| arm_pattern(preset, canary, arm))
                     .collect();
                 let answer = self
                     .batches
@@ -627,6 +627,14 @@ impl Prometheus {
             queries,
             result: Ok(result),
         }
+    }
+}
+
+/// How a batch matches one arm's clusters.
+fn arm_pattern(preset: Preset, canary: &CanaryContext, arm: Arm) -> ArmPattern {
+    ArmPattern {
+        regex: presets::cluster_regex(preset, &canary.data_plane, arm),
+        token: presets::cluster_token(&canary.data_plane, arm),
     }
 }
 

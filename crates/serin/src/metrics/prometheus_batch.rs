@@ -76,9 +76,9 @@ pub struct Answer {
 }
 
 struct Item {
-    /// The arms' cluster regexes: primary then canary for an error rate, the canary alone
-    /// for a latency. The last one's freshness is judged.
-    arms: Vec<String>,
+    /// The arms: primary then canary for an error rate, the canary alone for a latency.
+    /// The last one's freshness is judged.
+    arms: Vec<ArmPattern>,
     now: DateTime<Utc>,
     reply: oneshot::Sender<Result<Answer, MetricError>>,
 }
@@ -99,8 +99,8 @@ pub struct Batches {
 
 /// One Canary's looks in a batch.
 struct LookItem {
-    /// The arms' cluster regexes, primary then canary.
-    arms: Vec<String>,
+    /// The arms, primary then canary.
+    arms: Vec<ArmPattern>,
     /// The grid (unix seconds).
     grid: Vec<i64>,
     reply: oneshot::Sender<Result<Vec<Matrix>, MetricError>>,
@@ -128,7 +128,7 @@ impl Batches {
         client: Client,
         metrics: ProviderMetrics,
         linger: Duration,
-        arms: Vec<String>,
+        arms: Vec<ArmPattern>,
         now: DateTime<Utc>,
     ) -> Result<Answer, MetricError> {
         let (reply, rx) = oneshot::channel();
@@ -200,7 +200,7 @@ impl Batches {
         client: Client,
         metrics: ProviderMetrics,
         linger: Duration,
-        arms: Vec<String>,
+        arms: Vec<ArmPattern>,
         grid: Vec<i64>,
     ) -> Result<Vec<Matrix>, MetricError> {
         let (reply, rx) = oneshot::channel();
@@ -290,7 +290,11 @@ async fn run_looks(
     let Some((start, end, step)) = look_range(&grids) else {
         return;
     };
-    let all = union(items.iter().flat_map(|i| i.arms.iter().map(String::as_str)));
+    let all = union(
+        items
+            .iter()
+            .flat_map(|i| i.arms.iter().map(|a| a.regex.as_str())),
+    );
     let queries = presets::promql_counters_batched(key.kind, &all);
     let n = items.len();
     let answers = futures::future::join_all(
@@ -309,43 +313,36 @@ async fn run_looks(
             return;
         }
     };
+    let indexes: Vec<Index<'_>> = answers
+        .iter()
+        .map(|m| Index::new(m.iter().map(|(l, _)| cluster_of(l)).collect()))
+        .collect();
     for item in items {
-        let reply = item
-            .arms
-            .iter()
-            .map(|a| {
-                regex_lite::Regex::new(&format!("^(?:{a})$")).map_err(|e| {
-                    MetricError::Provider(format!(
-                        "the cluster pattern {a:?} of a preset is not a regular expression: {e}"
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(|regexes| {
-                let times: BTreeSet<i64> = item.grid.iter().copied().collect();
-                let mut out = Vec::new();
-                for re in &regexes {
-                    for m in &answers {
-                        out.push(
-                            m.iter()
-                                .filter(|(labels, _)| {
-                                    labels.get(CLUSTER).is_some_and(|c| re.is_match(c))
-                                })
-                                .map(|(labels, points)| {
-                                    let mine: Vec<(f64, f64)> = points
-                                        .iter()
-                                        .copied()
-                                        .filter(|(t, _)| times.contains(&(t.round() as i64)))
-                                        .collect();
-                                    (labels.clone(), mine)
-                                })
-                                .filter(|(_, points)| !points.is_empty())
-                                .collect(),
-                        );
-                    }
+        let reply = Matcher::all(&item.arms).map(|matchers| {
+            let times: BTreeSet<i64> = item.grid.iter().copied().collect();
+            let mut out = Vec::new();
+            for m in &matchers {
+                for (answer, index) in answers.iter().zip(&indexes) {
+                    out.push(
+                        index
+                            .matching(m)
+                            .into_iter()
+                            .map(|i| {
+                                let (labels, points) = &answer[i];
+                                let mine: Vec<(f64, f64)> = points
+                                    .iter()
+                                    .copied()
+                                    .filter(|(t, _)| times.contains(&(t.round() as i64)))
+                                    .collect();
+                                (labels.clone(), mine)
+                            })
+                            .filter(|(_, points)| !points.is_empty())
+                            .collect(),
+                    );
                 }
-                out
-            });
+            }
+            out
+        });
         let _ = item.reply.send(reply);
     }
 }
@@ -521,11 +518,15 @@ async fn run(client: &Client, key: &BatchKey, metrics: &ProviderMetrics, items: 
     let Some(at) = items.iter().map(|i| i.now).max() else {
         return;
     };
-    let all = union(items.iter().flat_map(|i| i.arms.iter().map(String::as_str)));
+    let all = union(
+        items
+            .iter()
+            .flat_map(|i| i.arms.iter().map(|a| a.regex.as_str())),
+    );
     let fresh = union(
         items
             .iter()
-            .filter_map(|i| i.arms.last().map(String::as_str)),
+            .filter_map(|i| i.arms.last().map(|a| a.regex.as_str())),
     );
     let q = presets::promql_batched(key.kind, &all, &fresh, &promql_duration(key.window));
     let n = items.len();
@@ -555,77 +556,137 @@ async fn run(client: &Client, key: &BatchKey, metrics: &ProviderMetrics, items: 
     }
 }
 
-/// A batch's answers, indexed by cluster name.
-struct Series<'a> {
-    first: Vec<(&'a str, &'a HashMap<String, String>, f64)>,
-    second: Vec<(&'a str, f64)>,
-    newest: Vec<(&'a str, &'a [(f64, f64)])>,
+const CLUSTER: &str = "envoy_cluster_name";
+
+/// One arm as a batch matches it: its cluster regex, and the name that every cluster it
+/// matches holds as a whole `_`- or `/`-separated part (see [`presets::cluster_token`]),
+/// which finds its few candidate series without running the regex on every series.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArmPattern {
+    /// [`presets::cluster_regex`].
+    pub regex: String,
+    /// [`presets::cluster_token`].
+    pub token: Option<String>,
 }
 
-const CLUSTER: &str = "envoy_cluster_name";
+struct Matcher<'p> {
+    re: regex_lite::Regex,
+    token: Option<&'p str>,
+}
+
+impl<'p> Matcher<'p> {
+    fn all(arms: &'p [ArmPattern]) -> Result<Vec<Self>, MetricError> {
+        arms.iter()
+            .map(|a| {
+                let re = regex_lite::Regex::new(&format!("^(?:{})$", a.regex)).map_err(|e| {
+                    MetricError::Provider(format!(
+                        "the cluster pattern {:?} of a preset is not a regular expression: {e}",
+                        a.regex
+                    ))
+                })?;
+                Ok(Matcher {
+                    re,
+                    token: a.token.as_deref(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Series of one answer, by the parts of their cluster names.
+struct Index<'a> {
+    clusters: Vec<&'a str>,
+    by_token: HashMap<&'a str, Vec<usize>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(clusters: Vec<&'a str>) -> Self {
+        let mut by_token: HashMap<&'a str, Vec<usize>> = HashMap::new();
+        for (i, c) in clusters.iter().enumerate() {
+            for part in c.split(['_', '/']) {
+                let at = by_token.entry(part).or_default();
+                if at.last() != Some(&i) {
+                    at.push(i);
+                }
+            }
+        }
+        Index { clusters, by_token }
+    }
+
+    /// The positions of the series whose cluster `m` matches.
+    fn matching(&self, m: &Matcher<'_>) -> Vec<usize> {
+        let is = |i: &usize| m.re.is_match(self.clusters[*i]);
+        match m.token {
+            Some(t) => self
+                .by_token
+                .get(t)
+                .map(|v| v.iter().copied().filter(is).collect())
+                .unwrap_or_default(),
+            None => (0..self.clusters.len()).filter(is).collect(),
+        }
+    }
+}
+
+fn cluster_of(labels: &HashMap<String, String>) -> &str {
+    labels.get(CLUSTER).map(String::as_str).unwrap_or("")
+}
+
+/// A batch's answers, indexed by cluster name.
+struct Series<'a> {
+    first: &'a Vector,
+    second: &'a Vector,
+    newest: &'a Matrix,
+    first_index: Index<'a>,
+    second_index: Index<'a>,
+    newest_index: Index<'a>,
+}
 
 impl<'a> Series<'a> {
     fn new(first: &'a Vector, second: &'a Vector, newest: &'a Matrix) -> Self {
-        let cluster = |l: &'a HashMap<String, String>| l.get(CLUSTER).map(String::as_str);
         Series {
-            first: first
-                .iter()
-                .filter_map(|(l, v)| Some((cluster(l)?, l, *v)))
-                .collect(),
-            second: second
-                .iter()
-                .filter_map(|(l, v)| Some((cluster(l)?, *v)))
-                .collect(),
-            newest: newest
-                .iter()
-                .filter_map(|(l, p)| Some((cluster(l)?, p.as_slice())))
-                .collect(),
+            first_index: Index::new(first.iter().map(|(l, _)| cluster_of(l)).collect()),
+            second_index: Index::new(second.iter().map(|(l, _)| cluster_of(l)).collect()),
+            newest_index: Index::new(newest.iter().map(|(l, _)| cluster_of(l)).collect()),
+            first,
+            second,
+            newest,
         }
     }
 
     fn answer(
         &self,
         key: &BatchKey,
-        arms: &[String],
+        arms: &[ArmPattern],
         at: DateTime<Utc>,
     ) -> Result<Answer, MetricError> {
-        let regexes = arms
-            .iter()
-            .map(|a| {
-                regex_lite::Regex::new(&format!("^(?:{a})$")).map_err(|e| {
-                    MetricError::Provider(format!(
-                        "the cluster pattern {a:?} of a preset is not a regular expression: {e}"
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let Some(judged) = regexes.last() else {
+        let matchers = Matcher::all(arms)?;
+        let Some(judged) = matchers.last() else {
             return Err(MetricError::Provider("a preset check without arms".into()));
         };
-        let sum = |series: &mut dyn Iterator<Item = (&str, f64)>, re: &regex_lite::Regex| {
-            series
-                .filter(|(c, _)| re.is_match(c))
-                .map(|(_, v)| v)
+        let sum = |v: &Vector, index: &Index<'_>, m: &Matcher<'_>| {
+            index
+                .matching(m)
+                .into_iter()
+                .map(|i| v[i].1)
                 .reduce(|a, b| a + b)
                 .map(|v| (v, at))
         };
         let values = match key.kind {
-            Kind::ErrorRate => regexes
+            Kind::ErrorRate => matchers
                 .iter()
-                .flat_map(|re| {
+                .flat_map(|m| {
                     [
-                        sum(&mut self.first.iter().map(|(c, _, v)| (*c, *v)), re),
-                        sum(&mut self.second.iter().copied(), re),
+                        sum(self.first, &self.first_index, m),
+                        sum(self.second, &self.second_index, m),
                     ]
                 })
                 .collect(),
             Kind::LatencyP99 => {
-                let mut buckets: BTreeMap<String, f64> = BTreeMap::new();
-                for (c, labels, v) in &self.first {
-                    if judged.is_match(c)
-                        && let Some(le) = labels.get("le")
-                    {
-                        *buckets.entry(le.clone()).or_default() += v;
+                let mut buckets: BTreeMap<&str, f64> = BTreeMap::new();
+                for i in self.first_index.matching(judged) {
+                    let (labels, v) = &self.first[i];
+                    if let Some(le) = labels.get("le") {
+                        *buckets.entry(le.as_str()).or_default() += v;
                     }
                 }
                 let p99 = (!buckets.is_empty()).then(|| {
@@ -635,20 +696,18 @@ impl<'a> Series<'a> {
                         .collect();
                     (histogram_quantile(0.99, buckets), at)
                 });
-                vec![p99, sum(&mut self.second.iter().copied(), judged)]
+                vec![p99, sum(self.second, &self.second_index, judged)]
             }
         };
         // The newest sample time across the judged arm's clusters at each step (what
         // `max(timestamp(...))` over them gives), then as for one Canary.
         let mut steps: BTreeMap<i64, f64> = BTreeMap::new();
-        for (c, points) in &self.newest {
-            if judged.is_match(c) {
-                for &(t, v) in points.iter() {
-                    let e = steps
-                        .entry((t * 1000.0).round() as i64)
-                        .or_insert(f64::NEG_INFINITY);
-                    *e = e.max(v);
-                }
+        for i in self.newest_index.matching(judged) {
+            for &(t, v) in &self.newest[i].1 {
+                let e = steps
+                    .entry((t * 1000.0).round() as i64)
+                    .or_insert(f64::NEG_INFINITY);
+                *e = e.max(v);
             }
         }
         let newest = newest_two(steps.into_values())
@@ -793,6 +852,86 @@ mod tests {
         assert_eq!(look_range(&[&c]), Some((100, 120, 20)));
         assert_eq!(look_range(&[]), None);
         assert!(batchable_grid(&[0, 10]) && !batchable_grid(&[0, 301]) && !batchable_grid(&[5]));
+    }
+
+    use crate::api::Preset;
+    use crate::arms::{Arm, DataPlaneArm, DataPlaneArms, PerArm};
+    use proptest::prelude::*;
+
+    fn arms_named(name: &str, namespace: &str) -> DataPlaneArms {
+        let arm = DataPlaneArm {
+            name: name.into(),
+            namespace: namespace.into(),
+        };
+        DataPlaneArms {
+            kind: "Service",
+            primary: arm.clone(),
+            canary: arm,
+            pod_apps: PerArm {
+                primary: String::new(),
+                canary: String::new(),
+            },
+        }
+    }
+
+    proptest! {
+        /// Every cluster name a preset's regex matches holds the arm's token as a whole
+        /// part, so looking series up by token finds all the regex would: cluster names
+        /// are built from pieces a data plane puts in them (names, separators, words,
+        /// digits), in any order.
+        #[test]
+        fn tokens_find_every_match(
+            name in "[a-z0-9][a-z0-9-]{0,8}",
+            namespace in "[a-z][a-z0-9-]{0,6}",
+            pieces in proptest::collection::vec(0usize..9, 1..10),
+            preset in 0usize..3,
+        ) {
+            let preset = [Preset::AppmeshErrorRate, Preset::GlooErrorRate, Preset::GatewayErrorRate][preset];
+            let arms = arms_named(&name, &namespace);
+            let token = crate::metrics::presets::cluster_token(&arms, Arm::Canary);
+            prop_assert_eq!(token.as_deref(), Some(name.as_str()));
+            let parts = ["cds_egress_", "mesh", "_", "/", "http", "8080", "kube-upstream_", "x-", "-y"];
+            let mut cluster = String::new();
+            for p in &pieces {
+                cluster.push_str(match p {
+                    7 => &name,
+                    8 => &namespace,
+                    _ => parts[*p],
+                });
+            }
+            for wrap in [false, true] {
+                let c = if wrap { format!("cds_egress_m_{cluster}_{namespace}_http_1") } else { cluster.clone() };
+                let pattern = ArmPattern {
+                    regex: crate::metrics::presets::cluster_regex(preset, &arms, Arm::Canary),
+                    token: token.clone(),
+                };
+                let m = &Matcher::all(std::slice::from_ref(&pattern)).unwrap()[0];
+                let index = Index::new(vec![c.as_str()]);
+                let by_regex = m.re.is_match(&c);
+                prop_assert_eq!(!index.matching(m).is_empty(), by_regex, "{} {:?}", c, preset);
+            }
+        }
+    }
+
+    /// Names that are not plain Kubernetes names have no token: all series are searched.
+    #[test]
+    fn odd_names_search_everything() {
+        let arms = arms_named("a.b", "ns");
+        assert_eq!(
+            crate::metrics::presets::cluster_token(&arms, Arm::Canary),
+            None
+        );
+        let pattern = ArmPattern {
+            regex: crate::metrics::presets::cluster_regex(
+                Preset::GlooErrorRate,
+                &arms,
+                Arm::Canary,
+            ),
+            token: None,
+        };
+        let m = &Matcher::all(std::slice::from_ref(&pattern)).unwrap()[0];
+        let index = Index::new(vec!["aXb_ns", "other_ns", "a.b_ns"]);
+        assert_eq!(index.matching(m), vec![0, 2]);
     }
 
     /// Every regex is kept whole in the union, once.
