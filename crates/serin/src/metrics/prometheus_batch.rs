@@ -83,17 +83,65 @@ struct Item {
     reply: oneshot::Sender<Result<Answer, MetricError>>,
 }
 
-struct Pending {
-    id: u64,
-    items: Vec<Item>,
+/// Items waiting for their batch to go out, by what they share. An entry lives for one
+/// linger at most, so the map holds only keys in use.
+struct Collector<I> {
+    pending: Arc<Mutex<HashMap<BatchKey, Pending<I>>>>,
 }
 
-/// The batches being collected, by what their checks share. An entry lives for one linger
-/// at most, so the maps hold only keys in use.
+/// A batch being collected: its id (its timer's) and its items.
+type Pending<I> = (u64, Vec<I>);
+
+impl<I> Default for Collector<I> {
+    fn default() -> Self {
+        Collector {
+            pending: Arc::default(),
+        }
+    }
+}
+
+impl<I: Send + 'static> Collector<I> {
+    /// Adds `item` to the batch of `key`, which `send` sends: after `linger` from its first
+    /// item, or at once when it holds [`MAX_BATCH`] items.
+    fn add<F, Fut>(&self, id: u64, key: &BatchKey, item: I, linger: Duration, send: F)
+    where
+        F: FnOnce(Vec<I>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !pending.contains_key(key);
+        let (id, items) = pending
+            .entry(key.clone())
+            .or_insert_with(|| (id, Vec::new()));
+        items.push(item);
+        if items.len() >= MAX_BATCH {
+            let items = pending.remove(key).map(|p| p.1).unwrap_or_default();
+            tokio::spawn(send(items));
+        } else if first {
+            let (map, key, id) = (self.pending.clone(), key.clone(), *id);
+            tokio::spawn(async move {
+                tokio::time::sleep(linger).await;
+                // Unless it went out full meanwhile (and a new batch took its key).
+                let due = {
+                    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+                    match map.get(&key) {
+                        Some((i, _)) if *i == id => map.remove(&key).map(|p| p.1),
+                        _ => None,
+                    }
+                };
+                if let Some(items) = due {
+                    send(items).await;
+                }
+            });
+        }
+    }
+}
+
+/// The batches being collected.
 #[derive(Default)]
 pub struct Batches {
-    pending: Arc<Mutex<HashMap<BatchKey, Pending>>>,
-    pending_looks: Arc<Mutex<HashMap<BatchKey, PendingLooks>>>,
+    checks: Collector<Item>,
+    looks: Collector<LookItem>,
     next: AtomicU64,
 }
 
@@ -104,11 +152,6 @@ struct LookItem {
     /// The grid (unix seconds).
     grid: Vec<i64>,
     reply: oneshot::Sender<Result<Vec<Matrix>, MetricError>>,
-}
-
-struct PendingLooks {
-    id: u64,
-    items: Vec<LookItem>,
 }
 
 /// Whether a grid is short enough to share a batch ([`MAX_LOOK_SPAN`]).
@@ -133,53 +176,12 @@ impl Batches {
     ) -> Result<Answer, MetricError> {
         let (reply, rx) = oneshot::channel();
         let item = Item { arms, now, reply };
-        let full = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            match pending.get_mut(&key) {
-                Some(p) => {
-                    p.items.push(item);
-                    if p.items.len() >= MAX_BATCH {
-                        pending.remove(&key)
-                    } else {
-                        None
-                    }
-                }
-                None => {
-                    let id = self.next.fetch_add(1, Ordering::Relaxed);
-                    pending.insert(
-                        key.clone(),
-                        Pending {
-                            id,
-                            items: vec![item],
-                        },
-                    );
-                    let (map, key, client, metrics) = (
-                        self.pending.clone(),
-                        key.clone(),
-                        client.clone(),
-                        metrics.clone(),
-                    );
-                    tokio::spawn(async move {
-                        tokio::time::sleep(linger).await;
-                        // Unless it went out full meanwhile (and a new one took its key).
-                        let due = {
-                            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-                            match map.get(&key) {
-                                Some(p) if p.id == id => map.remove(&key),
-                                _ => None,
-                            }
-                        };
-                        if let Some(p) = due {
-                            run(&client, &key, &metrics, p.items).await;
-                        }
-                    });
-                    None
-                }
-            }
-        };
-        if let Some(p) = full {
-            tokio::spawn(async move { run(&client, &key, &metrics, p.items).await });
-        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let batch = key.clone();
+        self.checks
+            .add(id, &key, item, linger, move |items| async move {
+                run(&client, &batch, &metrics, items).await
+            });
         rx.await.unwrap_or_else(|_| {
             Err(MetricError::Provider(
                 "the batch of Prometheus queries stopped before answering".into(),
@@ -205,52 +207,12 @@ impl Batches {
     ) -> Result<Vec<Matrix>, MetricError> {
         let (reply, rx) = oneshot::channel();
         let item = LookItem { arms, grid, reply };
-        let full = {
-            let mut pending = self.pending_looks.lock().unwrap_or_else(|e| e.into_inner());
-            match pending.get_mut(&key) {
-                Some(p) => {
-                    p.items.push(item);
-                    if p.items.len() >= MAX_BATCH {
-                        pending.remove(&key)
-                    } else {
-                        None
-                    }
-                }
-                None => {
-                    let id = self.next.fetch_add(1, Ordering::Relaxed);
-                    pending.insert(
-                        key.clone(),
-                        PendingLooks {
-                            id,
-                            items: vec![item],
-                        },
-                    );
-                    let (map, key, client, metrics) = (
-                        self.pending_looks.clone(),
-                        key.clone(),
-                        client.clone(),
-                        metrics.clone(),
-                    );
-                    tokio::spawn(async move {
-                        tokio::time::sleep(linger).await;
-                        let due = {
-                            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-                            match map.get(&key) {
-                                Some(p) if p.id == id => map.remove(&key),
-                                _ => None,
-                            }
-                        };
-                        if let Some(p) = due {
-                            run_looks(&client, &key, &metrics, p.items).await;
-                        }
-                    });
-                    None
-                }
-            }
-        };
-        if let Some(p) = full {
-            tokio::spawn(async move { run_looks(&client, &key, &metrics, p.items).await });
-        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let batch = key.clone();
+        self.looks
+            .add(id, &key, item, linger, move |items| async move {
+                run_looks(&client, &batch, &metrics, items).await
+            });
         rx.await.unwrap_or_else(|_| {
             Err(MetricError::Provider(
                 "the batch of Prometheus range queries stopped before answering".into(),
