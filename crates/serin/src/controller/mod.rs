@@ -1136,32 +1136,73 @@ async fn record(
 }
 
 /// Writes the status as a compare-and-swap on the Canary's resourceVersion.
+///
+/// The body carries only what a status write reads (the server keeps everything but
+/// `.status` from the stored object), and the answer is not parsed: the watch brings the
+/// new object anyway. At a check per Canary per minute this is the operator's most frequent
+/// write, and cloning, serializing and parsing whole Canaries for it cost about a tenth of
+/// a check's CPU.
 async fn write_status(canary: &Canary, ctx: &Context, status: &CanaryStatus) -> Result<(), Error> {
     let ns = canary.namespace().unwrap_or_default();
-    let api: Api<Canary> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut updated = canary.clone();
-    updated.status = Some(status.clone());
-    updated.metadata.managed_fields = None;
-    match api
-        .replace_status(
-            &canary.name_any(),
-            &PostParams {
-                dry_run: false,
-                field_manager: Some(api::MANAGER.into()),
-            },
-            &updated,
-        )
-        .await
-    {
+    let name = canary.name_any();
+    let failed = |source| Error::Kube {
+        operation: "replace status",
+        kind: "Canary",
+        name: name.clone(),
+        source,
+    };
+    let request = status_write(canary, &ns, &name, status).map_err(failed)?;
+    match ctx.client.request_text(request).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::StatusConflict(canary.name_any())),
-        Err(source) => Err(Error::Kube {
-            operation: "replace status",
-            kind: "Canary",
-            name: canary.name_any(),
-            source,
-        }),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::StatusConflict(name)),
+        Err(source) => Err(failed(source)),
     }
+}
+
+/// The PUT of `status` to a Canary's status subresource, guarded by its resourceVersion.
+fn status_write(
+    canary: &Canary,
+    ns: &str,
+    name: &str,
+    status: &CanaryStatus,
+) -> Result<axum::http::Request<Vec<u8>>, kube::Error> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        api_version: std::borrow::Cow<'a, str>,
+        kind: std::borrow::Cow<'a, str>,
+        metadata: Metadata<'a>,
+        status: &'a CanaryStatus,
+    }
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Metadata<'a> {
+        name: &'a str,
+        namespace: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resource_version: Option<&'a str>,
+    }
+    let body = serde_json::to_vec(&Body {
+        api_version: Canary::api_version(&()),
+        kind: Canary::kind(&()),
+        metadata: Metadata {
+            name,
+            namespace: ns,
+            resource_version: canary.metadata.resource_version.as_deref(),
+        },
+        status,
+    })
+    .map_err(kube::Error::SerdeError)?;
+    let params = PostParams {
+        dry_run: false,
+        field_manager: Some(api::MANAGER.into()),
+    };
+    let mut request = kube::core::Request::new(Canary::url_path(&(), Some(ns)))
+        .replace_subresource("status", name, &params, body)
+        .map_err(kube::Error::BuildRequest)?;
+    // As kube's own replace_status names it, for the client's tracing.
+    request.extensions_mut().insert("replace_status");
+    Ok(request)
 }
 
 /// Records a problem the user must fix as `Ready=False` (without touching rollout state)
