@@ -51,6 +51,10 @@ pub struct CanaryStatus {
     /// a command is carried out once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_command: Option<String>,
+    /// Set by a `pause` command and cleared by `resume`: the rollout holds as with
+    /// `spec.paused`, which a GitOps sync could revert.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused_by_command: bool,
     /// Standard conditions: `Ready`, `Promoted`, `Invalid`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -29,8 +29,9 @@
 //! - A new revision mid-rollout resets the canary weight to 0, records the old rollout as
 //!   superseded, and starts the analysis again. During `Promoting` a new revision waits
 //!   until the promotion finishes.
-//! - `spec.paused` freezes everything except explicit commands; an invalid spec freezes
-//!   everything and is reported.
+//! - `spec.paused`, or a `pause` command until `resume`, freezes everything except explicit
+//!   commands and the looks that can roll back; an invalid spec freezes everything and is
+//!   reported.
 
 mod types;
 
@@ -701,14 +702,76 @@ impl Machine<'_> {
                 );
                 self.rollback(RolloutResult::Aborted, "aborted by user".into());
             }
+            CommandKind::Promote if active && self.status.step_started_at.is_none() => {
+                self.event(
+                    EventType::Warning,
+                    reasons::COMMAND_IGNORED,
+                    "promote ignored: the canary workload is not ready yet, and no traffic \
+                     goes to it before it is (promote-full skips the analysis instead)"
+                        .into(),
+                );
+            }
             CommandKind::Promote if active => {
+                let step = self.status.step as usize;
                 self.event(
                     EventType::Normal,
                     reasons::COMMAND,
-                    "promotion requested: skipping the remaining checks".into(),
+                    format!(
+                        "promotion to the next step requested: skipping the rest of step {} of {}",
+                        step + 1,
+                        self.steps().len()
+                    ),
+                );
+                self.advance("promoted by user");
+            }
+            CommandKind::PromoteFull if active => {
+                self.event(
+                    EventType::Normal,
+                    reasons::COMMAND,
+                    "full promotion requested: skipping the remaining steps and checks".into(),
                 );
                 self.promote("promoted by user".into());
             }
+            CommandKind::Pause if !self.status.paused_by_command => {
+                self.status.paused_by_command = true;
+                self.event(
+                    EventType::Normal,
+                    reasons::COMMAND,
+                    "pause requested: the rollout holds until a resume command".into(),
+                );
+            }
+            CommandKind::Resume if self.status.paused_by_command => {
+                self.status.paused_by_command = false;
+                if self.spec.paused {
+                    self.event(
+                        EventType::Warning,
+                        reasons::COMMAND_IGNORED,
+                        "resume: the pause command is lifted, but spec.paused is still true; \
+                         set spec.paused to false to resume"
+                            .into(),
+                    );
+                } else {
+                    self.event(
+                        EventType::Normal,
+                        reasons::COMMAND,
+                        "resume requested".into(),
+                    );
+                }
+            }
+            CommandKind::Pause => self.event(
+                EventType::Warning,
+                reasons::COMMAND_IGNORED,
+                "pause ignored: already paused by a pause command".into(),
+            ),
+            CommandKind::Resume => self.event(
+                EventType::Warning,
+                reasons::COMMAND_IGNORED,
+                if self.spec.paused {
+                    "resume ignored: the pause is spec.paused; set spec.paused to false".into()
+                } else {
+                    "resume ignored: nothing is paused".into()
+                },
+            ),
             CommandKind::Retry if phase == Phase::Failed => {
                 if let Some(rev) = self.obs.canary.revision.clone() {
                     self.event(
@@ -791,8 +854,13 @@ impl Machine<'_> {
         );
     }
 
+    /// Whether the rollout holds: `spec.paused` or a `pause` command.
+    fn paused(&self) -> bool {
+        self.spec.paused || self.status.paused_by_command
+    }
+
     fn idle(&mut self) {
-        if self.spec.paused {
+        if self.paused() {
             return;
         }
         let Some(rev) = self.obs.canary.revision.clone() else {
@@ -855,7 +923,7 @@ impl Machine<'_> {
             return;
         }
         self.wait_for_look();
-        if self.spec.paused {
+        if self.paused() {
             if self.status.phase != Phase::Paused {
                 self.status.phase = Phase::Paused;
                 self.event(
@@ -1061,7 +1129,7 @@ impl Machine<'_> {
         self.status.inconclusive_checks = 0;
         self.status.passed_checks += 1;
         if self.status.passed_checks >= a.checks_per_step {
-            self.advance();
+            self.advance("all checks passed");
         } else {
             self.wait(a.interval.into());
         }
@@ -1127,10 +1195,11 @@ impl Machine<'_> {
         }
     }
 
-    fn advance(&mut self) {
+    /// The next step, or promotion from the last analysed one; `reason` says why.
+    fn advance(&mut self, reason: &str) {
         let next = self.status.step as usize + 1;
         if next + 1 >= self.steps().len() {
-            self.promote("all checks passed".into());
+            self.promote(reason.into());
         } else {
             self.enter_step(next);
         }

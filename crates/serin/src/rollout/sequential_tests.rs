@@ -460,7 +460,7 @@ enum Step {
     /// The controller restarts: its memory is gone.
     Restart,
     Pause(bool),
-    Command(u8),
+    Command(usize),
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
@@ -471,7 +471,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         1 => (1i64..40).prop_map(Step::Unreadable),
         1 => Just(Step::Restart),
         1 => any::<bool>().prop_map(Step::Pause),
-        1 => (0u8..3).prop_map(Step::Command),
+        1 => (0..CommandKind::ALL.len()).prop_map(Step::Command),
     ]
 }
 
@@ -506,8 +506,7 @@ proptest! {
                 Step::Restart => w.obs.evidence = None,
                 Step::Pause(p) => w.spec.paused = *p,
                 Step::Command(k) => {
-                    let kind = [CommandKind::Promote, CommandKind::Abort, CommandKind::Retry][*k as usize];
-                    w.obs.command = Some(Command { kind, id: format!("c{n}") });
+                    w.obs.command = Some(Command { kind: CommandKind::ALL[*k], id: format!("c{n}") });
                 }
             }
             let before = w.status.clone();

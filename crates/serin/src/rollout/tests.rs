@@ -549,21 +549,103 @@ fn abort_command() {
     assert!(w.decide().actions.is_empty());
 }
 
-/// Promote skips the remaining checks.
-#[test]
-fn promote_command() {
-    let mut w = World::stable_workload();
-    w.start("rev2");
+fn command(w: &mut World, kind: CommandKind, id: &str) -> Decision {
     w.obs.command = Some(Command {
-        kind: CommandKind::Promote,
-        id: "p".into(),
+        kind,
+        id: id.into(),
     });
-    let d = w.decide();
+    w.decide()
+}
+
+/// Promote skips the rest of the current step: one step per command, promotion from the
+/// last analysed step.
+#[test]
+fn promote_command_goes_one_step() {
+    let mut w = World::stable_workload();
+    assert_eq!(weights(&w.start("rev2")), vec![20]);
+    let d = command(&mut w, CommandKind::Promote, "p1");
+    assert_eq!(weights(&d), vec![50]);
+    assert_eq!((w.status.phase, w.status.step), (Phase::Progressing, 1));
+    assert!(
+        w.decide().actions.is_empty(),
+        "a command is carried out once"
+    );
+    let d = command(&mut w, CommandKind::Promote, "p2");
     assert_eq!(weights(&d), vec![100]);
     assert!(d.actions.contains(&Action::PromoteWorkload {
         revision: "rev2".into()
     }));
     assert_eq!(w.status.phase, Phase::Promoting);
+}
+
+/// Promote sends no traffic to a canary workload that is not ready yet.
+#[test]
+fn promote_command_waits_for_a_ready_canary() {
+    let mut w = World::stable_workload();
+    w.canary("rev2", false);
+    w.decide();
+    assert_eq!(w.status.phase, Phase::Progressing);
+    let d = command(&mut w, CommandKind::Promote, "p");
+    assert_eq!(reasons(&d), vec![reasons::COMMAND_IGNORED]);
+    assert!(weights(&d).is_empty());
+}
+
+/// Promote-full skips every remaining step and check.
+#[test]
+fn promote_full_command() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    let d = command(&mut w, CommandKind::PromoteFull, "p");
+    assert_eq!(weights(&d), vec![100]);
+    assert!(d.actions.contains(&Action::PromoteWorkload {
+        revision: "rev2".into()
+    }));
+    assert_eq!(w.status.phase, Phase::Promoting);
+}
+
+/// Pause holds the rollout (passing checks do not advance it) until resume, and survives a
+/// spec that says `paused: false`; resume does not override `spec.paused`.
+#[test]
+fn pause_and_resume_commands() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    let d = command(&mut w, CommandKind::Pause, "1");
+    assert_eq!(reasons(&d), vec![reasons::COMMAND, reasons::PAUSED]);
+    assert!(w.status.paused_by_command);
+    assert_eq!(w.status.phase, Phase::Paused);
+    for _ in 0..3 {
+        let d = w.pass_interval();
+        assert!(weights(&d).is_empty(), "advanced while paused");
+    }
+    assert_eq!((w.status.phase, w.status.step), (Phase::Paused, 0));
+    let d = command(&mut w, CommandKind::Pause, "2");
+    assert_eq!(reasons(&d), vec![reasons::COMMAND_IGNORED]);
+
+    let d = command(&mut w, CommandKind::Resume, "3");
+    assert!(!w.status.paused_by_command);
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert!(reasons(&d).contains(&reasons::RESUMED), "{:?}", reasons(&d));
+    // The check that came due during the pause counts now, with the passing results.
+    assert_eq!(weights(&d), vec![50]);
+
+    // Resume lifts only the command's pause.
+    w.spec.paused = true;
+    command(&mut w, CommandKind::Pause, "4");
+    let d = command(&mut w, CommandKind::Resume, "5");
+    assert_eq!(reasons(&d), vec![reasons::COMMAND_IGNORED]);
+    assert!(!w.status.paused_by_command);
+    assert_eq!(w.status.phase, Phase::Paused);
+    let d = command(&mut w, CommandKind::Resume, "6");
+    assert_eq!(reasons(&d), vec![reasons::COMMAND_IGNORED]);
+}
+
+/// Every command name parses back to its kind.
+#[test]
+fn command_names_round_trip() {
+    for kind in CommandKind::ALL {
+        assert_eq!(CommandKind::parse(kind.as_str()), Some(kind));
+    }
+    assert_eq!(CommandKind::parse("promote-all"), None);
 }
 
 /// Retry restarts the failed revision; commands that do not apply are reported, not run.
@@ -812,7 +894,7 @@ enum Step {
     ProviderError,
     CanaryRevision(u8, bool),
     PrimaryFollows(bool),
-    Command(u8),
+    Command(usize),
     Pause(bool),
 }
 
@@ -825,7 +907,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         1 => Just(Step::ProviderError),
         2 => (1u8..4, any::<bool>()).prop_map(|(r, ready)| Step::CanaryRevision(r, ready)),
         2 => any::<bool>().prop_map(Step::PrimaryFollows),
-        1 => (0u8..3).prop_map(Step::Command),
+        1 => (0..CommandKind::ALL.len()).prop_map(Step::Command),
         1 => any::<bool>().prop_map(Step::Pause),
     ]
 }
@@ -856,9 +938,8 @@ fn apply(w: &mut World, step: &Step, n: usize) {
             }
         }
         Step::Command(k) => {
-            let kind = [CommandKind::Promote, CommandKind::Abort, CommandKind::Retry][*k as usize];
             w.obs.command = Some(Command {
-                kind,
+                kind: CommandKind::ALL[*k],
                 id: format!("c{n}"),
             });
         }
@@ -895,10 +976,27 @@ fn check_invariants(w: &World, before: &CanaryStatus, d: &Decision) -> Result<()
         .actions
         .iter()
         .any(|a| matches!(a, Action::Event(e) if e.reason == reasons::COMMAND));
+    let full_promotion = commanded
+        && w.obs
+            .command
+            .as_ref()
+            .is_some_and(|c| c.kind == CommandKind::PromoteFull);
 
-    // Never two steps in one decision (promote-now is the user's explicit jump).
-    if same_rollout && d.status.step > before.step && !commanded {
+    // Never two steps in one decision (promote-full is the user's explicit jump).
+    if same_rollout && d.status.step > before.step && !full_promotion {
         prop_assert_eq!(d.status.step, before.step + 1, "two steps in one decision");
+    }
+
+    // A paused rollout (spec.paused or a pause command) never advances by itself.
+    let paused = w.spec.paused || (before.paused_by_command && d.status.paused_by_command);
+    if paused && same_rollout && !commanded {
+        prop_assert!(d.status.step <= before.step, "advanced while paused");
+        prop_assert!(
+            !(before.phase.in_rollout()
+                && before.phase != Phase::Promoting
+                && matches!(d.status.phase, Phase::Promoting | Phase::Succeeded)),
+            "promoted while paused"
+        );
     }
 
     // No advance without a fresh passing check of every metric.

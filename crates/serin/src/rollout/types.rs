@@ -48,35 +48,52 @@ pub struct Command {
     pub id: String,
 }
 
-/// Operator commands (pausing is `spec.paused`).
+/// Operator commands, written by `kubectl serin` (or by hand) into the `serin.dev/command`
+/// annotation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommandKind {
-    /// Skip the remaining checks and promote now.
+    /// Skip the rest of the current step: go to the next step now (to promotion from the
+    /// last one).
     Promote,
+    /// Skip every remaining step and promote now.
+    PromoteFull,
     /// Roll back now.
     Abort,
     /// Start the failed revision's rollout again.
     Retry,
+    /// Hold the rollout where it is, as `spec.paused` does, until `resume`. Kept in
+    /// status, so a GitOps sync of the spec does not undo it.
+    Pause,
+    /// Undo `pause`.
+    Resume,
 }
 
 impl CommandKind {
+    /// Every command, in the order users see them.
+    pub const ALL: [CommandKind; 6] = [
+        CommandKind::Promote,
+        CommandKind::PromoteFull,
+        CommandKind::Abort,
+        CommandKind::Retry,
+        CommandKind::Pause,
+        CommandKind::Resume,
+    ];
+
     /// The name users write.
     pub fn as_str(self) -> &'static str {
         match self {
             CommandKind::Promote => "promote",
+            CommandKind::PromoteFull => "promote-full",
             CommandKind::Abort => "abort",
             CommandKind::Retry => "retry",
+            CommandKind::Pause => "pause",
+            CommandKind::Resume => "resume",
         }
     }
 
     /// Parses a command name.
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "promote" => Some(CommandKind::Promote),
-            "abort" => Some(CommandKind::Abort),
-            "retry" => Some(CommandKind::Retry),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 }
 
@@ -162,9 +179,9 @@ pub mod reasons {
     pub const SUPERSEDED: &str = "Superseded";
     /// A new revision arrived while promoting: all traffic went back to the primary.
     pub const NEW_REVISION_WHILE_PROMOTING: &str = "NewRevisionWhilePromoting";
-    /// `spec.paused` took effect.
+    /// `spec.paused` or a `pause` command took effect.
     pub const PAUSED: &str = "Paused";
-    /// `spec.paused` was cleared.
+    /// The pause (`spec.paused` or a `pause` command) was lifted.
     pub const RESUMED: &str = "Resumed";
     /// An operator command was carried out.
     pub const COMMAND: &str = "Command";
