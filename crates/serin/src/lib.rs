@@ -24,6 +24,7 @@ pub mod controller;
 pub mod demo;
 pub mod logging;
 pub mod metrics;
+pub mod plugin;
 pub mod policy;
 pub mod rollout;
 pub mod router;

@@ -8,8 +8,13 @@ use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::time::Instant;
 
-use crate::api::{CheckRecord, Phase, Verdict};
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Event;
+use kube::ResourceExt as _;
+
+use crate::api::{Canary, CheckRecord, Phase, Verdict};
 use crate::arms::{PerArm, Weights};
+use crate::metrics::presets::{self, Kind};
 
 /// Width of the weight bar, in cells.
 const BAR: usize = 30;
@@ -55,6 +60,145 @@ pub struct Observed {
     pub traffic: Option<PerArm<Served>>,
     /// The sequential judge's evidence (`status.evidence`), when it judges this rollout.
     pub evidence: Option<crate::api::EvidenceStatus>,
+    /// The revision under analysis, or the stable one between rollouts.
+    pub revision: Option<String>,
+    /// When the rollout under way started.
+    pub started: Option<DateTime<Utc>>,
+    /// When the next check is due.
+    pub next_check: Option<DateTime<Utc>>,
+}
+
+impl Observed {
+    /// What a Canary's spec and status say, with the weights as `weights` (the data plane's
+    /// when the caller reads them, else the status's).
+    pub fn of_canary(canary: &Canary, weights: Option<Weights>) -> Self {
+        let status = canary.status.clone().unwrap_or_default();
+        let metrics = canary
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .map(|m| MetricInfo {
+                name: m.name.clone(),
+                unit: match m.preset.map(presets::kind) {
+                    Some(Kind::LatencyP99) => "ms",
+                    _ => "%",
+                },
+                min: m.min,
+                max: m.max,
+            })
+            .collect();
+        let in_rollout = status.phase.in_rollout();
+        Observed {
+            canary: format!(
+                "{}/{}",
+                canary.namespace().unwrap_or_default(),
+                canary.name_any()
+            ),
+            phase: status.phase,
+            step: status.step,
+            steps: canary.spec.steps.clone(),
+            weights: weights.or(Some(Weights::with_canary(status.canary_weight))),
+            failed_checks: status.failed_checks,
+            failure_threshold: canary.spec.analysis.failure_threshold,
+            last_check: status.last_check.clone(),
+            metrics,
+            traffic: None,
+            next_check: in_rollout
+                .then(|| crate::rollout::next_check_at(&canary.spec, &status))
+                .flatten(),
+            started: status.rollout_started_at.filter(|_| in_rollout),
+            revision: if in_rollout {
+                status.revision.clone()
+            } else {
+                status.stable_revision.clone()
+            },
+            evidence: status.evidence,
+        }
+    }
+}
+
+/// The Events about the Canary `name`, oldest first, as the view shows them.
+pub fn event_lines(events: Vec<Event>, name: &str) -> Vec<EventLine> {
+    let mut events: Vec<(i64, EventLine)> = events
+        .into_iter()
+        .filter(|e| {
+            e.involved_object.name.as_deref() == Some(name)
+                && e.involved_object.kind.as_deref() == Some("Canary")
+        })
+        .map(|e| {
+            let ms = event_time(&e).map(|t| t.timestamp_millis()).unwrap_or(0);
+            let time = DateTime::from_timestamp_millis(ms)
+                .map(|t| t.format("%H:%M:%S").to_string())
+                .unwrap_or_default();
+            let line = EventLine {
+                key: format!(
+                    "{}/{}",
+                    e.metadata.uid.unwrap_or_default(),
+                    e.count.unwrap_or(1)
+                ),
+                time,
+                type_: e.type_.unwrap_or_default(),
+                reason: match e.count {
+                    // kube's recorder folds a repeated reason into one Event with a count,
+                    // keeping the first occurrence's message.
+                    Some(n) if n > 1 => format!("{} ×{n}", e.reason.unwrap_or_default()),
+                    _ => e.reason.unwrap_or_default(),
+                },
+                message: e.message.unwrap_or_default(),
+            };
+            (ms, line)
+        })
+        .collect();
+    events.sort_by_key(|(ms, _)| *ms);
+    events.into_iter().map(|(_, e)| e).collect()
+}
+
+/// When an Event last happened: the latest of its series, else its own times.
+pub fn event_time(e: &Event) -> Option<DateTime<Utc>> {
+    let ms = e
+        .series
+        .as_ref()
+        .and_then(|s| s.last_observed_time.as_ref().map(|t| t.0.as_millisecond()))
+        .or_else(|| e.last_timestamp.as_ref().map(|t| t.0.as_millisecond()))
+        .or_else(|| e.event_time.as_ref().map(|t| t.0.as_millisecond()))
+        .or_else(|| {
+            e.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_millisecond())
+        })?;
+    DateTime::from_timestamp_millis(ms)
+}
+
+/// `1h02m`, `3m05s`, `42s`: a duration as people read it.
+pub fn human_duration(d: chrono::Duration) -> String {
+    let s = d.num_seconds().max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// `revision abc · started 3m05s ago · next check in 20s`, of what is known.
+fn timing_text(o: &Observed, now: DateTime<Utc>) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = &o.revision {
+        parts.push(format!("revision {r}"));
+    }
+    if let Some(t) = o.started {
+        parts.push(format!("started {} ago", human_duration(now - t)));
+    }
+    if let Some(t) = o.next_check {
+        parts.push(if t > now {
+            format!("next check in {}", human_duration(t - now))
+        } else {
+            "next check due".into()
+        });
+    }
+    parts.join(" · ")
 }
 
 /// Requests an arm served, and how many of them failed.
@@ -222,6 +366,24 @@ fn terminal_width() -> usize {
         .unwrap_or(80)
 }
 
+/// `line` without its escape sequences (for output that is not a terminal).
+pub fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Cuts `line` to `width − 1` visible characters; escape sequences do not count.
 fn fit(line: &str, width: usize) -> String {
     let mut out = String::with_capacity(line.len());
@@ -369,10 +531,22 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-/// The terminal frame.
+/// The terminal frame: a title line, then [`describe`].
 fn frame(title: &str, elapsed: f64, o: &Observed, events: &VecDeque<EventLine>) -> Vec<String> {
+    let events: Vec<EventLine> = events.iter().cloned().collect();
+    let mut lines = vec![format!(
+        "\x1b[1m{}\x1b[0m  {elapsed:.1}s",
+        truncate(title, 100)
+    )];
+    lines.extend(describe(o, &events, Utc::now()));
+    lines
+}
+
+/// A Canary as the view shows it, with colour escapes (see [`plain`]): phase and step,
+/// the weights as a bar, revision and timing, failed checks, each metric's last value
+/// against its bound with its verdict, and `events`.
+pub fn describe(o: &Observed, events: &[EventLine], now: DateTime<Utc>) -> Vec<String> {
     let mut lines = vec![
-        format!("\x1b[1m{}\x1b[0m  {elapsed:.1}s", truncate(title, 100)),
         format!(
             "{}  \x1b[1m{}\x1b[0m  {}",
             o.canary,
@@ -380,20 +554,24 @@ fn frame(title: &str, elapsed: f64, o: &Observed, events: &VecDeque<EventLine>) 
             step_text(o)
         ),
         format!("  {}   {}", bar(o.weights), weights_text(o.weights)),
-        format!(
-            "  failed checks {} of {} allowed{}",
-            o.failed_checks,
-            o.failure_threshold,
-            o.last_check
-                .as_ref()
-                .map(|c| format!(
-                    "   last check {} {}",
-                    c.time.format("%H:%M:%S"),
-                    c.verdict.as_str()
-                ))
-                .unwrap_or_default()
-        ),
     ];
+    let timing = timing_text(o, now);
+    if !timing.is_empty() {
+        lines.push(format!("  {timing}"));
+    }
+    lines.push(format!(
+        "  failed checks {} of {} allowed{}",
+        o.failed_checks,
+        o.failure_threshold,
+        o.last_check
+            .as_ref()
+            .map(|c| format!(
+                "   last check {} {}",
+                c.time.format("%H:%M:%S"),
+                c.verdict.as_str()
+            ))
+            .unwrap_or_default()
+    ));
     for (name, value, bound, verdict) in metric_results(o) {
         let (c, v) = colour(verdict);
         let evidence = evidence_text(o, &name).unwrap_or_default();
@@ -447,6 +625,9 @@ mod tests {
             }],
             traffic: None,
             evidence: None,
+            revision: Some("5f1c".into()),
+            started: None,
+            next_check: None,
         }
     }
 

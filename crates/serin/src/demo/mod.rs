@@ -39,12 +39,11 @@ use crate::api::{Canary, Phase, RolloutResult};
 use crate::arms::{PerArm, Weights};
 use crate::controller::telemetry::Metrics;
 use crate::controller::{Context, ControllerOptions};
-use crate::metrics::presets::{self, Kind};
 use crate::router::{AppMeshKubeRouter, Routers};
 use kube_sandbox::{ApiServer, Options};
 use traffic::{Behaviour, RouterWeights, ServiceConfig, TrafficSimulator};
 
-use crate::view::{EventLine, MetricInfo, Observed, Served, View};
+use crate::view::{self, EventLine, Observed, Served, View};
 use source::{History, InProcessSource, Sample};
 
 /// The demo's namespace, mesh, target and Canary.
@@ -448,86 +447,17 @@ impl Demo {
     async fn events(&self) -> Vec<EventLine> {
         let api: Api<Event> = Api::namespaced(self.client.clone(), NAMESPACE);
         let params = ListParams::default().fields("involvedObject.kind=Canary");
-        let Ok(list) = api.list(&params).await else {
-            return Vec::new();
-        };
-        let mut events: Vec<(i64, EventLine)> = list
-            .items
-            .into_iter()
-            .filter(|e| e.involved_object.name.as_deref() == Some(TARGET))
-            .map(|e| {
-                // The latest occurrence of a series, else when it happened.
-                let ms = e
-                    .series
-                    .as_ref()
-                    .and_then(|s| s.last_observed_time.as_ref().map(|t| t.0.as_millisecond()))
-                    .or_else(|| e.last_timestamp.as_ref().map(|t| t.0.as_millisecond()))
-                    .or_else(|| e.event_time.as_ref().map(|t| t.0.as_millisecond()))
-                    .or_else(|| {
-                        e.metadata
-                            .creation_timestamp
-                            .as_ref()
-                            .map(|t| t.0.as_millisecond())
-                    })
-                    .unwrap_or(0);
-                let time = DateTime::from_timestamp_millis(ms)
-                    .map(|t| t.format("%H:%M:%S").to_string())
-                    .unwrap_or_default();
-                let line = EventLine {
-                    key: format!(
-                        "{}/{}",
-                        e.metadata.uid.unwrap_or_default(),
-                        e.count.unwrap_or(1)
-                    ),
-                    time,
-                    type_: e.type_.unwrap_or_default(),
-                    reason: match e.count {
-                        // kube's recorder folds a repeated reason into one Event with a
-                        // count, keeping the first occurrence's message.
-                        Some(n) if n > 1 => format!("{} ×{n}", e.reason.unwrap_or_default()),
-                        _ => e.reason.unwrap_or_default(),
-                    },
-                    message: e.message.unwrap_or_default(),
-                };
-                (ms, line)
-            })
-            .collect();
-        events.sort_by_key(|(ms, _)| *ms);
-        events.into_iter().map(|(_, e)| e).collect()
+        match api.list(&params).await {
+            Ok(list) => view::event_lines(list.items, TARGET),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Polls the Canary and its Events into the view once; returns the Canary.
     async fn observe(&self, view: &mut View, traffic: Option<&Traffic>) -> anyhow::Result<Canary> {
         let canary = self.canary().await?;
-        let status = canary.status.clone().unwrap_or_default();
-        let metrics = canary
-            .spec
-            .analysis
-            .metrics
-            .iter()
-            .map(|m| MetricInfo {
-                name: m.name.clone(),
-                unit: match m.preset.map(presets::kind) {
-                    Some(Kind::LatencyP99) => "ms",
-                    _ => "%",
-                },
-                min: m.min,
-                max: m.max,
-            })
-            .collect();
-        let observed = Observed {
-            canary: format!("{NAMESPACE}/{TARGET}"),
-            phase: status.phase,
-            step: status.step,
-            steps: canary.spec.steps.clone(),
-            weights: self.current_weights(),
-            failed_checks: status.failed_checks,
-            failure_threshold: canary.spec.analysis.failure_threshold,
-            last_check: status.last_check.clone(),
-            metrics,
-            traffic: traffic.and_then(|t| t.history.latest()).map(|s| s.served()),
-            evidence: status.evidence.clone(),
-        };
+        let mut observed = Observed::of_canary(&canary, self.current_weights());
+        observed.traffic = traffic.and_then(|t| t.history.latest()).map(|s| s.served());
         let events = self.events().await;
         view.update(observed, events);
         Ok(canary)
