@@ -216,6 +216,9 @@ struct Result1 {
     cpu_steady_seconds: f64,
     steady_seconds: f64,
     checks: f64,
+    /// The operator's CPU seconds, checks and wall seconds while every Canary was in
+    /// analysis: from the last Canary's first canary weight to the first promotion.
+    mid_rollout: Option<(f64, f64, f64)>,
     reconciles: f64,
     /// The operator's requests during the rollouts, by verb and resource.
     requests: BTreeMap<(String, String), u64>,
@@ -505,14 +508,17 @@ async fn run_one(
         + Duration::from_millis(30 * n as u64);
     let mut last_report = Instant::now();
     let mut last_rss = Instant::now();
+    let mut mid_start: Option<(f64, Scrape, Instant)> = None;
     loop {
         if last_rss.elapsed() >= Duration::from_secs(60) {
             r.rss_minutes
                 .push((started.elapsed().as_secs_f64(), operator.memory()?.0));
             last_rss = Instant::now();
         }
-        let (to_trigger, to_abort, finished) = {
+        let (to_trigger, to_abort, finished, all_weighted, promoted_any) = {
             let t = tracks.lock().unwrap_or_else(|e| e.into_inner());
+            let all_weighted = t.len() == n && t.values().all(|x| x.first_weight.is_some());
+            let promoted_any = t.values().any(|x| x.done == Some(Phase::Succeeded));
             let to_trigger: Vec<usize> = t
                 .iter()
                 .filter(|(_, x)| x.workload && x.initialized.is_some() && x.triggered.is_none())
@@ -529,8 +535,29 @@ async fn run_one(
                 to_trigger,
                 to_abort,
                 t.values().filter(|x| x.done.is_some()).count(),
+                all_weighted,
+                promoted_any,
             )
         };
+        // The window of steady checks: every Canary in analysis, none promoted yet.
+        if mid_start.is_none() && all_weighted && !promoted_any {
+            mid_start = Some((
+                operator.cpu_seconds()?,
+                scrape(&operator.metrics_url).await?,
+                Instant::now(),
+            ));
+        }
+        if r.mid_rollout.is_none()
+            && promoted_any
+            && let Some((cpu, metrics, at)) = &mid_start
+        {
+            let now = scrape(&operator.metrics_url).await?;
+            r.mid_rollout = Some((
+                operator.cpu_seconds()? - cpu,
+                delta(metrics, &now, "serin_metric_check_total", |_| true),
+                at.elapsed().as_secs_f64(),
+            ));
+        }
         trigger(&creator.client, &layout, &to_trigger, &tracks).await?;
         abort(&creator.client, &layout, &to_abort, &tracks).await?;
         if finished == n {
@@ -1499,6 +1526,30 @@ fn report(args: &ScaleBenchArgs, operator: &Path, results: &[Result1]) -> String
             r.cpu_steady_seconds / r.steady_seconds.max(1e-9),
             r.steady_requests as f64 / r.steady_seconds.max(1e-9)
         ));
+    }
+    out.push_str(
+        "\n## Steady checks\n\n\
+         While every Canary was in analysis: from the last one's first canary weight to the first \
+         promotion (weight changes of the later steps included). The last column scales the CPU \
+         per check to one check per Canary per minute at 10,000 Canaries (167 checks/s).\n\n\
+         | Canaries | window | CPU (cores) | checks/s | CPU per check | 10,000 Canaries, a check a minute |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in results {
+        match r.mid_rollout {
+            Some((cpu, checks, secs)) if checks > 0.0 => out.push_str(&format!(
+                "| {} | {secs:.0} s | {:.3} | {:.1} | {:.2} ms | {:.3} cores |\n",
+                r.n,
+                cpu / secs.max(1e-9),
+                checks / secs.max(1e-9),
+                cpu * 1000.0 / checks,
+                cpu / checks * 10_000.0 / 60.0,
+            )),
+            _ => out.push_str(&format!(
+                "| {} | – | – | – | – | – (no window: a Canary was promoted before the last one reached its first weight) |\n",
+                r.n
+            )),
+        }
     }
     out.push_str(
         "\n## API requests by verb and resource\n\n\
