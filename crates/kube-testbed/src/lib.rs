@@ -221,8 +221,9 @@ fn apiserver_args(
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
         format!("--service-account-key-file={}", p(&pki.sa_pub)),
         format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
-        // TEST-NET-2: ClusterIPs are data only here; nothing routes to them.
-        "--service-cluster-ip-range=198.51.100.0/24".into(),
+        // RFC 2544's benchmarking range: ClusterIPs are data only here; nothing routes to
+        // them. A /16, so that a benchmark's thousands of Services fit (a /24 held 254).
+        "--service-cluster-ip-range=198.18.0.0/16".into(),
         format!("--audit-policy-file={}", p(&policy)),
         format!("--audit-log-path={}", p(audit_log)),
         "--audit-log-maxsize=0".into(),

@@ -479,11 +479,23 @@ pub async fn record_weights_of(
             .default_backoff()
             .boxed();
         while let Some(ev) = stream.next().await {
-            let Ok(ev) = ev else {
-                continue;
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    // Said, so that a sequence missing a pair explains itself: states
+                    // between a failed watch and its relist are not seen.
+                    eprintln!("weight recorder of {name}: watch error (retrying): {e}");
+                    continue;
+                }
             };
             let objs = match ev {
                 watcher::Event::Apply(o) | watcher::Event::InitApply(o) => vec![o],
+                watcher::Event::Init if listed_tx.is_none() => {
+                    eprintln!(
+                        "weight recorder of {name}: the watch relisted; pairs written meanwhile are lost"
+                    );
+                    vec![]
+                }
                 watcher::Event::InitDone => {
                     if let Some(tx) = listed_tx.take() {
                         let _ = tx.send(());
