@@ -117,53 +117,54 @@ pub struct Wait {
     pub seconds: u64,
 }
 
+impl PluginCommand {
+    /// The controller command a subcommand writes, with its Canary and wait.
+    fn steer(&self) -> Option<(&str, CommandKind, Wait)> {
+        Some(match self {
+            PluginCommand::Promote { name, full, wait } => (
+                name,
+                if *full {
+                    CommandKind::PromoteFull
+                } else {
+                    CommandKind::Promote
+                },
+                *wait,
+            ),
+            PluginCommand::Abort { name, wait } => (name, CommandKind::Abort, *wait),
+            PluginCommand::Retry { name, wait } => (name, CommandKind::Retry, *wait),
+            PluginCommand::Pause { name, wait } => (name, CommandKind::Pause, *wait),
+            PluginCommand::Resume { name, wait } => (name, CommandKind::Resume, *wait),
+            PluginCommand::Get { .. }
+            | PluginCommand::List { .. }
+            | PluginCommand::History { .. } => {
+                return None;
+            }
+        })
+    }
+}
+
 /// Runs the plugin; the error is the one message the user sees.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let (client, default_ns) = connect(&args).await?;
     let ns = args.namespace.clone().unwrap_or(default_ns);
-    let mut out = std::io::stdout().lock();
+    if let Some((name, kind, wait)) = args.command.steer() {
+        return command(&client, &ns, name, kind, wait).await;
+    }
     let tty = std::io::stdout().is_terminal();
-    match args.command {
-        PluginCommand::Get { name, watch } => {
-            drop(out);
-            get(&client, &ns, &name, watch, tty).await
-        }
+    match &args.command {
+        PluginCommand::Get { name, watch } => get(&client, &ns, name, *watch, tty).await,
         PluginCommand::List { all_namespaces } => {
             let scope = (!all_namespaces).then_some(ns.as_str());
             let canaries = list(&client, scope).await?;
-            write!(out, "{}", list_table(&canaries, all_namespaces, Utc::now()))?;
+            print!("{}", list_table(&canaries, *all_namespaces, Utc::now()));
             Ok(())
         }
         PluginCommand::History { name } => {
-            let canary = read(&client, &ns, &name).await?;
-            write!(out, "{}", history_table(&canary, Utc::now()))?;
+            let canary = read(&client, &ns, name).await?;
+            print!("{}", history_table(&canary, Utc::now()));
             Ok(())
         }
-        PluginCommand::Promote { name, full, wait } => {
-            let kind = if full {
-                CommandKind::PromoteFull
-            } else {
-                CommandKind::Promote
-            };
-            drop(out);
-            command(&client, &ns, &name, kind, wait).await
-        }
-        PluginCommand::Abort { name, wait } => {
-            drop(out);
-            command(&client, &ns, &name, CommandKind::Abort, wait).await
-        }
-        PluginCommand::Retry { name, wait } => {
-            drop(out);
-            command(&client, &ns, &name, CommandKind::Retry, wait).await
-        }
-        PluginCommand::Pause { name, wait } => {
-            drop(out);
-            command(&client, &ns, &name, CommandKind::Pause, wait).await
-        }
-        PluginCommand::Resume { name, wait } => {
-            drop(out);
-            command(&client, &ns, &name, CommandKind::Resume, wait).await
-        }
+        _ => unreachable!("the steering commands returned above"),
     }
 }
 
