@@ -215,17 +215,13 @@ async fn gloo_upstreamgroup_traffic_mode_promotes() {
     else {
         return;
     };
-    let ug = gvk("gloo.solo.io", "v1", "UpstreamGroup", "upstreamgroups");
-    create(
-        &env.client,
-        &ug,
-        Some(&env.ns),
-        json!({"apiVersion": "gloo.solo.io/v1", "kind": "UpstreamGroup",
-               "metadata": {"name": "upstreamgroup-gateway", "namespace": env.ns},
-               "spec": {"destinations": [
-                   {"destination": {"upstream": {"name": format!("{}-colorgateway-9080", env.ns), "namespace": env.ns}}, "weight": 1},
-                   {"destination": {"upstream": {"name": format!("{}-colorgatewayv2-9080", env.ns), "namespace": env.ns}}, "weight": 0}
-               ]}}),
+    create_upstream_group(
+        &env,
+        "upstreamgroup-gateway",
+        (
+            &format!("{}-colorgateway-9080", env.ns),
+            &format!("{}-colorgatewayv2-9080", env.ns),
+        ),
     )
     .await;
     let canaries: Api<DynamicObject> = Api::namespaced_with(
@@ -265,7 +261,11 @@ async fn gloo_upstreamgroup_traffic_mode_promotes() {
     let status = c.status.unwrap();
     assert_eq!(status.stable_revision.as_deref(), Some("colorgatewayv2"));
     assert_eq!(status.canary_weight, 100);
-    let ug_api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &ug);
+    let ug_api: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.ns,
+        &gvk("gloo.solo.io", "v1", "UpstreamGroup", "upstreamgroups"),
+    );
     let obj = ug_api.get("upstreamgroup-gateway").await.unwrap();
     let d = obj.data["spec"]["destinations"].clone();
     assert_eq!(

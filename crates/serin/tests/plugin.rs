@@ -82,17 +82,13 @@ async fn status(env: &Env) -> serin::api::CanaryStatus {
 async fn plugin_reads_and_steers_a_rollout() {
     require("prometheus");
     let env = env(|_, _| Vec::new()).await.expect("the upstream CRDs");
-    let ug = gvk("gloo.solo.io", "v1", "UpstreamGroup", "upstreamgroups");
-    create(
-        &env.client,
-        &ug,
-        Some(&env.ns),
-        json!({"apiVersion": "gloo.solo.io/v1", "kind": "UpstreamGroup",
-        "metadata": {"name": "web", "namespace": env.ns},
-        "spec": {"destinations": [
-            {"destination": {"upstream": {"name": format!("{}-web-v1-8080", env.ns), "namespace": env.ns}}, "weight": 1},
-            {"destination": {"upstream": {"name": format!("{}-web-v2-8080", env.ns), "namespace": env.ns}}, "weight": 0}
-        ]}}),
+    create_upstream_group(
+        &env,
+        "web",
+        (
+            &format!("{}-web-v1-8080", env.ns),
+            &format!("{}-web-v2-8080", env.ns),
+        ),
     )
     .await;
     let obj = json!({

@@ -396,6 +396,21 @@ pub async fn setup_appmesh_with(env: &Env, name: &str, canary: Value) {
     create_canary(env, canary).await;
 }
 
+/// Creates UpstreamGroup `name` in the test's namespace, all traffic on the first of the
+/// `(primary, canary)` Upstreams (named as Gloo's discovery names them).
+pub async fn create_upstream_group(env: &Env, name: &str, upstreams: (&str, &str)) {
+    let destination = |upstream: &str, weight: u32| json!({"destination": {"upstream": {"name": upstream, "namespace": env.ns}}, "weight": weight});
+    create(
+        &env.client,
+        &gvk("gloo.solo.io", "v1", "UpstreamGroup", "upstreamgroups"),
+        Some(&env.ns),
+        json!({"apiVersion": "gloo.solo.io/v1", "kind": "UpstreamGroup",
+               "metadata": {"name": name, "namespace": env.ns},
+               "spec": {"destinations": [destination(upstreams.0, 1), destination(upstreams.1, 0)]}}),
+    )
+    .await;
+}
+
 /// Creates Canary `canary` in the test's namespace.
 pub async fn create_canary(env: &Env, canary: Value) {
     let canaries: Api<DynamicObject> = Api::namespaced_with(
