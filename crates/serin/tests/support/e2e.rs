@@ -490,9 +490,12 @@ pub async fn record_weights_of(
     let task = tokio::spawn(async move {
         let mut listed_tx = Some(listed_tx);
         // A watch error must not end the recording: the watcher retries with backoff.
-        let mut stream = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
+        // A streaming list takes the initial state from the watch itself: a list followed
+        // by a watch from the list's resourceVersion can be refused (410 Expired) when the
+        // server's watch cache starts after that version, and the relist then misses the
+        // writes made meanwhile (the object's first weights, typically).
+        let config = watcher::Config::default().streaming_lists();
+        let mut stream = watcher::watcher(api, config).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
             let ev = match ev {
                 Ok(ev) => ev,
@@ -668,7 +671,9 @@ pub async fn podinfo_env_real(prefix: &str, canary: Behaviour) -> Option<(Env, W
     podinfo_setup(env_real(prefix, podinfo_services(canary)).await?).await
 }
 
-fn podinfo_services(canary: Behaviour) -> impl FnOnce(&kube::Client, &str) -> Vec<ServiceConfig> {
+pub fn podinfo_services(
+    canary: Behaviour,
+) -> impl FnOnce(&kube::Client, &str) -> Vec<ServiceConfig> {
     move |c, ns| {
         let routers = Routers::new(vec![Arc::new(AppMeshKubeRouter::new(c.clone()))]);
         vec![appmesh_service(c, ns, canary, routers, "podinfo")]
