@@ -2,7 +2,9 @@
 //! publishes for Serin's CRD, `kubectl wait` on Serin's conditions, the real CEL cost budget
 //! and rule messages (set side by side with the in-memory server's), and what deleting a
 //! workload-mode Canary leaves, with the real garbage collector and endpoint controllers,
-//! while requests are routed through the Services and the mesh.
+//! while requests are routed through the Services and the mesh; the chart's roles for
+//! people folded into `view` and `edit` by the real aggregation controller; and the
+//! primary's copy of the target's HorizontalPodAutoscaler.
 //!
 //! Every test runs on a real control plane (`TestCluster::start_real`) whatever the run's
 //! backend, each in a namespace of its own. The closed-loop tests put `support::e2e`'s parts
@@ -19,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
@@ -1177,4 +1180,378 @@ async fn deleting_an_orphan_canary_leaves_everything_serving() {
         ),
         "{vr:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. The chart's roles for people
+
+/// `kubectl auth can-i VERB RESOURCE -n NS --as USER`: whether the real API server's
+/// authorizer allows it.
+fn can_i(kubeconfig: &std::path::Path, user: &str, ns: &str, verb: &str, resource: &str) -> bool {
+    let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+    let mut args = vec!["auth", "can-i", verb, resource, "-n", ns, "--as", user];
+    let flag = format!("--subresource={subresource}");
+    if !subresource.is_empty() {
+        args.push(&flag);
+    }
+    let out = run_kubectl(kubeconfig, &args);
+    let answer = text(&out.stdout);
+    match answer.trim() {
+        "yes" => true,
+        "no" => false,
+        _ => panic!("kubectl auth can-i {args:?}: {answer}{}", text(&out.stderr)),
+    }
+}
+
+/// The chart's aggregated ClusterRoles on a real control plane: its
+/// clusterrole-aggregation controller folds them into the built-in `view` and `edit`. A
+/// user bound to `view` in a namespace (a RoleBinding) can read its Canaries, which is
+/// what `kubectl serin get/list/history` needs, but not steer them; one bound to `edit` can
+/// also patch them (`kubectl serin promote` writes an annotation), create and delete them;
+/// neither can write their status, nor touch another namespace's Canaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_roles_let_view_read_and_edit_steer_canaries() {
+    let Some(cluster) = TestCluster::start_real("agg-roles").await else {
+        return;
+    };
+    let ns = &cluster.namespace;
+    let gvk = GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", "ClusterRole");
+    let cluster_roles: Api<DynamicObject> = Api::all_with(
+        cluster.client.clone(),
+        &ApiResource::from_gvk_with_plural(&gvk, "clusterroles"),
+    );
+    let mut applied = Vec::new();
+    for doc in support::rbac::render_chart(ns) {
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if doc["kind"] == "ClusterRole" && name.contains("-aggregate-") {
+            let obj: DynamicObject = serde_json::from_value(doc).unwrap();
+            cluster_roles
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::apply("serin-tests").force(),
+                    &kube::api::Patch::Apply(&obj),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("apply the chart's ClusterRole {name}: {e}"));
+            applied.push(name);
+        }
+    }
+    assert_eq!(
+        applied.len(),
+        2,
+        "the chart renders two aggregated roles: {applied:?}"
+    );
+    for (user, role) in [("viewer", "view"), ("editor", "edit")] {
+        let out = run_kubectl(
+            &cluster.kubeconfig,
+            &[
+                "create",
+                "rolebinding",
+                user,
+                "-n",
+                ns,
+                "--clusterrole",
+                role,
+                "--user",
+                user,
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let kc = &cluster.kubeconfig;
+    wait_for(
+        "the aggregation controller to add the Canary rules to view and edit",
+        Duration::from_secs(60),
+        || async {
+            (can_i(kc, "viewer", ns, "get", "canaries.serin.dev")
+                && can_i(kc, "editor", ns, "patch", "canaries.serin.dev"))
+            .then_some(())
+        },
+    )
+    .await;
+    let mut table = Vec::new();
+    for user in ["viewer", "editor"] {
+        for verb in [
+            "get", "list", "watch", "create", "patch", "update", "delete",
+        ] {
+            table.push((
+                user,
+                verb,
+                "canaries.serin.dev",
+                can_i(kc, user, ns, verb, "canaries.serin.dev"),
+            ));
+        }
+        for verb in ["update", "patch"] {
+            let r = "canaries.serin.dev/status";
+            table.push((user, verb, r, can_i(kc, user, ns, verb, r)));
+        }
+        table.push((
+            user,
+            "get",
+            "canaries.serin.dev in default",
+            can_i(kc, user, "default", "get", "canaries.serin.dev"),
+        ));
+    }
+    for (user, verb, resource, allowed) in &table {
+        eprintln!(
+            "{user:7} {verb:7} {resource:32} {}",
+            if *allowed { "yes" } else { "no" }
+        );
+    }
+    let expected = |user: &str, verb: &str, resource: &str| {
+        resource == "canaries.serin.dev"
+            && (["get", "list", "watch"].contains(&verb) || user == "editor")
+    };
+    for (user, verb, resource, allowed) in &table {
+        assert_eq!(
+            *allowed,
+            expected(user, verb, resource),
+            "{user} {verb} {resource}"
+        );
+    }
+    // A real request as the viewer: what `kubectl serin list` sends.
+    let out = run_kubectl(kc, &["get", "canaries", "-n", ns, "--as", "viewer"]);
+    assert!(
+        out.status.success(),
+        "viewer lists Canaries: {}",
+        text(&out.stderr)
+    );
+    // And a real write: what `kubectl serin promote` sends, refused to the viewer only.
+    let canaries: Api<DynamicObject> =
+        Api::namespaced_with(cluster.client.clone(), ns, &canaries_resource());
+    let verdict = create_canary(&canaries, ns, example("gateway-api.yaml"), "web").await;
+    assert!(matches!(verdict, Verdict::Accepted), "{verdict:?}");
+    for (user, allowed) in [("viewer", false), ("editor", true)] {
+        let out = run_kubectl(
+            kc,
+            &[
+                "annotate",
+                "canary",
+                "web",
+                "-n",
+                ns,
+                "--as",
+                user,
+                "--overwrite",
+                "serin.dev/command=promote",
+            ],
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.success(), allowed, "{user} annotates: {stderr}");
+        assert!(allowed || stderr.contains("forbidden"), "{user}: {stderr}");
+    }
+    for name in applied {
+        cluster_roles
+            .delete(&name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Autoscaling: spec.autoscalerRef
+
+/// The HPA `podinfo`: 2 to `max` replicas of Deployment `scales` at 70 % CPU.
+fn podinfo_autoscaler(ns: &str, scales: &str, max: i32) -> HorizontalPodAutoscaler {
+    serde_json::from_value(json!({
+        "metadata": {"name": "podinfo", "namespace": ns, "labels": {"team": "web"}},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": scales},
+            "minReplicas": 2,
+            "maxReplicas": max,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu",
+                         "target": {"type": "Utilization", "averageUtilization": 70}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 120}}
+        }
+    }))
+    .unwrap()
+}
+
+/// Waits until the Canary's Ready condition has `reason`, and returns its message.
+async fn wait_ready_reason(env: &Env, op: &Operator, reason: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = canary(env, "podinfo").await;
+        let conditions = c.status.map(|s| s.conditions).unwrap_or_default();
+        if let Some(r) = serin::api::find_condition(&conditions, serin::api::READY)
+            && r.reason == reason
+        {
+            return r.message.clone();
+        }
+        if Instant::now() > deadline {
+            dump(env, op, "podinfo").await;
+            panic!("Ready never had reason {reason}: {conditions:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A workload-mode Canary naming the target's HorizontalPodAutoscaler, on the real API
+/// server: Serin creates `podinfo-primary` (the HPA scaling `podinfo-primary`, otherwise the
+/// target's), keeps it in step when the user edits the target's HPA, keeps it through a
+/// promotion, says so in Ready when the HPA disappears or scales something else (and
+/// recovers when it is back), and deleting the Canary (Revert) removes the copy with the
+/// primary and leaves the user's HPA alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_autoscales_like_the_target() {
+    let Some(env) = env_real("hpa", podinfo_services(Behaviour::HEALTHY)).await else {
+        return;
+    };
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &env.ns);
+    hpas.create(
+        &PostParams::default(),
+        &podinfo_autoscaler(&env.ns, "podinfo", 6),
+    )
+    .await
+    .unwrap();
+    let mut spec = workload_canary(&env.ns, "podinfo", &env.prometheus.url);
+    spec["spec"]["autoscalerRef"] = json!({"name": "podinfo"});
+    setup_appmesh_with(&env, "podinfo", spec).await;
+    let op = ready_operator(&env, "podinfo").await;
+    let uid = canary(&env, "podinfo").await.metadata.uid.unwrap();
+    let copy = |max: i32| {
+        let hpas = hpas.clone();
+        async move {
+            hpas.get_opt("podinfo-primary")
+                .await
+                .unwrap()
+                .filter(|h| h.spec.max_replicas == max)
+        }
+    };
+    let first = wait_for("the primary's autoscaler", Duration::from_secs(30), || {
+        copy(6)
+    })
+    .await;
+    let target = hpas.get("podinfo").await.unwrap();
+    let (got, mut want) = (first.spec.clone(), target.spec.clone());
+    assert_eq!(got.scale_target_ref.name, "podinfo-primary");
+    assert_eq!(got.scale_target_ref.kind, "Deployment");
+    assert_eq!(got.scale_target_ref.api_version.as_deref(), Some("apps/v1"));
+    want.scale_target_ref = got.scale_target_ref.clone();
+    assert_eq!(
+        got, want,
+        "the copy is the target's HPA but for what it scales"
+    );
+    assert_eq!(first.metadata.labels, target.metadata.labels);
+    let owners = first.metadata.owner_references.clone().unwrap_or_default();
+    assert!(
+        owners.iter().any(|o| o.uid == uid && o.kind == "Canary"),
+        "{owners:?}"
+    );
+
+    // The user edits the target's HPA: the copy follows (woken by the watch).
+    hpas.patch(
+        "podinfo",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"spec": {"maxReplicas": 9}})),
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the copy to follow maxReplicas 9",
+        Duration::from_secs(30),
+        || copy(9),
+    )
+    .await;
+
+    // A rollout promotes with the copy in place.
+    set_image(&env, "podinfo", "podinfo:2").await;
+    wait_phase(
+        &env,
+        &op,
+        "podinfo",
+        Phase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    let after = hpas.get("podinfo-primary").await.unwrap().spec;
+    assert_eq!(
+        (after.scale_target_ref.name.as_str(), after.max_replicas),
+        ("podinfo-primary", 9)
+    );
+
+    // The HPA goes, then comes back scaling the wrong Deployment, then right again.
+    hpas.delete("podinfo", &DeleteParams::default())
+        .await
+        .unwrap();
+    let message = wait_ready_reason(&env, &op, "AutoscalerNotFound").await;
+    assert_eq!(
+        message,
+        format!(
+            "HorizontalPodAutoscaler {}/podinfo (spec.autoscalerRef) not found: create it, or remove spec.autoscalerRef",
+            env.ns
+        )
+    );
+    hpas.create(
+        &PostParams::default(),
+        &podinfo_autoscaler(&env.ns, "podinfo-primary", 9),
+    )
+    .await
+    .unwrap();
+    let message = wait_ready_reason(&env, &op, "AutoscalerMismatch").await;
+    assert!(
+        message.contains("scales Deployment podinfo-primary, not the target Deployment podinfo"),
+        "{message}"
+    );
+    let warnings: Vec<String> = event_messages(&env, "podinfo")
+        .await
+        .into_iter()
+        .filter(|(r, _)| r.starts_with("Autoscaler"))
+        .map(|(r, _)| r)
+        .collect();
+    assert_eq!(
+        warnings,
+        ["AutoscalerNotFound", "AutoscalerMismatch"],
+        "one Warning Event each"
+    );
+    hpas.replace("podinfo", &PostParams::default(), &{
+        let mut h = podinfo_autoscaler(&env.ns, "podinfo", 9);
+        h.metadata.resource_version = hpas.get("podinfo").await.unwrap().metadata.resource_version;
+        h
+    })
+    .await
+    .unwrap();
+    wait_ready_reason(&env, &op, "Succeeded").await;
+
+    // Deleting the Canary (Revert): the target serves again, its HPA untouched; the
+    // primary and its autoscaler are gone.
+    let canaries: Api<Canary> = Api::namespaced(env.client.clone(), &env.ns);
+    canaries
+        .delete("podinfo", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the Canary's deletion to finish",
+        Duration::from_secs(90),
+        || async {
+            canaries
+                .get_opt("podinfo")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        hpas.get_opt("podinfo-primary").await.unwrap().is_none(),
+        "the copy is left behind"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    assert!(
+        deployments
+            .get_opt("podinfo-primary")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let kept = hpas.get("podinfo").await.unwrap().spec;
+    assert_eq!(
+        (kept.scale_target_ref.name.as_str(), kept.max_replicas),
+        ("podinfo", 9)
+    );
+    drop(op);
 }

@@ -38,6 +38,14 @@ pub struct CanarySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_ref: Option<TargetRef>,
 
+    /// Workload mode: the HorizontalPodAutoscaler (`autoscaling/v2`) that scales the target.
+    /// Serin keeps `<name>-primary`, a copy of it that scales `<target>-primary`, in step
+    /// with it (same bounds, metrics and behaviour), so the stable version autoscales as
+    /// the target did; the target's own HPA scales the canary during a rollout (Kubernetes
+    /// leaves a Deployment that Serin scaled to 0 alone between rollouts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler_ref: Option<AutoscalerRef>,
+
     /// Traffic mode: two backends that already exist (Services, VirtualNodes or upstreams,
     /// depending on the router). Serin only moves weights between them and touches no
     /// workload. Exactly one of `targetRef` or `backends` is set.
@@ -156,6 +164,28 @@ pub struct TargetRef {
     pub kind: String,
     /// Name of the target in the Canary's namespace.
     pub name: String,
+}
+
+/// A reference to the target's autoscaler.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalerRef {
+    /// API version of the autoscaler, `autoscaling/v2`.
+    #[serde(default = "default_autoscaler_api_version")]
+    pub api_version: String,
+    /// Kind of the autoscaler, `HorizontalPodAutoscaler`.
+    #[serde(default = "default_autoscaler_kind")]
+    pub kind: String,
+    /// Name of the autoscaler in the Canary's namespace; it must scale the target.
+    pub name: String,
+}
+
+fn default_autoscaler_api_version() -> String {
+    "autoscaling/v2".into()
+}
+
+fn default_autoscaler_kind() -> String {
+    "HorizontalPodAutoscaler".into()
 }
 
 /// The two backends of traffic mode.

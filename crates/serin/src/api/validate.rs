@@ -113,8 +113,33 @@ fn check_mode(spec: &CanarySpec, p: &mut Vec<Problem>) {
                 ));
             }
             check_name("spec.targetRef.name", &t.name, p);
+            if let Some(a) = &spec.autoscaler_ref {
+                if a.api_version != "autoscaling/v2" || a.kind != "HorizontalPodAutoscaler" {
+                    p.push(Problem::new(
+                        "spec.autoscalerRef",
+                        format!("{}/{} is not supported", a.api_version, a.kind),
+                        "point autoscalerRef at a HorizontalPodAutoscaler: apiVersion autoscaling/v2, kind HorizontalPodAutoscaler",
+                    ));
+                }
+                check_name("spec.autoscalerRef.name", &a.name, p);
+                // `<name>-primary` must be a valid name too.
+                if a.name.len() > 63 - "-primary".len() {
+                    p.push(Problem::new(
+                        "spec.autoscalerRef.name",
+                        format!("{:?} is too long for Serin's copy {:?}", a.name, format!("{}-primary", a.name)),
+                        "use an autoscaler name of at most 55 characters",
+                    ));
+                }
+            }
         }
         (None, Some(b)) => {
+            if spec.autoscaler_ref.is_some() {
+                p.push(Problem::new(
+                    "spec.autoscalerRef",
+                    "is set in traffic mode (spec.backends)",
+                    "remove spec.autoscalerRef: in traffic mode Serin touches no workload, so the backends keep their own autoscalers",
+                ));
+            }
             check_name("spec.backends.primary", &b.primary, p);
             check_name("spec.backends.canary", &b.canary, p);
             if !b.primary.is_empty() && b.primary == b.canary {

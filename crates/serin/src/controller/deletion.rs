@@ -5,8 +5,8 @@
 //! reads (no state beyond the Canary's status), so a crash or a failover at any point
 //! resumes correctly:
 //!
-//! 1. **Release** everything Serin created (the Services, `<target>-primary`, the routing
-//!    objects a router created): their ownerReference to the Canary is removed, so the
+//! 1. **Release** everything Serin created (the Services, `<target>-primary` and the
+//!    copy of the target's autoscaler, the routing objects a router created): their ownerReference to the Canary is removed, so the
 //!    garbage collector can never take the serving path away, whatever happens next.
 //! 2. `Orphan` stops here: everything keeps serving as it was.
 //! 3. `Revert`, traffic mode: all traffic moves to `backends.primary`.
@@ -14,7 +14,7 @@
 //!    replicas and waited for until ready; then the user-facing Service selects the
 //!    target's pods and the route sends all traffic to the target's arm (the canary arm,
 //!    which is where the target's pods are); one reconcile later (the drain), the now idle
-//!    `<target>-primary` is deleted. The target's pod template is never rewritten.
+//!    `<target>-primary` is deleted, with its autoscaler. The target's pod template is never rewritten.
 //!
 //! A deletion never wedges: an invalid Canary, a missing target or routing object, a target
 //! whose revision failed analysis, or a target that is not ready within
@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ApiResource, DeleteParams};
 use kube::runtime::controller::Action as Requeue;
@@ -275,6 +276,27 @@ async fn revert_workload(
             });
         }
     }
+    // Its autoscaler goes with it: the target's own scales the target again.
+    let mut deleted = primary_name.clone();
+    if let Some(a) = &canary.spec.autoscaler_ref {
+        let name = workload::primary_autoscaler_name(&a.name);
+        let autoscalers: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), &ns);
+        match autoscalers.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Kube {
+                    operation: "delete",
+                    kind: "HorizontalPodAutoscaler",
+                    name,
+                    source,
+                });
+            }
+        }
+        deleted = format!("{primary_name} and its autoscaler {name} were");
+    } else {
+        deleted.push_str(" was");
+    }
     if stable.as_deref() != Some(revision.as_str()) {
         events.push((
             EventType::Warning,
@@ -290,7 +312,7 @@ async fn revert_workload(
         EventType::Normal,
         reasons::REVERTED,
         format!(
-            "Deployment {} serves all traffic again through Service {}; {primary_name} was deleted; the Services and routing objects Serin created stay, no longer owned by the Canary",
+            "Deployment {} serves all traffic again through Service {}; {deleted} deleted; the Services and routing objects Serin created stay, no longer owned by the Canary",
             target_ref.name, arms.service
         ),
     ));
@@ -353,6 +375,13 @@ async fn release(canary: &Canary, ctx: &Context) -> Result<(), Error> {
             "Deployment",
             primary_name(&target_ref.name),
         ));
+        if let Some(a) = &canary.spec.autoscaler_ref {
+            objects.push((
+                ApiResource::erase::<HorizontalPodAutoscaler>(&()),
+                "HorizontalPodAutoscaler",
+                workload::primary_autoscaler_name(&a.name),
+            ));
+        }
     }
     if let Ok(router) = ctx.routers.for_canary(canary) {
         for (ar, _, name) in router.created(canary) {

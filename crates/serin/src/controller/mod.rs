@@ -36,6 +36,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
@@ -134,10 +135,11 @@ pub struct Context {
 
 /// Reflector stores of the dependencies: full Deployments (readiness is in their status),
 /// ConfigMaps and Secrets as metadata only (their data is read, once per version, only
-/// for the configs a target references). None holds managedFields or the last-applied
-/// annotation.
+/// for the configs a target references), and the targets' HorizontalPodAutoscalers and
+/// their primary copies. None holds managedFields or the last-applied annotation.
 struct Caches {
     deployments: Store<compact::CompactDeployment>,
+    autoscalers: Store<HorizontalPodAutoscaler>,
     configmaps: Store<PartialObjectMeta<ConfigMap>>,
     secrets: Store<PartialObjectMeta<Secret>>,
 }
@@ -292,6 +294,16 @@ pub enum Error {
     /// The target Deployment does not exist.
     #[error("target Deployment {0} not found: create it, or fix spec.targetRef.name")]
     TargetNotFound(String),
+    /// The autoscaler `spec.autoscalerRef` names does not exist.
+    #[error(
+        "HorizontalPodAutoscaler {0} (spec.autoscalerRef) not found: create it, or remove spec.autoscalerRef"
+    )]
+    AutoscalerNotFound(String),
+    /// The autoscaler `spec.autoscalerRef` names scales another workload.
+    #[error(
+        "HorizontalPodAutoscaler {0} (spec.autoscalerRef): point its scaleTargetRef at the target, or name the target's autoscaler in spec.autoscalerRef"
+    )]
+    AutoscalerMismatch(String),
     /// The target changed between deciding and promoting.
     #[error("target {0} changed while promoting; deciding again")]
     TargetChanged(String),
@@ -317,6 +329,8 @@ impl Error {
         match self {
             Error::Kube { .. } => "KubernetesApiError",
             Error::TargetNotFound(_) => "TargetNotFound",
+            Error::AutoscalerNotFound(_) => "AutoscalerNotFound",
+            Error::AutoscalerMismatch(_) => "AutoscalerMismatch",
             Error::TargetChanged(_) => "TargetChanged",
             Error::Router(e) => e.category(),
             Error::StatusConflict(_) => "StatusConflict",
@@ -328,7 +342,10 @@ impl Error {
     fn needs_user(&self) -> bool {
         match self {
             // Retried at the slower pace, and shown on the Canary as Ready=False.
-            Error::TargetNotFound(_) | Error::Panicked(_) => true,
+            Error::TargetNotFound(_)
+            | Error::AutoscalerNotFound(_)
+            | Error::AutoscalerMismatch(_)
+            | Error::Panicked(_) => true,
             Error::Router(e) => e.needs_user(),
             _ => false,
         }
@@ -365,6 +382,10 @@ pub async fn run(
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let services: Api<Service> = match &options.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let autoscalers: Api<HorizontalPodAutoscaler> = match &options.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -422,6 +443,14 @@ pub async fn run(
         .try_filter_map(move |e| std::future::ready(Ok(only_dependencies(&d_ctx, "deployment", e))))
         .reflect(deployment_writer)
         .touched_objects();
+    let (autoscaler_store, autoscaler_writer) = reflector::store();
+    let (a_ctx, autoscaler_ctx) = (ctx.clone(), ctx.clone());
+    let autoscaler_trigger = watcher(autoscalers, config())
+        .default_backoff()
+        .try_filter_map(move |e| std::future::ready(Ok(only_dependencies(&a_ctx, AUTOSCALER, e))))
+        .modify(strip)
+        .reflect(autoscaler_writer)
+        .touched_objects();
     let (configmap_store, configmap_writer) = reflector::store();
     let configmap_trigger = watcher(configmaps, config())
         .default_backoff()
@@ -438,6 +467,7 @@ pub async fn run(
         .touched_objects();
     let _ = ctx.caches.set(Caches {
         deployments: deployment_store,
+        autoscalers: autoscaler_store,
         configmaps: configmap_store,
         secrets: secret_store,
     });
@@ -451,7 +481,10 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
         .owns(services, config())
         .watches_stream(deployment_trigger, move |d: compact::CompactDeployment| {
-            deployment_to_canary(&mapper_ctx, &d)
+            owner_or_dependents(&mapper_ctx, "deployment", &d)
+        })
+        .watches_stream(autoscaler_trigger, move |h: HorizontalPodAutoscaler| {
+            owner_or_dependents(&autoscaler_ctx, AUTOSCALER, &h)
         })
         .watches_stream(configmap_trigger, move |c: PartialObjectMeta<ConfigMap>| {
             dependents(&cm_ctx, "configmap", &c)
@@ -526,23 +559,30 @@ async fn prune_deleted(
     }
 }
 
-/// Maps a Deployment event to the Canary that owns it (the primary) or targets it.
-fn deployment_to_canary(
+/// Maps an event of a Deployment or autoscaler to the Canary that owns it (the primary's)
+/// or depends on it (the target's).
+fn owner_or_dependents<K: Resource>(
     ctx: &Context,
-    d: &compact::CompactDeployment,
+    kind: &str,
+    obj: &K,
 ) -> Vec<ObjectRef<DeserializeGuard<Canary>>> {
-    let Some(ns) = d.namespace() else {
+    let Some(ns) = obj.meta().namespace.clone() else {
         return Vec::new();
     };
-    if let Some(owner) = d
-        .owner_references()
+    if let Some(owner) = obj
+        .meta()
+        .owner_references
         .iter()
+        .flatten()
         .find(|o| o.kind == "Canary" && o.api_version.starts_with(api::GROUP))
     {
         return vec![ObjectRef::new(&owner.name).within(&ns)];
     }
-    dependents(ctx, "deployment", d)
+    dependents(ctx, kind, obj)
 }
+
+/// The dependency-index kind of HorizontalPodAutoscalers.
+const AUTOSCALER: &str = "horizontalpodautoscaler";
 
 /// The Canaries whose rollout depends on object `kind/name` (see [`TargetIndex`]).
 fn dependents<K: Resource>(
@@ -697,7 +737,9 @@ async fn reconcile_canary(canary: &Canary, ctx: &Context) -> Result<Requeue, Err
     };
     let decision = decide(&observed, now);
     let applied = act(&observed, ctx, decision).await?;
-    record(&observed, ctx, applied).await
+    let requeue = record(&observed, ctx, applied).await?;
+    sync_autoscaler(&observed, ctx).await?;
+    Ok(requeue)
 }
 
 /// Everything one reconcile saw of a Canary: what [`decide`] and [`act`] work from.
@@ -723,6 +765,10 @@ struct Observed<'a> {
 struct Workloads {
     target: Option<Deployment>,
     primary: Option<Deployment>,
+    /// The target's autoscaler (`spec.autoscalerRef`) and Serin's copy of it for the
+    /// primary, when the Canary names one.
+    autoscaler: Option<HorizontalPodAutoscaler>,
+    primary_autoscaler: Option<HorizontalPodAutoscaler>,
 }
 
 /// Reads what the decision depends on: validity, the router, due metric results, the
@@ -827,9 +873,24 @@ async fn observe_workloads(
     };
     let primary = read_deployment(ctx, &ns, &arms::primary_name(&target_ref.name)).await?;
     let primary_state = workload::primary_state(primary.as_ref());
+    let (mut autoscaler, mut primary_autoscaler) = (None, None);
+    if let Some(a) = &canary.spec.autoscaler_ref {
+        index_dependencies(ctx, canary, [format!("{AUTOSCALER}/{}", a.name)]);
+        let Some(hpa) = read_autoscaler(ctx, &ns, &a.name).await? else {
+            return Err(Error::AutoscalerNotFound(format!("{ns}/{}", a.name)));
+        };
+        if let Some(why) = workload::autoscaler_mismatch(&hpa, &target_ref.name) {
+            return Err(Error::AutoscalerMismatch(format!("{ns}/{} {why}", a.name)));
+        }
+        primary_autoscaler =
+            read_autoscaler(ctx, &ns, &workload::primary_autoscaler_name(&a.name)).await?;
+        autoscaler = Some(hpa);
+    }
     let workloads = Workloads {
         target: Some(target),
         primary,
+        autoscaler,
+        primary_autoscaler,
     };
     Ok((workloads, canary_state, primary_state))
 }
@@ -860,6 +921,53 @@ async fn read_deployment(ctx: &Context, ns: &str, name: &str) -> Result<Option<D
         }
     }
     get_deployment(&Api::namespaced(ctx.client.clone(), ns), name).await
+}
+
+async fn read_autoscaler(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+) -> Result<Option<HorizontalPodAutoscaler>, Error> {
+    if let Some(caches) = ctx.caches.get()
+        && let Some(h) = cached(&caches.autoscalers, ns, name)
+    {
+        return Ok(Some((*h).clone()));
+    }
+    let api: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
+    api.get_opt(name).await.map_err(|source| Error::Kube {
+        operation: "get",
+        kind: "HorizontalPodAutoscaler",
+        name: name.to_string(),
+        source,
+    })
+}
+
+/// Keeps `<autoscaler>-primary` the target's autoscaler scaling `<target>-primary`, once
+/// the primary exists. Runs after the decision is carried out and recorded, so an
+/// autoscaler write never holds back a rollback.
+async fn sync_autoscaler(observed: &Observed<'_>, ctx: &Context) -> Result<(), Error> {
+    let canary = observed.canary;
+    let (Some(hpa), Some(target_ref)) = (&observed.workloads.autoscaler, &canary.spec.target_ref)
+    else {
+        return Ok(());
+    };
+    // A primary created by this reconcile wakes the next one (its watch event), which
+    // writes the copy.
+    if observed.workloads.primary.is_none() {
+        return Ok(());
+    }
+    let desired = workload::build_primary_autoscaler(canary, hpa, &target_ref.name);
+    if workload::autoscaler_in_step(observed.workloads.primary_autoscaler.as_ref(), &desired) {
+        return Ok(());
+    }
+    let api: Api<HorizontalPodAutoscaler> =
+        Api::namespaced(ctx.client.clone(), &canary.namespace().unwrap_or_default());
+    workload::apply(&api, &desired, "HorizontalPodAutoscaler").await?;
+    tracing::info!(
+        autoscaler = desired.metadata.name.as_deref().unwrap_or_default(),
+        "primary autoscaler written"
+    );
+    Ok(())
 }
 
 async fn get_deployment(api: &Api<Deployment>, name: &str) -> Result<Option<Deployment>, Error> {

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::autoscaling::v2::{CrossVersionObjectReference, HorizontalPodAutoscaler};
 use k8s_openapi::api::core::v1::{
     ConfigMap, PodTemplateSpec, Secret, Service, ServicePort, ServiceSpec,
 };
@@ -259,6 +260,72 @@ pub fn build_primary(
     }
 }
 
+/// Serin's copy of the target's autoscaler: `<name>-primary`.
+pub fn primary_autoscaler_name(name: &str) -> String {
+    primary_name(name)
+}
+
+/// Why the target's autoscaler cannot be copied for the primary (`None`: it can): it must
+/// scale the target Deployment.
+pub fn autoscaler_mismatch(hpa: &HorizontalPodAutoscaler, target: &str) -> Option<String> {
+    let r = &hpa.spec.scale_target_ref;
+    (r.kind != "Deployment" || r.name != target).then(|| {
+        format!(
+            "scales {} {}, not the target Deployment {target}",
+            r.kind, r.name
+        )
+    })
+}
+
+/// `<name>-primary`: the target's HorizontalPodAutoscaler (bounds, metrics, behaviour)
+/// scaling `<target>-primary` instead, owned by the Canary.
+pub fn build_primary_autoscaler(
+    canary: &Canary,
+    hpa: &HorizontalPodAutoscaler,
+    target: &str,
+) -> HorizontalPodAutoscaler {
+    let mut spec = hpa.spec.clone();
+    spec.scale_target_ref = CrossVersionObjectReference {
+        api_version: Some("apps/v1".into()),
+        kind: "Deployment".into(),
+        name: primary_name(target),
+    };
+    HorizontalPodAutoscaler {
+        metadata: ObjectMeta {
+            name: Some(primary_autoscaler_name(
+                hpa.metadata.name.as_deref().unwrap_or_default(),
+            )),
+            namespace: hpa.metadata.namespace.clone(),
+            labels: hpa.metadata.labels.clone(),
+            owner_references: owner(canary).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// Whether the primary's autoscaler `current` already is `desired` (its spec, and owned
+/// by the Canary): then nothing is written.
+pub fn autoscaler_in_step(
+    current: Option<&HorizontalPodAutoscaler>,
+    desired: &HorizontalPodAutoscaler,
+) -> bool {
+    current.is_some_and(|c| {
+        c.spec == desired.spec
+            && c.metadata.labels.clone().unwrap_or_default()
+                == desired.metadata.labels.clone().unwrap_or_default()
+            && c.metadata.owner_references.iter().flatten().any(|o| {
+                desired
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|d| d.uid == o.uid)
+            })
+    })
+}
+
 /// The Services `<service>` (all traffic, selects the primary), `<service>-primary` and
 /// `<service>-canary`.
 pub fn build_services(canary: &Canary, target: &Deployment) -> Vec<Service> {
@@ -435,6 +502,73 @@ spec:
         };
         let refs: Vec<String> = referenced_configs(&t).into_iter().collect();
         assert_eq!(refs, vec!["configmap/settings", "secret/certs"]);
+    }
+
+    fn autoscaler(scales: &str) -> HorizontalPodAutoscaler {
+        serde_json::from_value(json!({
+            "metadata": {"name": "podinfo", "namespace": "test", "labels": {"team": "web"},
+                         "resourceVersion": "7", "uid": "h-1"},
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": scales},
+                "minReplicas": 2,
+                "maxReplicas": 6,
+                "metrics": [{"type": "Resource", "resource": {"name": "cpu",
+                             "target": {"type": "Utilization", "averageUtilization": 70}}}],
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 120}}
+            },
+            "status": {"currentReplicas": 3, "desiredReplicas": 3}
+        }))
+        .unwrap()
+    }
+
+    /// The primary's autoscaler is the target's with only the scale target swapped for
+    /// `<target>-primary`, owned by the Canary; written again only when it drifts.
+    #[test]
+    fn primary_autoscaler_copies_the_targets() {
+        let hpa = autoscaler("podinfo");
+        assert_eq!(autoscaler_mismatch(&hpa, "podinfo"), None);
+        let p = build_primary_autoscaler(&canary(), &hpa, "podinfo");
+        assert_eq!(p.metadata.name.as_deref(), Some("podinfo-primary"));
+        assert_eq!(p.metadata.namespace.as_deref(), Some("test"));
+        assert_eq!(p.metadata.resource_version, None);
+        assert_eq!(p.metadata.owner_references.as_ref().unwrap()[0].uid, "u-1");
+        let (mut got, want) = (p.spec.clone(), hpa.spec.clone());
+        assert_eq!(got.scale_target_ref.name, "podinfo-primary");
+        assert_eq!(got.scale_target_ref.kind, "Deployment");
+        got.scale_target_ref = want.scale_target_ref.clone();
+        assert_eq!(got, want, "all but the scale target is the target's");
+        assert!(p.status.is_none());
+
+        assert!(!autoscaler_in_step(None, &p));
+        let mut stored = p.clone();
+        stored.metadata.resource_version = Some("9".into());
+        stored.status = hpa.status.clone();
+        assert!(
+            autoscaler_in_step(Some(&stored), &p),
+            "status and metadata the server adds are no drift"
+        );
+        let mut edited = autoscaler("podinfo");
+        edited.spec.max_replicas = 9;
+        let desired = build_primary_autoscaler(&canary(), &edited, "podinfo");
+        assert!(
+            !autoscaler_in_step(Some(&stored), &desired),
+            "a new maxReplicas is drift"
+        );
+        stored.metadata.owner_references = None;
+        assert!(
+            !autoscaler_in_step(Some(&stored), &p),
+            "a released copy is taken back"
+        );
+    }
+
+    /// An autoscaler that scales anything but the target is not copied.
+    #[test]
+    fn autoscaler_of_another_workload_is_refused() {
+        let why = autoscaler_mismatch(&autoscaler("other"), "podinfo").unwrap();
+        assert_eq!(
+            why,
+            "scales Deployment other, not the target Deployment podinfo"
+        );
     }
 
     /// The primary copies the template, relabels the selector so the canary's selector never
