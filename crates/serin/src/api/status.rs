@@ -278,6 +278,14 @@ pub enum RolloutResult {
 }
 
 impl RolloutResult {
+    /// Every result.
+    pub const ALL: [RolloutResult; 4] = [
+        RolloutResult::Promoted,
+        RolloutResult::RolledBack,
+        RolloutResult::Aborted,
+        RolloutResult::Superseded,
+    ];
+
     /// The name as written in status and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -66,12 +66,7 @@ struct Row {
     values: Vec<(Box<str>, f64)>,
 }
 
-const RESULTS: [RolloutResult; 4] = [
-    RolloutResult::Promoted,
-    RolloutResult::RolledBack,
-    RolloutResult::Aborted,
-    RolloutResult::Superseded,
-];
+const RESULTS: [RolloutResult; 4] = RolloutResult::ALL;
 
 impl CanaryTable {
     fn rows(&self) -> std::sync::MutexGuard<'_, Rows> {
