@@ -71,6 +71,10 @@ pub struct Policy {
     pub aws_endpoints: Vec<Pattern>,
     /// Addresses Serin fetches for a Canary; `None` allows every address.
     pub addresses: Option<Vec<Pattern>>,
+    /// Whether Serin may read Secrets (a Prometheus `secretRef`, and the Secrets a target's
+    /// pod template reads, whose data is part of its revision). Without it Serin neither
+    /// reads nor watches any Secret.
+    pub read_secrets: bool,
 }
 
 impl Default for Policy {
@@ -80,6 +84,7 @@ impl Default for Policy {
             role_arns: Vec::new(),
             aws_endpoints: Vec::new(),
             addresses: None,
+            read_secrets: true,
         }
     }
 }
@@ -99,6 +104,11 @@ pub struct PolicyArgs {
     /// repeatable. Without it every address is allowed (a risk: see docs/security.md).
     #[arg(long = "allow-address", value_name = "PATTERN")]
     pub allow_address: Vec<String>,
+    /// Read no Secrets (chart value readSecrets: false, which grants none): no Secret is
+    /// watched or read, a Canary whose Prometheus provider has a secretRef is Invalid, and
+    /// a change of a Secret a target's pods read does not start a rollout by itself.
+    #[arg(long = "no-read-secrets")]
+    pub no_read_secrets: bool,
 }
 
 impl PolicyArgs {
@@ -109,6 +119,7 @@ impl PolicyArgs {
             role_arns: patterns(&self.allow_aws_role_arn),
             aws_endpoints: patterns(&self.allow_aws_endpoint),
             addresses: (!self.allow_address.is_empty()).then(|| patterns(&self.allow_address)),
+            read_secrets: !self.no_read_secrets,
         }
     }
 }
@@ -121,6 +132,7 @@ impl Policy {
             role_arns: vec![Pattern::new("*")],
             aws_endpoints: vec![Pattern::new("*")],
             addresses: None,
+            read_secrets: true,
         }
     }
 
@@ -156,6 +168,21 @@ impl Policy {
                     format!("spec.analysis.metrics[{i}].provider.cloudWatch"),
                     cw,
                 );
+            }
+        }
+        if !self.read_secrets {
+            for (i, m) in spec.analysis.metrics.iter().enumerate() {
+                if m.provider
+                    .prometheus
+                    .as_ref()
+                    .is_some_and(|p| p.secret_ref.is_some())
+                {
+                    p.push(Problem::new(
+                        format!("spec.analysis.metrics[{i}].provider.prometheus.secretRef"),
+                        "this operator reads no Secrets (serin run --no-read-secrets, chart value readSecrets: false)",
+                        "remove secretRef (send credentials another way, for example headers), or have the operator's administrator set readSecrets: true",
+                    ));
+                }
             }
         }
         if let Some(allowed) = &self.addresses {
@@ -250,6 +277,45 @@ analysis:
         assert!(problems[1].to_string().contains("aws.allowedEndpoints"));
     }
 
+    /// An operator that reads no Secrets refuses a Prometheus secretRef, naming the field,
+    /// the setting and the fix; one that reads them does not.
+    #[test]
+    fn no_read_secrets_refuses_a_secret_ref() {
+        let with_ref = spec(
+            r#"
+backends: {primary: a, canary: b}
+service: {port: 80}
+router: {gatewayApi: {httpRoute: {name: r}}}
+analysis:
+  metrics:
+    - name: plain
+      provider: {prometheus: {address: "http://prometheus:9090"}}
+      preset: gateway-error-rate
+      max: 1
+    - name: tenant
+      provider: {prometheus: {address: "http://mimir:8080", secretRef: {name: mimir-token}}}
+      preset: gateway-error-rate
+      max: 1
+"#,
+        );
+        let args = PolicyArgs {
+            no_read_secrets: true,
+            ..Default::default()
+        };
+        let problems = args.policy().check(&with_ref);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].field,
+            "spec.analysis.metrics[1].provider.prometheus.secretRef"
+        );
+        let text = problems[0].to_string();
+        assert!(
+            text.contains("readSecrets: false") && text.contains("remove secretRef"),
+            "{text}"
+        );
+        assert!(Policy::default().check(&with_ref).is_empty());
+    }
+
     /// Allowed patterns let exactly what they match through.
     #[test]
     fn allowed_patterns_admit_only_what_they_match() {
@@ -257,6 +323,7 @@ analysis:
             allow_aws_role_arn: vec!["arn:aws:iam::1:role/serin-*".into()],
             allow_aws_endpoint: vec![],
             allow_address: vec!["http://prometheus.*:9090".into()],
+            no_read_secrets: false,
         }
         .policy();
         let problems = policy.check(&spec(AWS));

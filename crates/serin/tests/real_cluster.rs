@@ -1555,3 +1555,106 @@ async fn the_primary_autoscales_like_the_target() {
     );
     drop(op);
 }
+
+// ---------------------------------------------------------------------------------------
+// 7. An operator without Secret access (chart readSecrets: false)
+
+/// Serin run as the chart renders it with `readSecrets: false` (its Role grants no Secret
+/// access, and it runs with `--no-read-secrets`), on the real API server: a target whose
+/// pods read a Secret still rolls out and is promoted, no Secret request is refused (the
+/// operator sends none: `scripts/rbac-report` fails the run on any refusal), and a Canary
+/// that asks for a Prometheus secretRef is Invalid with a message that names the field and
+/// the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_without_secret_access_rolls_out_and_refuses_a_secret_ref() {
+    let Some(mut env) = env_real("no-secrets", podinfo_services(Behaviour::HEALTHY)).await else {
+        return;
+    };
+    env.operator_kubeconfig =
+        support::rbac::operator_kubeconfig_with(&env.cluster, json!({"readSecrets": false})).await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "podinfo-creds"},
+                                           "stringData": {"TOKEN": "one"}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    ensure_mesh(&env.client).await;
+    let mut target = deployment(&env.ns, "podinfo", "podinfo:1");
+    let container = &mut target.spec.template.spec.as_mut().unwrap().containers[0];
+    container
+        .env_from
+        .get_or_insert_with(Vec::new)
+        .push(serde_json::from_value(json!({"secretRef": {"name": "podinfo-creds"}})).unwrap());
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    deployments
+        .create(&PostParams::default(), &target)
+        .await
+        .unwrap();
+    support::e2e::create_canary(
+        &env,
+        workload_canary(&env.ns, "podinfo", &env.prometheus.url),
+    )
+    .await;
+    let log = env.cluster.dir.path().join("operator.log");
+    let op = Operator::start(&env, log, &["--no-read-secrets"]);
+    wait_phase(
+        &env,
+        &op,
+        "podinfo",
+        Phase::Waiting,
+        Duration::from_secs(60),
+    )
+    .await;
+    set_image(&env, "podinfo", "podinfo:2").await;
+    wait_phase(
+        &env,
+        &op,
+        "podinfo",
+        Phase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+
+    // A metric that needs a Secret: Invalid, saying which field and which setting.
+    let canaries: Api<Canary> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut metric =
+        workload_canary(&env.ns, "podinfo", &env.prometheus.url)["spec"]["analysis"]["metrics"][0]
+            .clone();
+    metric["name"] = json!("tenant-error-rate");
+    metric["provider"]["prometheus"]["secretRef"] = json!({"name": "podinfo-creds"});
+    let mut metrics = workload_canary(&env.ns, "podinfo", &env.prometheus.url)["spec"]["analysis"]
+        ["metrics"]
+        .clone();
+    metrics.as_array_mut().unwrap().push(metric);
+    canaries
+        .patch(
+            "podinfo",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"analysis": {"metrics": metrics}}})),
+        )
+        .await
+        .unwrap();
+    let message = wait_for("the Invalid condition", Duration::from_secs(30), || async {
+        let c = canary(&env, "podinfo").await;
+        let conditions = c.status.map(|s| s.conditions).unwrap_or_default();
+        serin::api::find_condition(&conditions, serin::api::INVALID)
+            .filter(|i| i.status == ConditionStatus::True)
+            .map(|i| i.message.clone())
+    })
+    .await;
+    assert_eq!(
+        message,
+        "spec.analysis.metrics[1].provider.prometheus.secretRef: this operator reads no Secrets (serin run --no-read-secrets, chart value readSecrets: false); remove secretRef (send credentials another way, for example headers), or have the operator's administrator set readSecrets: true"
+    );
+    let log = op.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("secrets") && l.contains("forbidden")),
+        "the operator asked for Secrets:\n{log}"
+    );
+}

@@ -458,13 +458,17 @@ pub async fn run(
         .modify(strip)
         .reflect(configmap_writer)
         .touched_objects();
+    // An operator that may not read Secrets (`--no-read-secrets`) does not watch them: its
+    // Secret store stays empty, and no revision depends on a Secret.
     let (secret_store, secret_writer) = reflector::store();
-    let secret_trigger = watcher(secrets, config())
-        .default_backoff()
-        .try_filter_map(move |e| std::future::ready(Ok(only_dependencies(&s_ctx, "secret", e))))
-        .modify(strip)
-        .reflect(secret_writer)
-        .touched_objects();
+    let secret_trigger = ctx.policy.read_secrets.then(|| {
+        watcher(secrets, config())
+            .default_backoff()
+            .try_filter_map(move |e| std::future::ready(Ok(only_dependencies(&s_ctx, "secret", e))))
+            .modify(strip)
+            .reflect(secret_writer)
+            .touched_objects()
+    });
     let _ = ctx.caches.set(Caches {
         deployments: deployment_store,
         autoscalers: autoscaler_store,
@@ -477,7 +481,7 @@ pub async fn run(
     }
     let store = controller.store();
     let pruning = tokio::spawn(prune_deleted(ctx.clone(), store));
-    controller
+    let mut controller = controller
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
         .owns(services, config())
         .watches_stream(deployment_trigger, move |d: compact::CompactDeployment| {
@@ -488,10 +492,14 @@ pub async fn run(
         })
         .watches_stream(configmap_trigger, move |c: PartialObjectMeta<ConfigMap>| {
             dependents(&cm_ctx, "configmap", &c)
-        })
-        .watches_stream(secret_trigger, move |s: PartialObjectMeta<Secret>| {
-            dependents(&secret_ctx, "secret", &s)
-        })
+        });
+    if let Some(secret_trigger) = secret_trigger {
+        controller = controller
+            .watches_stream(secret_trigger, move |s: PartialObjectMeta<Secret>| {
+                dependents(&secret_ctx, "secret", &s)
+            });
+    }
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -988,7 +996,11 @@ async fn target_revision(
 ) -> Result<String, Error> {
     let ns = canary.namespace().unwrap_or_default();
     let template = target.spec.template.clone();
-    let refs = workload::referenced_configs(&template);
+    // Without Secret access the Secrets a template reads are not part of its revision.
+    let refs: BTreeSet<String> = workload::referenced_configs(&template)
+        .into_iter()
+        .filter(|r| ctx.policy.read_secrets || !r.starts_with("secret/"))
+        .collect();
     index_dependencies(ctx, canary, refs.iter().cloned());
     let digests = config_digests(ctx, &ns, &refs).await?;
     Ok(workload::revision(&template, &digests))

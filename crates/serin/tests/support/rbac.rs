@@ -17,7 +17,13 @@ use super::cluster::{TestCluster, repo_root};
 /// The chart's objects for a release named after the test's namespace, in that namespace,
 /// watching only it.
 pub fn render_chart(namespace: &str) -> Vec<Value> {
-    let values = json!({"watchNamespace": namespace}).to_string();
+    render_chart_with(namespace, json!({}))
+}
+
+/// [`render_chart`] with more chart `values` (merged over `watchNamespace`).
+pub fn render_chart_with(namespace: &str, mut values: Value) -> Vec<Value> {
+    values["watchNamespace"] = json!(namespace);
+    let values = values.to_string();
     let out = Command::new("python3")
         .arg("scripts/render-chart")
         .args(["--release", namespace, "--namespace", namespace])
@@ -59,9 +65,15 @@ fn resource(kind: &str) -> Option<(ApiResource, bool)> {
 /// Applies the chart's ServiceAccount and RBAC objects and returns a kubeconfig that
 /// authenticates as that ServiceAccount.
 pub async fn operator_kubeconfig(cluster: &TestCluster) -> PathBuf {
+    operator_kubeconfig_with(cluster, json!({})).await
+}
+
+/// [`operator_kubeconfig`] for the chart rendered with more `values` (for example
+/// `readSecrets: false`); applied again, the chart's objects replace the earlier ones.
+pub async fn operator_kubeconfig_with(cluster: &TestCluster, values: Value) -> PathBuf {
     let ns = &cluster.namespace;
     let mut account = None;
-    for doc in render_chart(ns) {
+    for doc in render_chart_with(ns, values) {
         let kind = doc["kind"].as_str().unwrap_or_default();
         let Some((ar, namespaced)) = resource(kind) else {
             continue;
