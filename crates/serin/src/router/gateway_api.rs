@@ -174,13 +174,21 @@ fn locate(t: &Target, obj: &Value) -> Result<Located, RouterError> {
             Scan::Missing { primary, canary } if t.rule.is_some() => {
                 let found: Vec<String> = list.iter().map(describe).collect();
                 let missing = match (primary, canary) {
-                    (true, true) => format!("{} and {}", t.services.0, t.services.1),
-                    (true, false) => t.services.0.clone(),
-                    _ => t.services.1.clone(),
+                    (true, true) => format!(
+                        "the Services {} and {} (namespace {}) are",
+                        t.services.0, t.services.1, t.namespace
+                    ),
+                    (true, false) => format!(
+                        "the Service {} (namespace {}) is",
+                        t.services.0, t.namespace
+                    ),
+                    _ => format!(
+                        "the Service {} (namespace {}) is",
+                        t.services.1, t.namespace
+                    ),
                 };
                 return Err(t.subject.unroutable(format!(
-                    "{label} has the backendRefs {found:?}; the Service {missing} (namespace {}) is not among them",
-                    t.namespace
+                    "{label} has the backendRefs {found:?}; {missing} not among them"
                 )));
             }
             Scan::Missing { .. } => {}

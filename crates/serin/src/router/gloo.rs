@@ -274,12 +274,14 @@ fn locate(t: &Target, obj: &Value) -> Result<Located, RouterError> {
             Scan::Missing { primary, canary } if t.kind == ObjectKind::UpstreamGroup => {
                 let found: Vec<String> = entries(ptr).iter().map(describe).collect();
                 let missing = match (primary, canary) {
-                    (true, true) => format!("{} and {}", t.upstreams.0, t.upstreams.1),
-                    (true, false) => t.upstreams.0.clone(),
-                    _ => t.upstreams.1.clone(),
+                    (true, true) => {
+                        format!("the upstreams {} and {} are", t.upstreams.0, t.upstreams.1)
+                    }
+                    (true, false) => format!("the upstream {} is", t.upstreams.0),
+                    _ => format!("the upstream {} is", t.upstreams.1),
                 };
                 return Err(t.subject.unroutable(format!(
-                    "its destinations are {found:?}; the upstream {missing} is not among them (set spec.router.gloo.upstreams when the upstreams are not named <namespace>-<service>-<port>)"
+                    "its destinations are {found:?}; {missing} not among them (set spec.router.gloo.upstreams when the upstreams are not named <namespace>-<service>-<port>)"
                 )));
             }
             Scan::Missing { .. } => {}
