@@ -213,6 +213,100 @@ fn kubectl_watches_the_demo() {
     assert!(vr.contains("colorteller"), "{vr}");
 }
 
+/// `serin demo --router gateway-api`: the same Canary with only `spec.router` changed walks
+/// the HTTPRoute's rule `split` 20 → 50 → 100 and promotes, then rolls the failing build
+/// back from 50%; kubectl, while the demo holds, shows the route back on the primary
+/// (100/0, the header-free rule as written) and that no App Mesh routing was created.
+#[test]
+fn demo_routes_with_the_gateway_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let kc = kubeconfig.to_str().unwrap();
+    let demo = Demo::start(
+        dir.path(),
+        &[
+            "--router",
+            "gateway-api",
+            "--speed",
+            "30",
+            "--kubeconfig-out",
+            kc,
+            "--hold",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !demo.output().contains("holding") {
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not finish\n--- stdout\n{}\n--- stderr\n{}",
+            demo.output(),
+            demo.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = demo.output();
+    let context = format!("--- stdout\n{out}\n--- stderr\n{}", demo.stderr());
+    assert!(out.contains("The demo behaved as expected."), "{context}");
+    let summary = &out[out.find("Summary").expect("a summary")..];
+    assert!(
+        summary.contains("canary weight on the HTTPRoute colorteller: 0% → 20% → 50% → 100% → 0%"),
+        "{context}"
+    );
+    assert!(
+        summary.contains("canary weight on the HTTPRoute colorteller: 0% → 20% → 50% → 0%"),
+        "{context}"
+    );
+    let kubectl = |args: &[&str]| -> String {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("kubectl is on PATH (scripts/install-deps installs it)");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let weights = kubectl(&[
+        "get",
+        "httproute",
+        "-n",
+        "appmesh-demo",
+        "colorteller",
+        "-o",
+        "jsonpath={range .spec.rules[0].backendRefs[*]}{.name}={.weight} {end}",
+    ]);
+    assert_eq!(
+        weights.trim(),
+        "colorteller-primary=100 colorteller-canary=0"
+    );
+    let canary = kubectl(&[
+        "get",
+        "canary",
+        "-n",
+        "appmesh-demo",
+        "colorteller",
+        "-o",
+        "json",
+    ]);
+    let canary: Value = serde_json::from_str(&canary).unwrap();
+    assert_eq!(
+        canary["spec"]["router"],
+        json!({"gatewayApi": {"httpRoute": {"name": "colorteller"}}})
+    );
+    assert_eq!(canary["status"]["phase"], "Failed");
+    let routers = kubectl(&["get", "virtualrouters", "-n", "appmesh-demo", "-o", "name"]);
+    assert_eq!(
+        routers.trim(),
+        "",
+        "App Mesh routing created for a Gateway API Canary"
+    );
+}
+
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }

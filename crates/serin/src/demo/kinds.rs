@@ -1,6 +1,7 @@
 //! Serin's own definitions of the third-party kinds the demo needs: the App Mesh objects of
 //! the colorapp (`appmesh.k8s.aws/v1beta2` Mesh, VirtualNode, VirtualRouter, VirtualService,
-//! VirtualGateway, GatewayRoute) and Gloo's UpstreamGroup (`gloo.solo.io/v1`).
+//! VirtualGateway, GatewayRoute), Gloo's UpstreamGroup (`gloo.solo.io/v1`) and the Gateway
+//! API's HTTPRoute (`gateway.networking.k8s.io/v1`).
 //!
 //! The CRDs are generated from these typed structs, so the demo needs no upstream CRD files.
 //! They model the fields the colorapp and Serin's routers use, with their real names and
@@ -425,6 +426,56 @@ pub struct UpstreamGroupSpec {
     pub destinations: Vec<WeightedDestination>,
 }
 
+/// A Gateway API backend of an HTTPRoute rule: a Service (by default) and its weight.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayBackendRef {
+    /// The backend's name (a Service unless `kind` says otherwise).
+    pub name: String,
+    /// Its namespace; defaults to the route's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The Service port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Relative weight, 0..=1,000,000; missing means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub weight: Option<i32>,
+}
+
+/// One rule of an HTTPRoute: what it matches (kept as sent) and where it sends.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayHttpRouteRule {
+    /// The rule's name, which `spec.router.gatewayApi.httpRoute.rule` may pick.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The backends and their weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_refs: Vec<GatewayBackendRef>,
+}
+
+/// A Gateway API HTTPRoute, whose rule's backend weights Serin's Gateway API router writes.
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "HTTPRoute",
+    plural = "httproutes",
+    namespaced
+)]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayHttpRouteSpec {
+    /// The rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<GatewayHttpRouteRule>,
+}
+
 /// Every definition the demo registers, generated from the structs above.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
@@ -435,6 +486,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         VirtualGateway::crd(),
         GatewayRoute::crd(),
         UpstreamGroup::crd(),
+        HTTPRoute::crd(),
     ]
 }
 

@@ -5,7 +5,9 @@
 //! `appmesh-demo`, Mesh `color-mesh`, the `colorgateway` node behind a VirtualGateway, and
 //! the `colorteller` Deployment with its Canary), and runs the real controller against it.
 //! The Deployment simulator marks workloads ready, the traffic simulator sends requests split
-//! by the weights on the VirtualRouter that Serin writes, and [`source::InProcessSource`]
+//! by the weights Serin writes (on the VirtualRouter, or with `--router gateway-api` on the
+//! HTTPRoute `colorteller`: the same Canary with only `spec.router` changed), and
+//! [`source::InProcessSource`]
 //! computes the Canary's presets from the simulator's counters, as Prometheus would.
 //!
 //! Scenarios: a healthy build (`colorteller:v2`) promoted 20 → 50 → 100, then a faulty one
@@ -28,18 +30,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Namespace};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
 use serde_json::{Value, json};
 
 use crate::api::{Canary, Phase, RolloutResult};
 use crate::arms::{PerArm, Weights};
 use crate::controller::telemetry::Metrics;
 use crate::controller::{Context, ControllerOptions};
-use crate::router::{AppMeshKubeRouter, Routers};
+use crate::router::{AppMeshKubeRouter, HttpRouteRouter, Routers};
 use kube_sandbox::{ApiServer, Options};
 use traffic::{Behaviour, RouterWeights, ServiceConfig, TrafficSimulator};
 
@@ -74,12 +74,64 @@ pub enum ScenarioChoice {
     Both,
 }
 
+/// The data plane `serin demo` routes with.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RouterChoice {
+    /// AWS App Mesh: Serin creates colorteller's VirtualNodes, VirtualRouter and
+    /// VirtualService and writes the route's weights.
+    #[default]
+    Appmesh,
+    /// The Gateway API: the same Canary with only `spec.router` (and its presets) changed,
+    /// writing the weights of the rule `split` of the HTTPRoute `colorteller` that the
+    /// platform team owns. The migration path off App Mesh.
+    GatewayApi,
+}
+
+impl RouterChoice {
+    fn router_spec(self) -> Value {
+        match self {
+            RouterChoice::Appmesh => json!({"appMesh": {"mesh": MESH}}),
+            RouterChoice::GatewayApi => json!({"gatewayApi": {"httpRoute": {"name": TARGET}}}),
+        }
+    }
+
+    /// The error-rate and latency presets of this data plane.
+    fn presets(self) -> (&'static str, &'static str) {
+        match self {
+            RouterChoice::Appmesh => ("appmesh-error-rate", "appmesh-latency-p99"),
+            RouterChoice::GatewayApi => ("gateway-error-rate", "gateway-latency-p99"),
+        }
+    }
+
+    /// The object whose weights Serin writes.
+    fn routing_object(self) -> String {
+        match self {
+            RouterChoice::Appmesh => format!("VirtualRouter {TARGET}"),
+            RouterChoice::GatewayApi => format!("HTTPRoute {TARGET}"),
+        }
+    }
+
+    /// The Envoy cluster of an arm, as this data plane names it (shown, not queried: the
+    /// demo's metric source reads the simulator directly).
+    fn cluster(self, arm: &str) -> String {
+        match self {
+            RouterChoice::Appmesh => {
+                format!("cds_egress_{MESH}_{TARGET}-{arm}_{NAMESPACE}_http_{PORT}")
+            }
+            RouterChoice::GatewayApi => format!("{NAMESPACE}_{TARGET}-{arm}_{PORT}"),
+        }
+    }
+}
+
 /// Arguments of `serin demo`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
     /// Which rollouts to show.
     #[arg(long, value_enum, default_value_t = ScenarioChoice::Both)]
     pub scenario: ScenarioChoice,
+    /// The data plane whose weights Serin writes.
+    #[arg(long, value_enum, default_value_t = RouterChoice::Appmesh)]
+    pub router: RouterChoice,
     /// Time compression: the Canary's analysis.interval is 60s / speed (at least 1s). The
     /// default runs both scenarios in about a minute.
     #[arg(long, default_value_t = 5.0)]
@@ -207,6 +259,12 @@ fn duration_text(d: Duration) -> String {
 /// The demo's Canary: workload mode on the colorteller Deployment, App Mesh router, both
 /// presets computed in-process.
 pub fn canary_manifest(interval: Duration) -> Value {
+    canary_manifest_for(interval, RouterChoice::Appmesh)
+}
+
+/// [`canary_manifest`] routed by `router`: only `spec.router` and the presets differ.
+pub fn canary_manifest_for(interval: Duration, router: RouterChoice) -> Value {
+    let (errors, latency) = router.presets();
     // The provider is required by the API; the demo's metric source answers instead.
     let provider = json!({"prometheus": {"address": "http://in-process.serin-demo"}});
     json!({
@@ -216,16 +274,16 @@ pub fn canary_manifest(interval: Duration) -> Value {
         "spec": {
             "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": TARGET},
             "service": {"port": PORT},
-            "router": {"appMesh": {"mesh": MESH}},
+            "router": router.router_spec(),
             "steps": [20, 50, 100],
             "analysis": {
                 "interval": duration_text(interval),
                 "checksPerStep": 1,
                 "failureThreshold": 2,
                 "metrics": [
-                    {"name": "error-rate", "provider": provider, "preset": "appmesh-error-rate",
+                    {"name": "error-rate", "provider": provider, "preset": errors,
                      "max": 1, "minSampleSize": 20},
-                    {"name": "p99-latency", "provider": provider, "preset": "appmesh-latency-p99",
+                    {"name": "p99-latency", "provider": provider, "preset": latency,
                      "max": 500}
                 ]
             }
@@ -250,10 +308,11 @@ fn deployment(name: &str, image: &str) -> Value {
     })
 }
 
-/// The colorapp around the Canary: everything but what Serin creates itself.
-fn colorapp() -> Vec<Value> {
+/// The colorapp around the Canary: everything but what Serin creates itself; with the
+/// Gateway API also the HTTPRoute whose rule `split` sends to colorteller's two arms.
+fn colorapp(router: RouterChoice) -> Vec<Value> {
     let am = "appmesh.k8s.aws/v1beta2";
-    vec![
+    let mut objects = vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE,
                "labels": {"mesh": MESH, "gateway": "ingress-gw"}}}),
         json!({"apiVersion": am, "kind": "Mesh", "metadata": {"name": MESH},
@@ -281,7 +340,19 @@ fn colorapp() -> Vec<Value> {
                         "provider": {"virtualNode": {"virtualNodeRef": {"name": "colorgateway"}}}}}),
         deployment("colorgateway", "colorgateway:v1"),
         deployment(TARGET, "colorteller:v1"),
-    ]
+    ];
+    if router == RouterChoice::GatewayApi {
+        let backend = |arm: &str, weight: i64| json!({"name": format!("{TARGET}-{arm}"), "port": PORT, "weight": weight});
+        objects.push(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": TARGET, "namespace": NAMESPACE},
+            "spec": {"parentRefs": [{"name": "public-gateway", "namespace": "gateway-system"}],
+                     "rules": [{"name": "split",
+                                "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                                "backendRefs": [backend("primary", 100), backend("canary", 0)]}]}
+        }));
+    }
+    objects
 }
 
 /// Creates `obj` (any kind the server serves) through the API, as `kubectl create` would.
@@ -326,12 +397,12 @@ impl Traffic {
     fn start(
         client: &kube::Client,
         routers: &Routers,
+        router: RouterChoice,
         source: &InProcessSource,
         under_load: Option<(u8, Behaviour)>,
         retention: Duration,
     ) -> Traffic {
-        let cluster =
-            |arm: &str| format!("cds_egress_{MESH}_{TARGET}-{arm}_{NAMESPACE}_http_{PORT}");
+        let cluster = |arm: &str| router.cluster(arm);
         let sim = TrafficSimulator::new(
             vec![ServiceConfig {
                 primary_cluster: cluster("primary"),
@@ -369,65 +440,40 @@ impl Traffic {
     }
 }
 
-/// Every canary weight the VirtualRouter went through, with when it was seen.
+/// Every canary weight the routing object went through, with when it was seen.
 type WeightLog = Arc<Mutex<Vec<(DateTime<Utc>, Weights)>>>;
 
-/// Watches the VirtualRouter and logs each change of the split.
-fn record_weights(client: &kube::Client) -> (WeightLog, tokio::task::JoinHandle<()>) {
+/// Reads the split through the Canary's own router every half poll and logs each change:
+/// the weights the data plane holds, whichever data plane it is.
+fn record_weights(
+    client: &kube::Client,
+    routers: Routers,
+) -> (WeightLog, tokio::task::JoinHandle<()>) {
     let log: WeightLog = Arc::default();
-    let api: Api<kinds::VirtualRouter> = Api::namespaced(client.clone(), NAMESPACE);
+    let api: Api<Canary> = Api::namespaced(client.clone(), NAMESPACE);
     let out = log.clone();
     let task = tokio::spawn(async move {
-        let config = watcher::Config::default().fields(&format!("metadata.name={TARGET}"));
-        let mut stream = watcher::watcher(api, config).boxed();
-        while let Some(event) = stream.next().await {
-            let vr = match event {
-                Ok(watcher::Event::Apply(vr) | watcher::Event::InitApply(vr)) => vr,
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::debug!(error = %e, "VirtualRouter watch");
-                    tokio::time::sleep(POLL).await;
-                    continue;
-                }
-            };
-            let Some(w) = split_of(&vr) else { continue };
-            if let Ok(mut log) = out.lock()
+        loop {
+            // Until Serin has set up the routing, there is no split to read.
+            if let Ok(Some(canary)) = api.get_opt(TARGET).await
+                && let Ok(router) = routers.for_canary(&canary)
+                && let Ok(w) = router.weights(&canary).await
+                && let Ok(mut log) = out.lock()
                 && log.last().map(|(_, last)| *last) != Some(w)
             {
                 log.push((Utc::now(), w));
             }
+            tokio::time::sleep(POLL / 2).await;
         }
     });
     (log, task)
-}
-
-/// The primary/canary split of the VirtualRouter's route, in percent.
-fn split_of(vr: &kinds::VirtualRouter) -> Option<Weights> {
-    let route = vr.spec.routes.first()?.http_route.as_ref()?;
-    let weight = |suffix: &str| {
-        route
-            .action
-            .weighted_targets
-            .iter()
-            .find(|t| {
-                t.virtual_node_ref
-                    .as_ref()
-                    .is_some_and(|r| r.name == format!("{TARGET}-{suffix}"))
-            })
-            .map(|t| t.weight.max(0))
-    };
-    let (p, c) = (weight("primary")?, weight("canary")?);
-    if p + c == 0 {
-        return None;
-    }
-    let canary = ((c * 100) as f64 / (p + c) as f64).round() as u8;
-    Some(Weights::with_canary(canary))
 }
 
 /// The running demo.
 struct Demo {
     client: kube::Client,
     routers: Routers,
+    router: RouterChoice,
     source: Arc<InProcessSource>,
     interval: Duration,
     weights: WeightLog,
@@ -476,6 +522,7 @@ impl Demo {
         Traffic::start(
             &self.client,
             &self.routers,
+            self.router,
             &self.source,
             under_load,
             self.interval * 4,
@@ -605,7 +652,15 @@ impl Demo {
     }
     /// Initialises the Canary, then runs each scenario in turn.
     async fn play(&self, scenarios: &[Scenario], view: &mut View) -> anyhow::Result<Vec<Report>> {
-        view.title("initialising: Serin creates colorteller-primary and the App Mesh routing");
+        view.title(&match self.router {
+            RouterChoice::Appmesh => {
+                "initialising: Serin creates colorteller-primary and the App Mesh routing".into()
+            }
+            RouterChoice::GatewayApi => format!(
+                "initialising: Serin creates colorteller-primary and its Services; it writes the weights of the {}",
+                self.router.routing_object()
+            ),
+        });
         self.initialise(view).await?;
         view.note("initialised: all traffic on colorteller-primary (colorteller:v1)");
         let mut reports = Vec::new();
@@ -630,7 +685,7 @@ impl Demo {
     }
 }
 
-fn summary(reports: &[Report], total: Duration) -> String {
+fn summary(reports: &[Report], total: Duration, router: RouterChoice) -> String {
     let mut out = format!("\nSummary ({:.1}s)\n", total.as_secs_f64());
     for r in reports {
         let (phase, result) = r.scenario.expected();
@@ -656,7 +711,8 @@ fn summary(reports: &[Report], total: Duration) -> String {
             r.took.as_secs_f64(),
         ));
         out.push_str(&format!(
-            "             canary weight on the VirtualRouter: {}\n",
+            "             canary weight on the {}: {}\n",
+            router.routing_object(),
             weights.join(" → ")
         ));
         if let Some(t) = &r.traffic {
@@ -690,10 +746,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let server = start_sandbox(&args, interval).await?;
     let client = server.client()?;
     let operator = Operator::start(&client);
-    create(&client, &canary_manifest(interval)).await?;
+    create(&client, &canary_manifest_for(interval, args.router)).await?;
     let demo = Demo {
         client,
         routers: operator.routers.clone(),
+        router: args.router,
         source: operator.source.clone(),
         interval,
         weights: operator.weights.clone(),
@@ -706,7 +763,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         () = crate::controller::cli::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     view.finish();
-    let result = outcome.and_then(|reports| conclude(&reports, started.elapsed()));
+    let result = outcome.and_then(|reports| conclude(&reports, started.elapsed(), args.router));
     if args.hold {
         println!("holding: the API server and Serin keep running; Ctrl-C to stop");
         crate::controller::cli::shutdown_signal().await;
@@ -757,7 +814,7 @@ async fn start_sandbox(args: &DemoArgs, interval: Duration) -> anyhow::Result<Ap
         RPS
     );
     let client = server.client()?;
-    for obj in colorapp() {
+    for obj in colorapp(args.router) {
         create(&client, &obj).await?;
     }
     let namespaces: Api<Namespace> = Api::all(client);
@@ -765,7 +822,7 @@ async fn start_sandbox(args: &DemoArgs, interval: Duration) -> anyhow::Result<Ap
     Ok(server)
 }
 
-/// The real controller with the App Mesh router and the in-process metric source, plus the
+/// The real controller with the App Mesh and Gateway API routers and the in-process metric source, plus the
 /// Deployment simulator and the weight recorder.
 struct Operator {
     routers: Routers,
@@ -778,9 +835,12 @@ struct Operator {
 
 impl Operator {
     fn start(client: &kube::Client) -> Self {
-        let routers = Routers::new(vec![Arc::new(AppMeshKubeRouter::new(client.clone()))]);
+        let routers = Routers::new(vec![
+            Arc::new(AppMeshKubeRouter::new(client.clone())),
+            Arc::new(HttpRouteRouter::new(client.clone())),
+        ]);
         let source = Arc::new(InProcessSource::new());
-        let (weights, weights_task) = record_weights(client);
+        let (weights, weights_task) = record_weights(client, routers.clone());
         let tasks = [
             weights_task,
             kube_sandbox::workloads::simulate_deployments(client.clone(), READY_DELAY),
@@ -824,8 +884,8 @@ impl Operator {
 }
 
 /// Prints the summary; an error naming the scenarios that did not end as expected.
-fn conclude(reports: &[Report], took: Duration) -> anyhow::Result<()> {
-    println!("{}", summary(reports, took));
+fn conclude(reports: &[Report], took: Duration, router: RouterChoice) -> anyhow::Result<()> {
+    println!("{}", summary(reports, took, router));
     let failed: Vec<&str> = reports
         .iter()
         .filter(|r| !r.ok())
