@@ -58,6 +58,10 @@ pub struct CanaryStatus {
     /// Standard conditions: `Ready`, `Promoted`, `Invalid`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The current rollout's weight changes and the last check at each weight; moved into
+    /// its `history` entry when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Timeline>,
     /// Finished rollouts, newest first, bounded by `spec.historyLimit`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
@@ -262,6 +266,57 @@ pub struct HistoryEntry {
     /// Why it ended, in one line.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// Its weight changes and the last check at each weight. Kept on the newest entries
+    /// only, within [`TIMELINE_BUDGET`] bytes of the history: older entries keep the fields
+    /// above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Timeline>,
+}
+
+/// Bytes (as JSON) the timelines of `status.history` may take together. Entries past the
+/// budget, oldest first, lose their timeline, so a Canary's status grows by at most this
+/// much however long its `historyLimit` and its steps.
+pub const TIMELINE_BUDGET: usize = 8 * 1024;
+
+/// Points a timeline keeps: every step of the longest `spec.steps` (20), the promotion and
+/// the return to 0, with room to spare. A rollout that changes weight more often (commands
+/// moving it back and forth) keeps its first points and its latest one.
+pub const TIMELINE_POINTS: usize = 32;
+
+/// A rollout's weight over time: each weight written to the router, when, and the last check
+/// counted at it. Compact on purpose: it lives in every Canary's status.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeline {
+    /// The metrics the checks' values are about (`spec.analysis.metrics[].name` when the
+    /// rollout started), in the order of `points[].values`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<String>,
+    /// Weight changes, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub points: Vec<TimelinePoint>,
+}
+
+/// One weight the rollout wrote, and what the checks said at it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TimelinePoint {
+    /// Seconds after the rollout started (`startedAt`) that the weight was written.
+    pub at: u32,
+    /// The canary's weight from then on.
+    pub weight: u8,
+    /// Checks counted at this weight.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checks: u32,
+    /// The verdict of the last check counted at this weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+    /// Seconds after the start of that last check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<u32>,
+    /// That check's value of each metric (`null`: no value), in the order of `metrics`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<Option<f64>>,
 }
 
 /// How a rollout ended.

@@ -43,7 +43,7 @@ use crate::analysis::{self, Outcome, sequential};
 use crate::api::{
     self, BaselineUnhealthyPolicy, CanarySpec, CanaryStatus, CheckRecord, ConditionStatus,
     EvidenceStatus, HistoryEntry, InconclusivePolicy, MetricEvidence, MetricResult, MetricSpec,
-    Phase, RolloutResult, Verdict,
+    Phase, RolloutResult, TIMELINE_BUDGET, TIMELINE_POINTS, Timeline, TimelinePoint, Verdict,
 };
 use crate::arms::Weights;
 
@@ -526,7 +526,7 @@ impl Machine<'_> {
                 r
             })
             .collect();
-        self.status.last_check = Some(CheckRecord {
+        self.count_check(CheckRecord {
             time: self.now,
             verdict: Verdict::Fail,
             results,
@@ -646,6 +646,66 @@ impl Machine<'_> {
         let w = Weights::with_canary(canary);
         self.status.canary_weight = w.canary();
         self.actions.push(Action::SetWeights(w));
+        self.timeline_weight(w.canary());
+    }
+
+    /// Seconds since the rollout started, for the timeline.
+    fn rollout_seconds(&self, t: DateTime<Utc>) -> u32 {
+        self.status
+            .rollout_started_at
+            .map(|s| (t - s).num_seconds().clamp(0, i64::from(u32::MAX)) as u32)
+            .unwrap_or(0)
+    }
+
+    /// Adds a weight change to the current rollout's timeline (none outside a rollout).
+    fn timeline_weight(&mut self, weight: u8) {
+        let at = self.rollout_seconds(self.now);
+        let Some(t) = self.status.timeline.as_mut() else {
+            return;
+        };
+        // Before its first point a rollout's canary weight is 0 (the safety rules).
+        if t.points.last().map_or(0, |p| p.weight) == weight {
+            return;
+        }
+        let point = TimelinePoint {
+            at,
+            weight,
+            ..Default::default()
+        };
+        if t.points.len() >= TIMELINE_POINTS {
+            // Bounded: the latest weight replaces the last kept one.
+            if let Some(last) = t.points.last_mut() {
+                *last = point;
+            }
+        } else {
+            t.points.push(point);
+        }
+    }
+
+    /// Records a counted check: `status.lastCheck`, and the last check at the current
+    /// weight in the timeline.
+    fn count_check(&mut self, check: CheckRecord) {
+        let checked_at = self.rollout_seconds(check.time);
+        if let Some(t) = self.status.timeline.as_mut()
+            && let Some(p) = t.points.last_mut()
+        {
+            p.checks = p.checks.saturating_add(1);
+            p.verdict = Some(check.verdict);
+            p.checked_at = Some(checked_at);
+            p.values = t
+                .metrics
+                .iter()
+                .map(|m| {
+                    check
+                        .results
+                        .iter()
+                        .find(|r| &r.metric == m)
+                        .and_then(|r| r.value)
+                        .filter(|v| v.is_finite())
+                })
+                .collect();
+        }
+        self.status.last_check = Some(check);
     }
 
     fn wait(&mut self, after: std::time::Duration) {
@@ -889,6 +949,16 @@ impl Machine<'_> {
         s.step_started_at = None;
         s.last_check = None;
         s.evidence = None;
+        s.timeline = Some(Timeline {
+            metrics: self
+                .spec
+                .analysis
+                .metrics
+                .iter()
+                .map(|m| m.name.clone())
+                .collect(),
+            points: Vec::new(),
+        });
         self.evidence = None;
         if s.canary_weight != 0 {
             self.set_weights(0);
@@ -1029,7 +1099,7 @@ impl Machine<'_> {
             // Still waiting: checked again at every look, recorded once per interval.
             return;
         }
-        self.status.last_check = Some(CheckRecord {
+        self.count_check(CheckRecord {
             time: self.now,
             verdict,
             results,
@@ -1357,9 +1427,11 @@ impl Machine<'_> {
             result,
             reached_weight,
             reason,
+            timeline: self.status.timeline.take(),
         };
         self.status.history.insert(0, entry);
         self.status.history.truncate(limit);
+        keep_timelines_within_budget(&mut self.status.history);
         self.status.rollout_started_at = None;
     }
 
@@ -1378,6 +1450,19 @@ impl Machine<'_> {
             ),
         };
         self.condition(api::READY, status, reason, &message);
+    }
+}
+
+/// Drops the timelines of the oldest history entries until the rest fit in
+/// [`TIMELINE_BUDGET`] bytes.
+fn keep_timelines_within_budget(history: &mut [HistoryEntry]) {
+    let mut used = 0usize;
+    for entry in history.iter_mut() {
+        let Some(t) = &entry.timeline else { continue };
+        used = used.saturating_add(serde_json::to_vec(t).map_or(usize::MAX, |b| b.len()));
+        if used > TIMELINE_BUDGET {
+            entry.timeline = None;
+        }
     }
 }
 

@@ -814,6 +814,100 @@ fn weights_read_from_the_data_plane_override_a_stale_status() {
     assert_eq!(believed_canary_weight(&w.spec, &stale, None), 20);
 }
 
+/// The weights of a timeline, each with its checks and last verdict.
+fn points(t: &crate::api::Timeline) -> Vec<(u32, u8, u32, Option<Verdict>)> {
+    t.points
+        .iter()
+        .map(|p| (p.at, p.weight, p.checks, p.verdict))
+        .collect()
+}
+
+/// A promoted rollout's history entry keeps its weight over time with the last check at each
+/// weight: 20 → 50 → 100 while analysed, then 0 once the primary runs the new revision.
+#[test]
+fn history_keeps_the_weight_timeline_of_a_promotion() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    let live = w.status.timeline.clone().expect("a rollout has a timeline");
+    assert_eq!(live.metrics, vec!["error-rate", "latency"]);
+    assert_eq!(points(&live), vec![(0, 20, 0, None)]);
+    w.pass_interval();
+    w.pass_interval();
+    w.advance(5);
+    w.primary("rev2", true);
+    w.decide();
+    assert_eq!(w.status.phase, Phase::Succeeded);
+    assert_eq!(w.status.timeline, None, "moved into the history entry");
+    let t = w.status.history[0].timeline.as_ref().expect("kept");
+    assert_eq!(
+        points(t),
+        vec![
+            (0, 20, 1, Some(Verdict::Pass)),
+            (60, 50, 1, Some(Verdict::Pass)),
+            (120, 100, 0, None),
+            (125, 0, 0, None),
+        ]
+    );
+    assert_eq!(t.points[0].checked_at, Some(60));
+    assert_eq!(t.points[0].values, vec![Some(0.1), Some(0.1)]);
+}
+
+/// A rolled-back rollout's timeline ends at 0 after the failed check, which it keeps.
+#[test]
+fn history_keeps_the_failed_check_of_a_rollback() {
+    let mut w = World::stable_workload();
+    w.start("rev2");
+    for _ in 0..2 {
+        w.advance(60);
+        w.metrics(5.0);
+        w.decide();
+    }
+    assert_eq!(w.status.phase, Phase::Failed);
+    let t = w.status.history[0].timeline.as_ref().expect("kept");
+    assert_eq!(
+        points(t),
+        vec![(0, 20, 2, Some(Verdict::Fail)), (120, 0, 0, None)]
+    );
+    assert_eq!(t.points[0].checked_at, Some(120));
+    assert_eq!(t.points[0].values, vec![Some(5.0), Some(5.0)]);
+}
+
+/// However long the history, its timelines stay within the status budget: the newest keep
+/// theirs, the oldest lose them and keep their summary.
+#[test]
+fn history_timelines_fit_the_budget() {
+    let mut w = World::stable_workload();
+    w.spec.history_limit = Some(100);
+    w.spec.steps = (1..=20).map(|i| i * 5).collect();
+    for i in 2..60 {
+        w.start(&format!("rev{i}"));
+        for _ in 0..18 {
+            w.pass_interval();
+        }
+        w.obs.command = Some(Command {
+            kind: CommandKind::Abort,
+            id: format!("a{i}"),
+        });
+        w.decide();
+        w.obs.command = None;
+    }
+    let h = &w.status.history;
+    assert_eq!(h.len(), 58);
+    let kept = h.iter().take_while(|e| e.timeline.is_some()).count();
+    assert!(kept >= 1, "the newest entry keeps its timeline");
+    assert!(h[kept..].iter().all(|e| e.timeline.is_none()));
+    let bytes: usize = h[..kept]
+        .iter()
+        .map(|e| {
+            serde_json::to_vec(e.timeline.as_ref().unwrap())
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert!(bytes <= crate::api::TIMELINE_BUDGET, "{bytes} bytes kept");
+    assert_eq!(h[0].timeline.as_ref().unwrap().points.len(), 20);
+}
+
 /// History is newest first and bounded by spec.historyLimit.
 #[test]
 fn history_is_bounded() {
@@ -1032,8 +1126,29 @@ fn check_invariants(w: &World, before: &CanaryStatus, d: &Decision) -> Result<()
         prop_assert_eq!(d.status.canary_weight, 0);
     }
 
-    // History is bounded.
+    // History is bounded, and so are the timelines in it.
     prop_assert!(d.status.history.len() <= w.spec.history_limit());
+    let timelines: usize = d
+        .status
+        .history
+        .iter()
+        .filter_map(|h| h.timeline.as_ref())
+        .map(|t| serde_json::to_vec(t).unwrap().len())
+        .sum();
+    prop_assert!(timelines <= crate::api::TIMELINE_BUDGET);
+    for t in d
+        .status
+        .timeline
+        .iter()
+        .chain(d.status.history.iter().filter_map(|h| h.timeline.as_ref()))
+    {
+        prop_assert!(t.points.len() <= crate::api::TIMELINE_POINTS);
+        prop_assert!(
+            t.points
+                .windows(2)
+                .all(|p| p[0].at <= p[1].at && p[0].weight != p[1].weight)
+        );
+    }
     Ok(())
 }
 
