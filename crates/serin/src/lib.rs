@@ -20,6 +20,7 @@ pub mod arms;
 pub mod bench;
 pub mod bounded;
 pub mod controller;
+pub mod dashboard;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod logging;

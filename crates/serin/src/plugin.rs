@@ -107,6 +107,14 @@ pub enum PluginCommand {
         /// The Canary.
         name: String,
     },
+    /// A local web page of the Canaries (every namespace, or the one of -n): live phase and
+    /// weights, each rollout's weight over time with its checks, and buttons for the
+    /// commands. Served on 127.0.0.1 only, at a URL with a token made for this start.
+    Dashboard {
+        /// The local port (0: any free one).
+        #[arg(long, default_value_t = crate::dashboard::DEFAULT_PORT)]
+        port: u16,
+    },
 }
 
 /// How long a command waits for the controller.
@@ -136,7 +144,8 @@ impl PluginCommand {
             PluginCommand::Resume { name, wait } => (name, CommandKind::Resume, *wait),
             PluginCommand::Get { .. }
             | PluginCommand::List { .. }
-            | PluginCommand::History { .. } => {
+            | PluginCommand::History { .. }
+            | PluginCommand::Dashboard { .. } => {
                 return None;
             }
         })
@@ -164,12 +173,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             print!("{}", history_table(&canary, Utc::now()));
             Ok(())
         }
+        PluginCommand::Dashboard { port } => {
+            crate::dashboard::serve(client, args.namespace.clone(), *port, |url| {
+                println!("Serin dashboard: {url}");
+                println!("(serving on 127.0.0.1 only; Ctrl-C stops it)");
+            })
+            .await
+        }
         _ => unreachable!("the steering commands returned above"),
     }
 }
 
 /// A client for the kubeconfig, context and namespace kubectl would use.
-async fn connect(args: &Args) -> anyhow::Result<(Client, String)> {
+pub(crate) async fn connect(args: &Args) -> anyhow::Result<(Client, String)> {
     let kubeconfig = match &args.kubeconfig {
         Some(path) => Kubeconfig::read_from(path)
             .with_context(|| format!("reading the kubeconfig {}", path.display()))?,
@@ -208,7 +224,7 @@ async fn read(client: &Client, ns: &str, name: &str) -> anyhow::Result<Canary> {
 }
 
 /// One message for a failed request about Canaries.
-fn api_error(e: kube::Error, ns: &str, name: Option<&str>, verb: &str) -> anyhow::Error {
+pub(crate) fn api_error(e: kube::Error, ns: &str, name: Option<&str>, verb: &str) -> anyhow::Error {
     let what = match name {
         Some(n) => format!("canary {n:?} in namespace {ns:?}"),
         None => format!("the Canaries in namespace {ns:?}"),
@@ -351,7 +367,7 @@ pub fn history_table(canary: &Canary, now: DateTime<Utc>) -> String {
     }
     let mut rows = vec![
         [
-            "REVISION", "STARTED", "FINISHED", "DURATION", "RESULT", "REACHED", "REASON",
+            "REVISION", "STARTED", "FINISHED", "DURATION", "RESULT", "REACHED", "WEIGHTS", "REASON",
         ]
         .map(String::from)
         .to_vec(),
@@ -376,6 +392,18 @@ pub fn history_table(canary: &Canary, now: DateTime<Utc>) -> String {
                 .unwrap_or_else(|| "-".into()),
             h.result.as_str().to_string(),
             format!("{}%", h.reached_weight),
+            // The weights written, when the entry still has its timeline.
+            h.timeline
+                .as_ref()
+                .filter(|t| !t.points.is_empty())
+                .map(|t| {
+                    t.points
+                        .iter()
+                        .map(|p| p.weight.to_string())
+                        .collect::<Vec<_>>()
+                        .join("→")
+                })
+                .unwrap_or_else(|| "-".into()),
             h.reason.clone(),
         ]);
     }
@@ -423,6 +451,20 @@ async fn command(
     kind: CommandKind,
     wait: Wait,
 ) -> anyhow::Result<()> {
+    println!("{}", steer(client, ns, name, kind, wait).await?);
+    Ok(())
+}
+
+/// Writes command `kind` for `ns/name` and waits for the controller to carry it out; the
+/// text says what happened (the error, why it did not apply). The dashboard's buttons use
+/// it too.
+pub(crate) async fn steer(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    kind: CommandKind,
+    wait: Wait,
+) -> anyhow::Result<String> {
     // Read first, so a missing Canary gets the message that says what to do.
     read(client, ns, name).await?;
     let written = Utc::now();
@@ -434,8 +476,9 @@ async fn command(
         .map_err(|e| api_error(e, ns, Some(name), "annotate"))?;
     let what = format!("{} of canary {ns}/{name}", kind.as_str());
     if wait.seconds == 0 {
-        println!("{what} requested (not waiting for Serin to carry it out)");
-        return Ok(());
+        return Ok(format!(
+            "{what} requested (not waiting for Serin to carry it out)"
+        ));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.seconds);
     let canary = loop {
@@ -458,17 +501,10 @@ async fn command(
     let outcome = command_outcome(&events(client, ns, name).await, name, written);
     let status = view::status_line(&Observed::of_canary(&canary, None));
     match outcome {
-        Some((true, message)) => {
-            println!("{what}: done: {message}");
-            println!("{status}");
-            Ok(())
-        }
+        Some((true, message)) => Ok(format!("{what}: done: {message}\n{status}")),
         Some((false, message)) => bail!("{what} did not apply: {message}\n{status}"),
-        None => {
-            // Recorded, but its Event was lost or not listed yet: the status says.
-            println!("{what}: carried out\n{status}");
-            Ok(())
-        }
+        // Recorded, but its Event was lost or not listed yet: the status says.
+        None => Ok(format!("{what}: carried out\n{status}")),
     }
 }
 
@@ -551,6 +587,16 @@ mod tests {
                 result: RolloutResult::RolledBack,
                 reached_weight: 50,
                 reason: "error-rate 4.1 % above max 1".into(),
+                timeline: Some(crate::api::Timeline {
+                    metrics: vec!["error-rate".into()],
+                    points: [(0, 20), (60, 50), (185, 0)]
+                        .map(|(at, weight)| crate::api::TimelinePoint {
+                            at,
+                            weight,
+                            ..Default::default()
+                        })
+                        .to_vec(),
+                }),
             },
             HistoryEntry {
                 revision: "web-v1".into(),
@@ -559,6 +605,7 @@ mod tests {
                 result: RolloutResult::Promoted,
                 reached_weight: 100,
                 reason: String::new(),
+                timeline: None,
             },
         ];
         let out = history_table(&c, at("2026-12-03T11:00:00Z"));
@@ -567,6 +614,7 @@ mod tests {
         assert!(lines[1].starts_with("web-v2"), "{out}");
         assert!(lines[1].contains("3m05s"), "{out}");
         assert!(lines[1].contains("RolledBack"), "{out}");
+        assert!(lines[1].contains("20→50→0"), "{out}");
         assert!(lines[1].ends_with("error-rate 4.1 % above max 1"), "{out}");
         assert!(
             lines[2].contains("Promoted") && lines[2].contains("100%"),

@@ -211,6 +211,62 @@ fn kubectl_watches_the_demo() {
     assert_eq!(phase.as_deref(), Some("Succeeded"));
     let vr = kubectl(&["get", "virtualrouters", "-n", "appmesh-demo"]).unwrap_or_default();
     assert!(vr.contains("colorteller"), "{vr}");
+
+    // The README's second terminal: `kubectl serin dashboard` serves the held demo, whose
+    // promoted rollout keeps its weight timeline and checks.
+    let mut dashboard = Command::new(env!("CARGO_BIN_EXE_kubectl-serin"))
+        .args(["--kubeconfig", kc, "dashboard", "--port", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run kubectl-serin dashboard");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(dashboard.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let url = first
+        .trim()
+        .strip_prefix("Serin dashboard: ")
+        .expect(&first);
+    let body = http_get(&format!("{url}api/canaries"));
+    let _ = dashboard.kill();
+    let _ = dashboard.wait();
+    let data: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    let c = data["canaries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "colorteller")
+        .unwrap_or_else(|| panic!("no colorteller in {body}"));
+    let entry = &c["status"]["history"][0];
+    assert_eq!(entry["result"], "Promoted", "{entry}");
+    let weights: Vec<u64> = entry["timeline"]["points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no timeline in {entry}"))
+        .iter()
+        .map(|p| p["weight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(weights, vec![20, 50, 100, 0], "{entry}");
+    assert_eq!(entry["timeline"]["points"][0]["verdict"], "Pass", "{entry}");
+}
+
+/// A GET of `url` (plain http on 127.0.0.1), its body.
+fn http_get(url: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let rest = url.strip_prefix("http://").expect(url);
+    let (host, path) = rest.split_once('/').expect(url);
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        conn,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect(&response);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
 }
 
 /// `serin demo --router gateway-api`: the same Canary with only `spec.router` changed walks
