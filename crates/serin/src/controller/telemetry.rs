@@ -45,7 +45,8 @@ pub struct Metrics {
 /// The per-Canary series as one compact row per Canary, written out at scrape time. Kept
 /// as metric families, each series would own its label strings and a map entry: about
 /// 1.4 KB per Canary over five families (14 MB at 10,000 Canaries); a row is about 100
-/// bytes. Namespaces, then names, in order: the exposition is sorted.
+/// bytes, plus about 50 per rollout in its history. Namespaces, then names, in order: the
+/// exposition is sorted.
 #[derive(Debug, Default)]
 struct CanaryTable(Mutex<Rows>);
 
@@ -64,6 +65,32 @@ struct Row {
     rollouts: [u64; RESULTS.len()],
     /// The last value of each metric that had one.
     values: Vec<(Box<str>, f64)>,
+    /// The rollouts in its `status.history` (so at most `historyLimit`), newest first: one
+    /// `serin_rollout_finished_timestamp_seconds` series each, dropped as they age out.
+    records: Vec<Record>,
+}
+
+/// One finished rollout, as its series says it.
+#[derive(Debug, PartialEq)]
+struct Record {
+    revision: Box<str>,
+    result: RolloutResult,
+    reached_weight: u8,
+    /// Unix seconds; `None` for entries written before Serin recorded the start.
+    started: Option<i64>,
+    finished: i64,
+}
+
+impl Record {
+    fn of(h: &crate::api::HistoryEntry) -> Self {
+        Record {
+            revision: h.revision.as_str().into(),
+            result: h.result,
+            reached_weight: h.reached_weight,
+            started: h.started_at.map(|t| t.timestamp()),
+            finished: h.finished_at.timestamp(),
+        }
+    }
 }
 
 const RESULTS: [RolloutResult; 4] = RolloutResult::ALL;
@@ -134,6 +161,36 @@ impl Collector for CanaryTable {
                     .try_for_each(|(metric, v)| out(Some(metric), *v))
             },
         )?;
+        // Per-rollout records: their labels differ from the helper's, so written by hand.
+        let rows = self.rows();
+        let mut family = enc.encode_descriptor(
+            "serin_rollout_finished_timestamp_seconds",
+            "When each rollout in a Canary's status.history finished (Unix seconds), labelled with its revision, result, reached weight and start (RFC 3339); one series per history entry, gone when the entry ages out",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (ns, names) in rows.iter() {
+            for (name, row) in names {
+                for r in &row.records {
+                    let started = r
+                        .started
+                        .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                        .unwrap_or_default();
+                    family
+                        .encode_family(&[
+                            ("namespace", &**ns),
+                            ("name", &**name),
+                            ("revision", &*r.revision),
+                            ("result", r.result.as_str()),
+                            ("reached_weight", &r.reached_weight.to_string()),
+                            ("started", &started),
+                        ])?
+                        .encode_gauge(&r.finished)?;
+                }
+            }
+        }
+        drop(rows);
         // A counter, so written out by hand (the helper writes gauges).
         let rows = self.rows();
         let mut family = enc.encode_descriptor(
@@ -316,6 +373,9 @@ impl Metrics {
             if let Some(i) = RESULTS.iter().position(|r| *r == h.result) {
                 row.rollouts[i] += 1;
             }
+        }
+        if !finished.is_empty() || row.records.len() != after.history.len() {
+            row.records = after.history.iter().map(Record::of).collect();
         }
         for r in new_check.iter().flat_map(|c| &c.results) {
             let Some(v) = r.value else { continue };
@@ -500,6 +560,45 @@ mod tests {
         );
         m.forget("shop", "web");
         assert!(phases(&m).is_empty(), "{:?}", phases(&m));
+    }
+
+    /// Each rollout in the history has one record series, with its revision, result, reached
+    /// weight and start as labels and its end as the value; entries that age out of the
+    /// history lose theirs, and a deleted Canary loses all.
+    #[test]
+    fn one_record_series_per_rollout_in_the_history() {
+        let m = Metrics::new(|_| {});
+        let records = |m: &Metrics| -> Vec<String> {
+            m.encode()
+                .lines()
+                .filter(|l| l.starts_with("serin_rollout_finished_timestamp_seconds{"))
+                .map(str::to_string)
+                .collect()
+        };
+        let entry = |rev: &str, result: &str, minute: u32| {
+            serde_json::json!({"revision": rev, "startedAt": format!("2026-11-22T10:{minute:02}:00Z"),
+                "finishedAt": format!("2026-11-22T10:{:02}:30Z", minute + 5), "result": result,
+                "reachedWeight": 50})
+        };
+        let with = |h: Vec<serde_json::Value>| -> CanaryStatus {
+            serde_json::from_value(serde_json::json!({"phase": "Failed", "history": h})).unwrap()
+        };
+        let one = with(vec![entry("r1", "RolledBack", 0)]);
+        m.observe_status("shop", "web", &CanaryStatus::default(), &one);
+        assert_eq!(
+            records(&m),
+            [
+                r#"serin_rollout_finished_timestamp_seconds{namespace="shop",name="web",revision="r1",result="RolledBack",reached_weight="50",started="2026-11-22T10:00:00Z"} 1795341930"#
+            ]
+        );
+        // historyLimit 1: the next rollout replaces it.
+        let two = with(vec![entry("r2", "Promoted", 10)]);
+        m.observe_status("shop", "web", &one, &two);
+        let r = records(&m);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].contains(r#"revision="r2",result="Promoted""#), "{r:?}");
+        m.forget("shop", "web");
+        assert!(records(&m).is_empty());
     }
 
     /// Finished rollouts are counted per result from their first one on, a metric's value
