@@ -25,6 +25,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod plugin;
 pub mod policy;
 pub mod rollout;

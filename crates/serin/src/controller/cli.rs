@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// old and the new count act at once.
     #[arg(long, default_value_t = 1)]
     pub shards: u16,
+    /// Where to send notifications of rollouts (Slack, Teams, JSON webhooks): a YAML file,
+    /// see docs/notifications.md. Read at start; a mistake stops Serin with a message
+    /// naming the field.
+    #[arg(long, value_name = "FILE")]
+    pub notifications: Option<PathBuf>,
     /// What Canaries may make Serin do with its identity (roles, endpoints, URLs).
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
@@ -235,6 +240,10 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
     crate::router::guard_writes(FENCE.clone());
     let timing = args.lease_timing()?;
     let shards = args.shard_count()?;
+    let notifications = match &args.notifications {
+        Some(path) => crate::notify::load(path)?,
+        None => crate::notify::Config::default(),
+    };
     super::check_crd(&client, args.namespace.as_deref()).await?;
     let metrics = Arc::new(Metrics::new(parts.register));
     let health = Arc::new(Health::default());
@@ -286,11 +295,18 @@ pub async fn run(args: RunArgs, client: kube::Client, parts: Parts) -> anyhow::R
             client,
             parts.routers,
             parts.metrics_source,
-            metrics,
+            metrics.clone(),
             args.identity.clone(),
         )
         .with_policy(args.policy.policy())
-        .with_check_concurrency(args.check_concurrency),
+        .with_check_concurrency(args.check_concurrency)
+        .with_notifier({
+            let metrics = metrics.clone();
+            crate::notify::Notifier::start(
+                notifications,
+                Arc::new(move |receiver: &str, outcome| metrics.notification(receiver, outcome)),
+            )
+        }),
     );
     let controller = super::run(
         ctx,

@@ -131,6 +131,8 @@ pub struct Context {
     /// process (by uid): while a Canary initializes, reconciles come often (its Deployments
     /// change) and its objects need creating or adopting only once per generation.
     prepared: Mutex<HashMap<String, i64>>,
+    /// Where the rollout Events are also told (`--notifications`); never awaited.
+    notifier: crate::notify::Notifier,
 }
 
 /// Reflector stores of the dependencies: full Deployments (readiness is in their status),
@@ -207,7 +209,14 @@ impl Context {
             caches: OnceLock::new(),
             digests: Mutex::default(),
             prepared: Mutex::default(),
+            notifier: crate::notify::Notifier::none(),
         }
+    }
+
+    /// The same context telling `notifier` about every rollout Event it records.
+    pub fn with_notifier(mut self, notifier: crate::notify::Notifier) -> Self {
+        self.notifier = notifier;
+        self
     }
 
     /// The sequential judge's state kept for `canary` since its last status write.
@@ -720,6 +729,17 @@ async fn report_unparsable(ctx: &Context, invalid: &kube::core::error_boundary::
         "cannot be read: {}; check it with `serin validate`",
         invalid.error
     );
+    ctx.notifier.send(crate::notify::Notice {
+        reason: rollout::reasons::INVALID,
+        warning: true,
+        namespace: invalid.metadata.namespace.clone().unwrap_or_default(),
+        name: invalid.metadata.name.clone().unwrap_or_default(),
+        message: message.clone(),
+        phase: "Invalid",
+        canary_weight: 0,
+        revision: None,
+        time: Utc::now(),
+    });
     publish(
         ctx,
         &reference,
@@ -1246,6 +1266,17 @@ async fn record(
     let reference = canary.object_ref(&());
     for action in &decision.actions {
         if let Action::Event(e) = action {
+            ctx.notifier.send(crate::notify::Notice {
+                reason: e.reason,
+                warning: e.type_ == EventType::Warning,
+                namespace: canary.namespace().unwrap_or_default(),
+                name: canary.name_any(),
+                message: e.message.clone(),
+                phase: decision.status.phase.as_str(),
+                canary_weight: decision.status.canary_weight,
+                revision: decision.status.revision.clone(),
+                time: Utc::now(),
+            });
             publish(ctx, &reference, e.type_, e.reason, e.message.clone()).await;
         }
     }

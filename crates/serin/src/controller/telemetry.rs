@@ -40,6 +40,7 @@ pub struct Metrics {
     reconcile_errors: Family<Labels, Counter>,
     weight_write: Histogram,
     shard: Family<Labels, Gauge>,
+    notifications: Family<Labels, Counter>,
 }
 
 /// The per-Canary series as one compact row per Canary, written out at scrape time. Kept
@@ -288,8 +289,15 @@ impl Metrics {
             "Always 1 on a leader: the shard it leads, of how many (shard 0 of 1 without shards)",
             shard.clone(),
         );
+        let notifications = Family::<Labels, Counter>::default();
+        registry.register(
+            "serin_notifications",
+            "Notifications by receiver (--notifications) and outcome: delivered, failed (after retries), rate_limited, dropped (queue full; receiver *)",
+            notifications.clone(),
+        );
         extra(&mut registry);
         Metrics {
+            notifications,
             shard,
             registry,
             canaries,
@@ -311,7 +319,17 @@ impl Metrics {
         self.weight_write.observe(seconds);
     }
 
-    /// Counts a failed reconcile.
+    /// Counts a notification's outcome at `receiver`.
+    pub fn notification(&self, receiver: &str, outcome: &'static str) {
+        self.notifications
+            .get_or_create(&vec![
+                ("receiver", receiver.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts a failed reconcile by error category.
     pub fn reconcile_failed(&self, category: &str) {
         self.reconcile_errors
             .get_or_create(&vec![("category", category.to_string())])

@@ -187,4 +187,26 @@ pub mod reasons {
     pub const COMMAND: &str = "Command";
     /// An operator command did not apply.
     pub const COMMAND_IGNORED: &str = "CommandIgnored";
+
+    /// Every reason a rollout decision reports (what notifications can be asked for).
+    pub const ALL: [&str; 18] = [
+        INVALID,
+        INITIALIZED,
+        ROLLOUT_STARTED,
+        STEP_ADVANCED,
+        CHECK_FAILED,
+        CHECK_INCONCLUSIVE,
+        WAITING_FOR_EVIDENCE,
+        REGRESSION,
+        BASELINE_UNHEALTHY,
+        PROMOTING,
+        PROMOTED,
+        ROLLED_BACK,
+        SUPERSEDED,
+        NEW_REVISION_WHILE_PROMOTING,
+        PAUSED,
+        RESUMED,
+        COMMAND,
+        COMMAND_IGNORED,
+    ];
 }
