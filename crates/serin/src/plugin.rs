@@ -175,8 +175,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         PluginCommand::Dashboard { port } => {
             crate::dashboard::serve(client, args.namespace.clone(), *port, |url| {
-                println!("Serin dashboard: {url}");
-                println!("(serving on 127.0.0.1 only; Ctrl-C stops it)");
+                // A closed standard output (the terminal went away) must not stop the server.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "Serin dashboard: {url}");
+                let _ = writeln!(out, "(serving on 127.0.0.1 only; Ctrl-C stops it)");
+                let _ = out.flush();
             })
             .await
         }

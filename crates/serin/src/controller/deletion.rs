@@ -261,38 +261,13 @@ async fn revert_workload(
         // Let connections to the primary drain before it goes.
         return Ok(Progress::Wait(DELETION_POLL));
     }
-    match deployments
-        .delete(&primary_name, &DeleteParams::background())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(source) => {
-            return Err(Error::Kube {
-                operation: "delete",
-                kind: "Deployment",
-                name: primary_name,
-                source,
-            });
-        }
-    }
+    delete_if_present(&deployments, "Deployment", &primary_name).await?;
     // Its autoscaler goes with it: the target's own scales the target again.
     let mut deleted = primary_name.clone();
     if let Some(a) = &canary.spec.autoscaler_ref {
         let name = workload::primary_autoscaler_name(&a.name);
         let autoscalers: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), &ns);
-        match autoscalers.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => {
-                return Err(Error::Kube {
-                    operation: "delete",
-                    kind: "HorizontalPodAutoscaler",
-                    name,
-                    source,
-                });
-            }
-        }
+        delete_if_present(&autoscalers, "HorizontalPodAutoscaler", &name).await?;
         deleted = format!("{primary_name} and its autoscaler {name} were");
     } else {
         deleted.push_str(" was");
@@ -399,4 +374,21 @@ async fn release(canary: &Canary, ctx: &Context) -> Result<(), Error> {
             })?;
     }
     Ok(())
+}
+
+/// Deletes `name` through `api` in the background; one already gone is fine.
+async fn delete_if_present<K>(api: &Api<K>, kind: &'static str, name: &str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            operation: "delete",
+            kind,
+            name: name.to_string(),
+            source,
+        }),
+    }
 }

@@ -288,7 +288,7 @@ impl Context {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A Kubernetes API call failed.
-    #[error("{operation} {kind} {name}: {source}")]
+    #[error("{operation} {kind} {name}: {source}{}", forbidden_hint(.source))]
     Kube {
         /// What was being done.
         operation: &'static str,
@@ -332,10 +332,25 @@ pub enum Error {
     Panicked(String),
 }
 
+/// What to do about a 403: Serin's RBAC lacks what it just needed.
+fn forbidden_hint(e: &kube::Error) -> &'static str {
+    if is_forbidden(e) {
+        "; Serin's ServiceAccount lacks this permission: install the chart's RBAC for this \
+         operator version (helm upgrade), or grant the verb on this resource"
+    } else {
+        ""
+    }
+}
+
+fn is_forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403)
+}
+
 impl Error {
     /// A short constant category: metric label and Event reason.
     pub fn category(&self) -> &'static str {
         match self {
+            Error::Kube { source, .. } if is_forbidden(source) => "Forbidden",
             Error::Kube { .. } => "KubernetesApiError",
             Error::TargetNotFound(_) => "TargetNotFound",
             Error::AutoscalerNotFound(_) => "AutoscalerNotFound",
@@ -355,6 +370,8 @@ impl Error {
             | Error::AutoscalerNotFound(_)
             | Error::AutoscalerMismatch(_)
             | Error::Panicked(_) => true,
+            // Missing RBAC does not heal by retrying: say so on the Canary.
+            Error::Kube { source, .. } => is_forbidden(source),
             Error::Router(e) => e.needs_user(),
             _ => false,
         }
@@ -1470,6 +1487,38 @@ pub async fn check_crd(client: &kube::Client, namespace: Option<&str>) -> anyhow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 403 is the user's to fix (missing RBAC): shown on the Canary as Forbidden, with
+    /// what to do; other API errors are passing ones.
+    #[test]
+    fn a_forbidden_request_is_shown_to_the_user() {
+        let api_error = |code: u16| Error::Kube {
+            operation: "patch",
+            kind: "Deployment",
+            name: "shop/web-primary".into(),
+            source: kube::Error::Api(
+                kube::core::Status::failure(
+                    "deployments.apps \"web-primary\" is forbidden",
+                    "Forbidden",
+                )
+                .with_code(code)
+                .boxed(),
+            ),
+        };
+        let forbidden = api_error(403);
+        assert_eq!(forbidden.category(), "Forbidden");
+        assert!(forbidden.needs_user());
+        let message = forbidden.to_string();
+        assert!(
+            message.starts_with("patch Deployment shop/web-primary: "),
+            "{message}"
+        );
+        assert!(message.contains("helm upgrade"), "{message}");
+        let busy = api_error(503);
+        assert_eq!(busy.category(), "KubernetesApiError");
+        assert!(!busy.needs_user());
+        assert!(!busy.to_string().contains("helm upgrade"));
+    }
 
     /// A reconcile that panics becomes this Canary's error (shown to the user, retried
     /// slowly); the process and every other reconcile go on.
