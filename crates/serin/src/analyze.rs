@@ -313,6 +313,7 @@ impl<'a> Replay<'a> {
                 weights: None,
                 looks: None,
                 evidence: None,
+                hooks: vec![],
             },
             new_revision: new,
         }
@@ -350,6 +351,19 @@ impl<'a> Replay<'a> {
                 .collect();
             self.obs.metrics = evals.iter().map(MetricEvaluation::observation).collect();
         }
+        // A replay calls no webhook: its gates and hooks are taken to answer 2xx, but for
+        // the rollback gates, which would end it.
+        self.obs.hooks = rollout::hooks_due(spec, &self.status, due, t)
+            .into_iter()
+            .map(|w| rollout::HookAnswer {
+                name: w.name.clone(),
+                outcome: match w.type_ {
+                    crate::api::WebhookType::Rollback => Err("not called in a replay".into()),
+                    _ => Ok(()),
+                },
+                at: t,
+            })
+            .collect();
         let decision = rollout::decide(Input {
             spec,
             generation: None,

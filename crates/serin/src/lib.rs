@@ -31,3 +31,4 @@ pub mod policy;
 pub mod rollout;
 pub mod router;
 pub mod view;
+pub mod webhook;

@@ -77,6 +77,15 @@ pub struct Policy {
     pub read_secrets: bool,
 }
 
+impl Policy {
+    /// Whether Serin may fetch `url` for a Canary (a Prometheus address, a webhook URL).
+    pub fn may_fetch(&self, url: &str) -> bool {
+        self.addresses
+            .as_ref()
+            .is_none_or(|allowed| allowed.iter().any(|r| r.matches(url)))
+    }
+}
+
 impl Default for Policy {
     /// No role ARN, no endpoint override, every address.
     fn default() -> Self {
@@ -185,7 +194,36 @@ impl Policy {
                 }
             }
         }
+        if !self.read_secrets {
+            for (i, w) in spec.webhooks.iter().enumerate() {
+                if w.secret_ref.is_some() {
+                    p.push(Problem::new(
+                        format!("spec.webhooks[{i}].secretRef"),
+                        "this operator reads no Secrets (serin run --no-read-secrets, chart value readSecrets: false)",
+                        "write the URL in url and the headers in headers, or have the operator's administrator set readSecrets: true",
+                    ));
+                }
+            }
+        }
         if let Some(allowed) = &self.addresses {
+            for (i, w) in spec.webhooks.iter().enumerate() {
+                if let Some(url) = &w.url
+                    && !self.may_fetch(url)
+                {
+                    p.push(Problem::new(
+                        format!("spec.webhooks[{i}].url"),
+                        format!("{url:?} is not an address this operator may call"),
+                        format!(
+                            "use an allowed address ({}), or have the operator's administrator allow it: serin run --allow-address PATTERN (chart value allowedAddresses)",
+                            allowed
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
             for (i, m) in spec.analysis.metrics.iter().enumerate() {
                 if let Some(prom) = &m.provider.prometheus
                     && !allowed.iter().any(|r| r.matches(&prom.address))
@@ -275,6 +313,49 @@ analysis:
             problems[0]
         );
         assert!(problems[1].to_string().contains("aws.allowedEndpoints"));
+    }
+
+    /// Webhook URLs obey the address allow-list, and an operator that reads no Secrets
+    /// refuses a webhook's secretRef.
+    #[test]
+    fn webhooks_obey_the_allow_list_and_the_secrets_setting() {
+        let hooks = spec(
+            r#"
+backends: {primary: a, canary: b}
+service: {port: 80}
+router: {gatewayApi: {httpRoute: {name: r}}}
+analysis:
+  metrics:
+    - name: plain
+      provider: {prometheus: {address: "http://prometheus.monitoring:9090"}}
+      preset: gateway-error-rate
+      max: 1
+webhooks:
+  - {name: inside, type: rollout, url: "http://loadtester.test/run"}
+  - {name: outside, type: rollout, url: "http://169.254.169.254/latest/meta-data"}
+  - {name: secret, type: post-rollout, secretRef: {name: hook}}
+"#,
+        );
+        let args = PolicyArgs {
+            allow_address: vec![
+                "http://prometheus.monitoring:9090".into(),
+                "http://loadtester.test/*".into(),
+            ],
+            no_read_secrets: true,
+            ..Default::default()
+        };
+        let policy = args.policy();
+        let problems = policy.check(&hooks);
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["spec.webhooks[2].secretRef", "spec.webhooks[1].url"],
+            "{problems:?}"
+        );
+        assert!(problems[1].to_string().contains("--allow-address"));
+        assert!(policy.may_fetch("http://loadtester.test/run"));
+        assert!(!policy.may_fetch("http://loadtester.test.evil/run"));
+        assert!(Policy::default().may_fetch("http://anything/"));
     }
 
     /// An operator that reads no Secrets refuses a Prometheus secretRef, naming the field,

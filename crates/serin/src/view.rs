@@ -66,6 +66,8 @@ pub struct Observed {
     pub started: Option<DateTime<Utc>>,
     /// When the next check is due.
     pub next_check: Option<DateTime<Utc>>,
+    /// What a gate holds the rollout for (`status.webhooks`), when one does.
+    pub waiting: Option<String>,
 }
 
 impl Observed {
@@ -113,6 +115,20 @@ impl Observed {
             } else {
                 status.stable_revision.clone()
             },
+            waiting: status
+                .webhooks
+                .as_ref()
+                .filter(|w| w.waiting_for.is_some() && status.phase == Phase::Progressing)
+                .map(|w| {
+                    if w.message.is_empty() {
+                        format!(
+                            "waiting for {}",
+                            w.waiting_for.as_deref().unwrap_or_default()
+                        )
+                    } else {
+                        w.message.clone()
+                    }
+                }),
             evidence: status.evidence,
         }
     }
@@ -190,6 +206,9 @@ fn timing_text(o: &Observed, now: DateTime<Utc>) -> String {
     }
     if let Some(t) = o.started {
         parts.push(format!("started {} ago", human_duration(now - t)));
+    }
+    if let Some(w) = &o.waiting {
+        parts.push(w.clone());
     }
     if let Some(t) = o.next_check {
         parts.push(if t > now {
@@ -628,7 +647,20 @@ mod tests {
             revision: Some("5f1c".into()),
             started: None,
             next_check: None,
+            waiting: None,
         }
+    }
+
+    /// What a gate holds the rollout for is shown with the timing.
+    #[test]
+    fn a_waiting_gate_is_shown() {
+        let mut o = observed();
+        o.waiting = Some("waiting for confirm-promotion: release: answered 403".into());
+        let text = describe(&o, &[], Utc::now()).join("\n");
+        assert!(
+            plain(&text).contains("waiting for confirm-promotion: release: answered 403"),
+            "{text}"
+        );
     }
 
     /// The plain line names the phase, the step and both weights, without escape codes.

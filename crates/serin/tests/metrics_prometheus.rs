@@ -660,6 +660,7 @@ fn first_check(
         weights: None,
         looks: None,
         evidence: None,
+        hooks: vec![],
     };
     let waiting = CanaryStatus {
         phase: Phase::Waiting,

@@ -50,15 +50,6 @@ async fn receivers() -> (String, Received) {
     (base, got)
 }
 
-/// A port nothing listens on.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn bodies(got: &Received, path: &str) -> Vec<Value> {
     got.lock()
         .unwrap()
@@ -74,7 +65,8 @@ async fn receivers_hear_a_rollout_and_a_bad_one_delays_nothing() {
     let env = env(|_, _| Vec::new()).await.expect("the upstream CRDs");
     let ns = env.ns.clone();
     let (base, got) = receivers().await;
-    let down = closed_port();
+    // A port nothing listens on.
+    let down = support::free_port();
     let config = format!(
         r#"receivers:
 - {{name: team-slack, type: slack, url: "{base}/ok/slack"}}

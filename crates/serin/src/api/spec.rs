@@ -102,6 +102,135 @@ pub struct CanarySpec {
         deserialize_with = "checked_duration::optional"
     )]
     pub progress_deadline: Option<Duration>,
+
+    /// HTTP calls at the points of a rollout (Flagger's webhook types and meanings): gates
+    /// that hold the rollout until they answer 2xx (`confirm-rollout`, `confirm-promotion`),
+    /// hooks that must succeed (`pre-rollout`, `rollout`), a gate that rolls back when it
+    /// answers 2xx (`rollback`), and deliveries after the fact (`post-rollout`, `event`).
+    /// See docs/webhooks.md for the payload, timeouts and retries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub webhooks: Vec<WebhookSpec>,
+}
+
+/// One webhook of `spec.webhooks`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSpec {
+    /// Unique in the Canary; part of the delivery key (`Serin-Delivery` header).
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// When it is called and what its answer does.
+    #[serde(rename = "type")]
+    pub type_: WebhookType,
+    /// Where Serin POSTs the payload (`http` or `https`). May be left out when `secretRef`
+    /// holds the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A Secret in the Canary's namespace: its key `url`, when present, is the URL (and
+    /// overrides `url`); every other key is sent as an HTTP header of that name (for
+    /// example `Authorization`). Read at each call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// HTTP headers sent with each call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<Header>,
+    /// How long one call may take, between 1s and 5m. Default 10s. A call that takes
+    /// longer counts as failed (for a gate: not yet).
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('5m')").message("must be between 1s and 5m"))]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "checked_duration::optional"
+    )]
+    pub timeout: Option<Duration>,
+    /// Passed through in the payload's `metadata` (for example a load test's command).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// `event` webhooks only: the body's shape. `Json` (default) is Serin's payload;
+    /// `Slack` a Slack-compatible incoming webhook's `{"text"}`; `Teams` a Microsoft Teams
+    /// Workflows message with an Adaptive Card, as `serin run --notifications` sends them:
+    /// this Canary's own notification channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<WebhookFormat>,
+}
+
+/// The body of an `event` webhook.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// Serin's payload (docs/webhooks.md).
+    Json,
+    /// A Slack-compatible incoming webhook (Mattermost, Rocket.Chat): `{"text"}`.
+    Slack,
+    /// A Microsoft Teams Workflows webhook: a message with an Adaptive Card.
+    Teams,
+}
+
+/// Default `spec.webhooks[].timeout`.
+pub const DEFAULT_WEBHOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl WebhookSpec {
+    /// `timeout`, or its default.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
+            .map(std::time::Duration::from)
+            .unwrap_or(DEFAULT_WEBHOOK_TIMEOUT)
+    }
+}
+
+/// When a webhook is called, and what its answer does (Flagger's meanings).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum WebhookType {
+    /// A gate before the rollout starts: the canary is not scaled up and gets no traffic
+    /// until every `confirm-rollout` webhook answers 2xx. Polled once per
+    /// `analysis.interval`; it waits as long as it takes (no progress deadline runs).
+    ConfirmRollout,
+    /// Called once the canary is ready, before it gets traffic: every one must answer 2xx.
+    /// A failed call is retried at the next interval and counts toward
+    /// `analysis.failureThreshold`; reaching it rolls back.
+    PreRollout,
+    /// Called with every check: a call that fails fails the check (as a failing metric).
+    Rollout,
+    /// A gate before promotion: at the last analysed step, the rollout does not promote
+    /// until every `confirm-promotion` webhook answers 2xx. Called with each check of that
+    /// step; the checks go on (and can roll back) while it waits.
+    ConfirmPromotion,
+    /// Called once after a rollout is promoted or rolled back; a failed delivery is retried
+    /// (up to 5 attempts, backing off) and never changes the outcome.
+    PostRollout,
+    /// A gate that rolls back: called with each check and while a gate waits; an answer 2xx
+    /// rolls the rollout back. Any other answer (or none) changes nothing.
+    Rollback,
+    /// Told of every Event Serin records for the Canary (up to 3 attempts, never awaited by
+    /// the rollout).
+    Event,
+}
+
+impl WebhookType {
+    /// Every type, in rollout order.
+    pub const ALL: [WebhookType; 7] = [
+        WebhookType::ConfirmRollout,
+        WebhookType::PreRollout,
+        WebhookType::Rollout,
+        WebhookType::ConfirmPromotion,
+        WebhookType::PostRollout,
+        WebhookType::Rollback,
+        WebhookType::Event,
+    ];
+
+    /// The name users write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookType::ConfirmRollout => "confirm-rollout",
+            WebhookType::PreRollout => "pre-rollout",
+            WebhookType::Rollout => "rollout",
+            WebhookType::ConfirmPromotion => "confirm-promotion",
+            WebhookType::PostRollout => "post-rollout",
+            WebhookType::Rollback => "rollback",
+            WebhookType::Event => "event",
+        }
+    }
 }
 
 /// What deleting a Canary does to the service (see `spec.deletionPolicy`).
@@ -146,6 +275,16 @@ impl CanarySpec {
         self.progress_deadline
             .map(std::time::Duration::from)
             .unwrap_or(DEFAULT_PROGRESS_DEADLINE)
+    }
+
+    /// The webhooks of type `t`, in spec order.
+    pub fn webhooks_of(&self, t: WebhookType) -> impl Iterator<Item = &WebhookSpec> {
+        self.webhooks.iter().filter(move |w| w.type_ == t)
+    }
+
+    /// Whether any webhook has type `t`.
+    pub fn has_webhook(&self, t: WebhookType) -> bool {
+        self.webhooks_of(t).next().is_some()
     }
 
     /// The number of history entries to keep.

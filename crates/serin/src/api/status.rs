@@ -70,6 +70,60 @@ pub struct CanaryStatus {
     /// history after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<EvidenceStatus>,
+    /// The current rollout's webhooks (`spec.webhooks`): what the rollout waits on and the
+    /// last answer. Reset when a rollout starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<WebhooksStatus>,
+    /// The post-rollout delivery still owed for the last finished rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_rollout: Option<PostRolloutStatus>,
+}
+
+/// Where a rollout stands with its gates and hooks.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhooksStatus {
+    /// Every `confirm-rollout` gate answered 2xx (or there is none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollout_confirmed: bool,
+    /// When the rollout was confirmed: the progress deadline runs from then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_at: Option<DateTime<Utc>>,
+    /// Every `pre-rollout` hook answered 2xx (or there is none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pre_rollout_done: bool,
+    /// The gate or hook the rollout waits on now (`confirm-rollout`, `pre-rollout`,
+    /// `confirm-promotion`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+    /// When the waited-on webhooks were last called (they are called once per
+    /// `analysis.interval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub called_at: Option<DateTime<Utc>>,
+    /// Failed `pre-rollout` calls in this rollout.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pre_rollout_failures: u32,
+    /// The last answer that held or failed the rollout, for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// A post-rollout delivery owed for a finished rollout.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PostRolloutStatus {
+    /// The finished rollout's revision.
+    pub revision: String,
+    /// How it ended.
+    pub result: RolloutResult,
+    /// When the rollout ended: only calls made after it count.
+    pub owed_at: DateTime<Utc>,
+    /// Attempts made so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the last attempt was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub called_at: Option<DateTime<Utc>>,
 }
 
 /// The sequential judge's state of a rollout (see `docs/analysis.md`).

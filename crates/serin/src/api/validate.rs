@@ -63,6 +63,7 @@ pub fn validate(spec: &CanarySpec) -> Vec<Problem> {
     check_router(spec, &mut p);
     check_steps(&spec.steps, &mut p);
     check_analysis(&spec.analysis, &mut p);
+    check_webhooks(&spec.webhooks, &mut p);
     if let Some(d) = &spec.progress_deadline {
         check_duration("spec.progressDeadline", d, &mut p);
         let std: std::time::Duration = (*d).into();
@@ -90,6 +91,100 @@ pub fn validate(spec: &CanarySpec) -> Vec<Problem> {
         ));
     }
     p
+}
+
+/// The most webhooks a Canary may have.
+pub const MAX_WEBHOOKS: usize = 20;
+
+/// Names unique and usable as a delivery key; a URL (or a Secret that holds one) that is
+/// http(s); headers that can be sent; a timeout in range.
+fn check_webhooks(hooks: &[WebhookSpec], p: &mut Vec<Problem>) {
+    if hooks.len() > MAX_WEBHOOKS {
+        p.push(Problem::new(
+            "spec.webhooks",
+            format!("has {} webhooks", hooks.len()),
+            format!("keep at most {MAX_WEBHOOKS}; one webhook can fan out behind its URL"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, w) in hooks.iter().enumerate() {
+        let f = format!("spec.webhooks[{i}]");
+        if !is_dns_label(&w.name) {
+            p.push(Problem::new(
+                format!("{f}.name"),
+                format!("{:?} is not a valid webhook name", w.name),
+                "use lowercase letters, digits and '-', at most 63 characters, for example load-test",
+            ));
+        } else if !seen.insert(w.name.as_str()) {
+            p.push(Problem::new(
+                format!("{f}.name"),
+                format!("{:?} is used by another webhook", w.name),
+                "give each webhook its own name",
+            ));
+        }
+        match (&w.url, &w.secret_ref) {
+            (None, None) => p.push(Problem::new(
+                format!("{f}.url"),
+                "is not set",
+                "set url (for example http://loadtester.test/gate/approve), or secretRef naming a Secret whose key `url` holds it",
+            )),
+            (Some(url), _) if !is_http_url(url) => p.push(Problem::new(
+                format!("{f}.url"),
+                format!("{url:?} is not an http(s) URL"),
+                "write an absolute URL that starts with http:// or https://",
+            )),
+            _ => {}
+        }
+        if w.format.is_some() && w.type_ != WebhookType::Event {
+            p.push(Problem::new(
+                format!("{f}.format"),
+                format!("is set on a {} webhook", w.type_.as_str()),
+                "remove format: only event webhooks send Slack or Teams messages (the others get Serin's payload)",
+            ));
+        }
+        if let Some(r) = &w.secret_ref
+            && !is_dns_subdomain(&r.name)
+        {
+            p.push(Problem::new(
+                format!("{f}.secretRef.name"),
+                format!("{:?} is not a Secret name", r.name),
+                "name a Secret in the Canary's own namespace (lowercase letters, digits, '-' and '.'); Serin never reads Secrets of other namespaces",
+            ));
+        }
+        for (j, h) in w.headers.iter().enumerate() {
+            if reqwest::header::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                p.push(Problem::new(
+                    format!("{f}.headers[{j}].name"),
+                    format!("{:?} is not an HTTP header name", h.name),
+                    "use letters, digits and '-', for example X-Api-Key",
+                ));
+            }
+            if reqwest::header::HeaderValue::from_str(&h.value).is_err() {
+                p.push(Problem::new(
+                    format!("{f}.headers[{j}].value"),
+                    "holds characters that cannot go in an HTTP header (a line break?)",
+                    "write the value on one line of printable characters",
+                ));
+            }
+        }
+        if let Some(t) = &w.timeout {
+            check_duration(&format!("{f}.timeout"), t, p);
+            let std: std::time::Duration = (*t).into();
+            if !t.is_negative() && !(1..=300).contains(&std.as_secs()) {
+                p.push(Problem::new(
+                    format!("{f}.timeout"),
+                    format!("{}s is out of range", std.as_secs_f64()),
+                    "use a timeout between 1s and 5m, or leave it out for 10s",
+                ));
+            }
+        }
+    }
+}
+
+/// Whether `url` is an absolute http or https URL with a host.
+pub fn is_http_url(url: &str) -> bool {
+    reqwest::Url::parse(url)
+        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
 fn check_mode(spec: &CanarySpec, p: &mut Vec<Problem>) {

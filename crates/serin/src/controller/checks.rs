@@ -21,9 +21,11 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::MetricSource;
 use crate::analysis::{LookBatch, MetricObservation};
-use crate::api::Canary;
+use crate::api::{Canary, WebhookSpec};
 use crate::metrics::CanaryContext;
+use crate::rollout::HookAnswer;
 use crate::router::{RouterError, Routers};
+use crate::webhook::{Caller, Occasion};
 
 /// Fetches running at once, by default.
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -40,6 +42,23 @@ pub struct CheckKey {
     pub check: Option<DateTime<Utc>>,
     /// Where the looks start (the evidence's `through`), when looks are due.
     pub looks_from: Option<DateTime<Utc>>,
+    /// The webhooks to call (`rollout::hooks_due`), by name.
+    pub hooks: Vec<String>,
+    /// When the webhooks due outside checks became due (`rollout::next_hook_at`), if they
+    /// are: a new round of calls has a new time.
+    pub hooks_at: Option<DateTime<Utc>>,
+}
+
+/// What a fetch reads from: the routers and metric source (checks and looks) and the
+/// webhook caller.
+#[derive(Clone, Copy)]
+pub struct Sources<'a> {
+    /// The routers (a check reads the data plane's arms).
+    pub routers: &'a Routers,
+    /// The metric source.
+    pub metrics: &'a Arc<dyn MetricSource>,
+    /// The webhook caller.
+    pub webhooks: &'a Arc<Caller>,
 }
 
 /// Which looks to fetch: the grid's step and the time the looks end.
@@ -57,6 +76,8 @@ pub struct Fetched {
     pub metrics: Vec<MetricObservation>,
     /// The looks, when looks were due.
     pub looks: Option<LookBatch>,
+    /// The webhooks' answers, when webhooks were due.
+    pub hooks: Vec<HookAnswer>,
 }
 
 /// A poll's answer.
@@ -107,14 +128,15 @@ impl Checks {
     }
 
     /// The result of the fetch for `key`, or [`Poll::Fetching`] after starting it (unless it
-    /// already runs); `range` says which looks to fetch from `key.looks_from`.
+    /// already runs); `range` says which looks to fetch from `key.looks_from`, `hooks` are
+    /// the webhooks `key.hooks` names.
     pub fn poll(
         &self,
         canary: &Canary,
         key: CheckKey,
         range: LookRange,
-        routers: &Routers,
-        source: &Arc<dyn MetricSource>,
+        hooks: Vec<WebhookSpec>,
+        sources: Sources<'_>,
         now: DateTime<Utc>,
     ) -> Poll {
         let Some(uid) = canary.metadata.uid.clone() else {
@@ -129,6 +151,7 @@ impl Checks {
                 return Poll::Ready(result.unwrap_or(Ok(Fetched {
                     metrics: Vec::new(),
                     looks: None,
+                    hooks: Vec::new(),
                 })));
             }
             if e.started.elapsed() < FETCH_TIMEOUT {
@@ -151,8 +174,10 @@ impl Checks {
             key,
             range,
             uid,
-            routers: routers.clone(),
-            source: source.clone(),
+            routers: sources.routers.clone(),
+            source: sources.metrics.clone(),
+            webhooks: sources.webhooks.clone(),
+            hooks,
             now,
         };
         let (limit, entries, wake) = (self.limit.clone(), self.entries.clone(), self.wake.clone());
@@ -202,26 +227,47 @@ struct Fetch {
     uid: String,
     routers: Routers,
     source: Arc<dyn MetricSource>,
+    webhooks: Arc<Caller>,
+    hooks: Vec<WebhookSpec>,
     now: DateTime<Utc>,
 }
 
 impl Fetch {
     async fn run(self) -> Result<Fetched, RouterError> {
-        let router = self.routers.for_canary(&self.canary)?;
-        // The router names the arms as its weights see them (Gloo reads its object).
-        let context = CanaryContext::of(&self.canary, router.data_plane_arms(&self.canary).await?);
-        let metrics = match self.key.check {
-            Some(_) => self.source.evaluate(&context, self.now).await,
-            None => Vec::new(),
+        // The webhooks are called while the metrics are read: a slow one delays the
+        // decision by its own timeout, not by the metrics' time plus its own.
+        let occasion = Occasion::default();
+        let hooks = self
+            .webhooks
+            .call_all(&self.canary, &self.hooks, &occasion, self.now);
+        let readings = async {
+            if self.key.check.is_none() && self.key.looks_from.is_none() {
+                return Ok((Vec::new(), None));
+            }
+            let router = self.routers.for_canary(&self.canary)?;
+            // The router names the arms as its weights see them (Gloo reads its object).
+            let context =
+                CanaryContext::of(&self.canary, router.data_plane_arms(&self.canary).await?);
+            let metrics = match self.key.check {
+                Some(_) => self.source.evaluate(&context, self.now).await,
+                None => Vec::new(),
+            };
+            let looks = match self.key.looks_from {
+                Some(from) => Some(
+                    self.source
+                        .looks(&context, from, self.range.step, self.range.until)
+                        .await,
+                ),
+                None => None,
+            };
+            Ok::<_, RouterError>((metrics, looks))
         };
-        let looks = match self.key.looks_from {
-            Some(from) => Some(
-                self.source
-                    .looks(&context, from, self.range.step, self.range.until)
-                    .await,
-            ),
-            None => None,
-        };
-        Ok(Fetched { metrics, looks })
+        let (hooks, readings) = futures::join!(hooks, readings);
+        let (metrics, looks) = readings?;
+        Ok(Fetched {
+            metrics,
+            looks,
+            hooks,
+        })
     }
 }

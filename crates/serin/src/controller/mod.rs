@@ -133,6 +133,8 @@ pub struct Context {
     prepared: Mutex<HashMap<String, i64>>,
     /// Where the rollout Events are also told (`--notifications`); never awaited.
     notifier: crate::notify::Notifier,
+    /// Calls the Canaries' webhooks (with the policy's allow-list).
+    webhooks: Arc<crate::webhook::Caller>,
 }
 
 /// Reflector stores of the dependencies: full Deployments (readiness is in their status),
@@ -182,6 +184,20 @@ fn strip<K: Resource>(obj: &mut K) {
     }
 }
 
+/// The webhook caller of a context: Secrets through `client`, calls counted in `metrics`.
+fn webhook_caller(
+    client: &kube::Client,
+    metrics: &Arc<Metrics>,
+    policy: Policy,
+) -> crate::webhook::Caller {
+    let metrics = metrics.clone();
+    crate::webhook::Caller::new(
+        Arc::new(sources::KubeSecrets::new(client.clone())),
+        policy,
+        Arc::new(move |kind, outcome| metrics.webhook_called(kind, outcome)),
+    )
+}
+
 impl Context {
     /// A context for the controller.
     pub fn new(
@@ -196,6 +212,7 @@ impl Context {
             instance,
         };
         Context {
+            webhooks: Arc::new(webhook_caller(&client, &metrics, Policy::default())),
             client,
             reporter,
             routers,
@@ -249,6 +266,7 @@ impl Context {
     /// The same context with the operator's allow-lists (the default allows no role ARN
     /// and no AWS endpoint override, and every address).
     pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.webhooks = Arc::new(webhook_caller(&self.client, &self.metrics, policy.clone()));
         self.policy = policy;
         self
     }
@@ -848,12 +866,23 @@ async fn observe<'a>(
         rollout::next_check_at(&canary.spec, &observed.status).filter(|due| *due <= now);
     let look_due = rollout::next_look_at(&canary.spec, &observed.status, memory.as_ref(), now)
         .is_some_and(|due| due <= now);
-    if check_due.is_some() || look_due {
+    // Webhooks ride along: those of a due check, and gates or deliveries due by now.
+    let hooks: Vec<api::WebhookSpec> =
+        rollout::hooks_due(&canary.spec, &observed.status, check_due.is_some(), now)
+            .into_iter()
+            .cloned()
+            .collect();
+    if check_due.is_some() || look_due || !hooks.is_empty() {
         let key = checks::CheckKey {
             generation: canary.metadata.generation,
             check: check_due,
-            looks_from: rollout::evidence_base(&observed.status, memory.as_ref())
+            // (as before webhooks: with a check or a look; a webhook alone fetches none)
+            looks_from: (check_due.is_some() || look_due)
+                .then(|| rollout::evidence_base(&observed.status, memory.as_ref()))
+                .flatten()
                 .map(|b| b.through),
+            hooks: hooks.iter().map(|h| h.name.clone()).collect(),
+            hooks_at: rollout::next_hook_at(&canary.spec, &observed.status).filter(|at| *at <= now),
         };
         // A period CloudWatch may still be filling is not read yet.
         let range = checks::LookRange {
@@ -861,15 +890,18 @@ async fn observe<'a>(
             until: now
                 - chrono::Duration::from_std(canary.spec.analysis.look_delay()).unwrap_or_default(),
         };
-        match ctx
-            .checks
-            .poll(canary, key, range, &ctx.routers, &ctx.metrics_source, now)
-        {
+        let sources = checks::Sources {
+            routers: &ctx.routers,
+            metrics: &ctx.metrics_source,
+            webhooks: &ctx.webhooks,
+        };
+        match ctx.checks.poll(canary, key, range, hooks, sources, now) {
             checks::Poll::Fetching => return Ok(None),
             checks::Poll::Ready(fetched) => {
                 let fetched = fetched?;
                 observed.observations.metrics = fetched.metrics;
                 observed.observations.looks = fetched.looks;
+                observed.observations.hooks = fetched.hooks;
             }
         }
     }
@@ -1294,6 +1326,14 @@ async fn record(
                 revision: decision.status.revision.clone(),
                 time: Utc::now(),
             });
+            if observed.problems.is_empty() {
+                let kind = match e.type_ {
+                    EventType::Warning => "Warning",
+                    EventType::Normal => "Normal",
+                };
+                ctx.webhooks
+                    .tell(canary, &decision.status, kind, e.reason, &e.message);
+            }
             publish(ctx, &reference, e.type_, e.reason, e.message.clone()).await;
         }
     }

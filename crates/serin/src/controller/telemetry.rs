@@ -41,6 +41,7 @@ pub struct Metrics {
     weight_write: Histogram,
     shard: Family<Labels, Gauge>,
     notifications: Family<Labels, Counter>,
+    webhooks: Family<Labels, Counter>,
 }
 
 /// The per-Canary series as one compact row per Canary, written out at scrape time. Kept
@@ -295,8 +296,15 @@ impl Metrics {
             "Notifications by receiver (--notifications) and outcome: delivered, failed (after retries), rate_limited, dropped (queue full; receiver *)",
             notifications.clone(),
         );
+        let webhooks = Family::<Labels, Counter>::default();
+        registry.register(
+            "serin_webhook_calls",
+            "Webhook calls (spec.webhooks) by type and outcome: ok (2xx), refused (another status), timeout, unreachable, not_allowed (URL or Secret refused), dropped (event deliveries over the in-flight bound)",
+            webhooks.clone(),
+        );
         extra(&mut registry);
         Metrics {
+            webhooks,
             notifications,
             shard,
             registry,
@@ -324,6 +332,16 @@ impl Metrics {
         self.notifications
             .get_or_create(&vec![
                 ("receiver", receiver.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts a webhook call's outcome.
+    pub fn webhook_called(&self, kind: &str, outcome: &'static str) {
+        self.webhooks
+            .get_or_create(&vec![
+                ("type", kind.to_string()),
                 ("outcome", outcome.to_string()),
             ])
             .inc();

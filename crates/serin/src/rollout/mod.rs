@@ -33,8 +33,10 @@
 //!   commands and the looks that can roll back; an invalid spec freezes everything and is
 //!   reported.
 
+mod hooks;
 mod types;
 
+pub use hooks::{HookAnswer, POST_ROLLOUT_ATTEMPTS, check_name, hooks_due, next_hook_at};
 pub use types::*;
 
 use chrono::{DateTime, Utc};
@@ -84,6 +86,7 @@ pub fn decide(input: Input<'_>) -> Decision {
         requeue: None,
         evidence: evidence_base(input.status, input.observations.evidence.as_ref()),
         look_failures: Vec::new(),
+        answers: hooks::answers(input.observations),
     };
     m.status.observed_generation = input.generation;
     m.status.canary_weight =
@@ -94,6 +97,9 @@ pub fn decide(input: Input<'_>) -> Decision {
     }
     m.condition(api::INVALID, ConditionStatus::False, "SpecValid", "");
     m.command();
+    // The answers to an owed post-rollout delivery, before a rollout that ends now owes
+    // a new one.
+    m.post_rollout();
     let mut settled = false;
     for _ in 0..MAX_TRANSITIONS {
         if !m.transition() {
@@ -105,6 +111,8 @@ pub fn decide(input: Input<'_>) -> Decision {
         // Serin's own status write wakes no reconcile: come back for the rest.
         m.wait(std::time::Duration::from_secs(1));
     }
+    // When a delivery owed (perhaps since this decision) is due.
+    m.post_rollout();
     m.ready_condition();
     m.finish()
 }
@@ -181,6 +189,8 @@ struct Machine<'a> {
     evidence: Option<EvidenceStatus>,
     /// Sequential metrics whose looks could not be read in this decision: (name, why).
     look_failures: Vec<(String, String)>,
+    /// The webhooks' answers not yet acted on in this decision (each is taken once).
+    answers: Vec<HookAnswer>,
 }
 
 /// The sequential judge's state to continue from: the newer of the controller's memory and
@@ -963,7 +973,8 @@ impl Machine<'_> {
         if s.canary_weight != 0 {
             self.set_weights(0);
         }
-        if !self.spec.is_traffic_mode() {
+        self.start_hooks();
+        if !self.spec.is_traffic_mode() && !self.awaiting_rollout_confirmation() {
             self.actions.push(Action::ScaleCanaryUp);
         }
         self.condition(
@@ -992,6 +1003,13 @@ impl Machine<'_> {
         if self.look() {
             return;
         }
+        if let Some(gate) = self.rollback_requested() {
+            self.rollback(
+                RolloutResult::RolledBack,
+                format!("rollback webhook {gate} answered 2xx"),
+            );
+            return;
+        }
         self.wait_for_look();
         if self.paused() {
             if self.status.phase != Phase::Paused {
@@ -1013,6 +1031,10 @@ impl Machine<'_> {
             );
         }
         if self.status.step_started_at.is_none() {
+            // The confirm-rollout gates hold everything, the canary's scale-up included.
+            if !self.confirm_rollout() {
+                return;
+            }
             // The first step waits for the canary workload, up to spec.progressDeadline.
             if !self.obs.canary.ready {
                 if self.past_progress_deadline() {
@@ -1026,6 +1048,9 @@ impl Machine<'_> {
                     return;
                 }
                 self.wait(READINESS_POLL);
+                return;
+            }
+            if !self.pre_rollout() {
                 return;
             }
             self.enter_step(0);
@@ -1079,7 +1104,8 @@ impl Machine<'_> {
     /// Counts a check due at `due`: judges every metric, records the check, and passes,
     /// fails or holds the step accordingly.
     fn check(&mut self, due: DateTime<Utc>) {
-        let results = self.judge_metrics(due);
+        let mut results = self.judge_metrics(due);
+        results.extend(self.rollout_hook_results());
         let verdict = analysis::combine(results.iter().map(|r| r.verdict));
         let summary = results
             .iter()
@@ -1199,6 +1225,10 @@ impl Machine<'_> {
         self.status.inconclusive_checks = 0;
         self.status.passed_checks += 1;
         if self.status.passed_checks >= a.checks_per_step {
+            if self.status.step as usize + 2 >= self.steps().len() && !self.confirm_promotion() {
+                // The analysis earned the promotion; a gate holds it.
+                return;
+            }
             self.advance("all checks passed");
         } else {
             self.wait(a.interval.into());
@@ -1276,6 +1306,13 @@ impl Machine<'_> {
     }
 
     fn promote(&mut self, reason: String) {
+        if let Some(w) = &mut self.status.webhooks {
+            // Whatever the gates still held (promote-full skips them, as it skips checks).
+            w.rollout_confirmed = true;
+            w.pre_rollout_done = true;
+            w.waiting_for = None;
+            w.message.clear();
+        }
         let rev = self.status.revision.clone().unwrap_or_default();
         let last = self.steps().len().saturating_sub(1);
         self.status.step = last as u32;
@@ -1302,7 +1339,7 @@ impl Machine<'_> {
 
     /// Whether the rollout started longer than `spec.progressDeadline` ago.
     fn past_progress_deadline(&self) -> bool {
-        let Some(started) = self.status.rollout_started_at else {
+        let Some(started) = self.deadline_anchor() else {
             return false;
         };
         chrono::Duration::from_std(self.spec.progress_deadline())
@@ -1429,6 +1466,8 @@ impl Machine<'_> {
             reason,
             timeline: self.status.timeline.take(),
         };
+        self.owe_post_rollout(result);
+        self.status.webhooks = None;
         self.status.history.insert(0, entry);
         self.status.history.truncate(limit);
         keep_timelines_within_budget(&mut self.status.history);
@@ -1467,6 +1506,24 @@ fn keep_timelines_within_budget(history: &mut [HistoryEntry]) {
 }
 
 fn ready_message(s: &CanaryStatus) -> String {
+    if let Some(w) = &s.webhooks
+        && w.waiting_for.is_some()
+        && matches!(s.phase, Phase::Progressing)
+    {
+        let waiting = if w.message.is_empty() {
+            format!(
+                "waiting for {}",
+                w.waiting_for.as_deref().unwrap_or_default()
+            )
+        } else {
+            w.message.clone()
+        };
+        return format!(
+            "revision {} at canary weight {}%: {waiting}",
+            s.revision.as_deref().unwrap_or("?"),
+            s.canary_weight
+        );
+    }
     match s.phase {
         Phase::Progressing | Phase::Paused | Phase::Promoting => format!(
             "revision {} at canary weight {}%",

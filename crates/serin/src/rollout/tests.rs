@@ -5,7 +5,10 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::analysis::{MetricObservation, Outcome};
-use crate::api::{CanarySpec, CanaryStatus, ConditionStatus, Phase, RolloutResult, find_condition};
+use crate::api::{
+    CanarySpec, CanaryStatus, ConditionStatus, Phase, RolloutResult, WebhookSpec, WebhookType,
+    find_condition,
+};
 
 const WORKLOAD: &str = r#"
 targetRef: {apiVersion: apps/v1, kind: Deployment, name: podinfo}
@@ -157,6 +160,46 @@ impl World {
     }
 
     /// Starts a rollout of `rev` with the canary ready; returns after the first weight.
+    /// Every webhook due now answers `ok` (2xx) or not.
+    fn answer_due(&mut self, ok: bool) {
+        let check_due = next_check_at(&self.spec, &self.status).is_some_and(|d| d <= self.now);
+        let at = self.now;
+        self.obs.hooks = hooks_due(&self.spec, &self.status, check_due, self.now)
+            .into_iter()
+            .map(|h| HookAnswer {
+                name: h.name.clone(),
+                outcome: if ok {
+                    Ok(())
+                } else {
+                    Err("answered 500".into())
+                },
+                at,
+            })
+            .collect();
+    }
+
+    /// The names of the webhooks due now.
+    fn due(&self) -> Vec<String> {
+        let check_due = next_check_at(&self.spec, &self.status).is_some_and(|d| d <= self.now);
+        hooks_due(&self.spec, &self.status, check_due, self.now)
+            .into_iter()
+            .map(|h| h.name.clone())
+            .collect()
+    }
+
+    /// Webhook `name` answers `outcome` now (the others' answers are dropped).
+    fn answer(&mut self, answers: &[(&str, Result<(), &str>)]) {
+        let at = self.now;
+        self.obs.hooks = answers
+            .iter()
+            .map(|(name, outcome)| HookAnswer {
+                name: name.to_string(),
+                outcome: outcome.map_err(|e| e.to_string()),
+                at,
+            })
+            .collect();
+    }
+
     fn start(&mut self, rev: &str) -> Decision {
         self.canary(rev, false);
         self.decide();
@@ -983,13 +1026,18 @@ fn cloudwatch_checks_fall_on_minute_boundaries() {
 #[derive(Clone, Debug)]
 enum Step {
     Wait(i64),
-    Metrics { value: f64, fresh: bool },
+    Metrics {
+        value: f64,
+        fresh: bool,
+    },
     NoData,
     ProviderError,
     CanaryRevision(u8, bool),
     PrimaryFollows(bool),
     Command(usize),
     Pause(bool),
+    /// Every webhook due now answers: 2xx or not.
+    Hooks(bool),
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
@@ -1003,6 +1051,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         2 => any::<bool>().prop_map(Step::PrimaryFollows),
         1 => (0..CommandKind::ALL.len()).prop_map(Step::Command),
         1 => any::<bool>().prop_map(Step::Pause),
+        2 => any::<bool>().prop_map(Step::Hooks),
     ]
 }
 
@@ -1038,6 +1087,7 @@ fn apply(w: &mut World, step: &Step, n: usize) {
             });
         }
         Step::Pause(p) => w.spec.paused = *p,
+        Step::Hooks(ok) => w.answer_due(*ok),
     }
 }
 
@@ -1126,6 +1176,49 @@ fn check_invariants(w: &World, before: &CanaryStatus, d: &Decision) -> Result<()
         prop_assert_eq!(d.status.canary_weight, 0);
     }
 
+    // No traffic and no scale-up while the confirm-rollout gates hold the rollout.
+    if d.status
+        .webhooks
+        .as_ref()
+        .is_some_and(|h| !h.rollout_confirmed)
+        && w.spec.has_webhook(WebhookType::ConfirmRollout)
+    {
+        prop_assert_eq!(d.status.canary_weight, 0);
+        prop_assert!(!d.actions.contains(&Action::ScaleCanaryUp));
+    }
+    // The first step starts only after every pre-rollout hook answered 2xx.
+    if same_rollout
+        && before.step_started_at.is_none()
+        && d.status.step_started_at.is_some()
+        && !full_promotion
+        && w.spec.has_webhook(WebhookType::PreRollout)
+    {
+        prop_assert!(
+            d.status
+                .webhooks
+                .as_ref()
+                .is_none_or(|h| h.pre_rollout_done),
+            "traffic before the pre-rollout hooks passed"
+        );
+    }
+    // The analysis promotes only when every confirm-promotion gate answered 2xx now.
+    let promoted_by_analysis = same_rollout
+        && before.phase == Phase::Progressing
+        && matches!(d.status.phase, Phase::Promoting | Phase::Succeeded)
+        && !commanded;
+    if promoted_by_analysis {
+        for gate in w.spec.webhooks_of(WebhookType::ConfirmPromotion) {
+            prop_assert!(
+                w.obs
+                    .hooks
+                    .iter()
+                    .any(|a| a.name == gate.name && a.outcome.is_ok()),
+                "promoted without confirm-promotion {}",
+                gate.name
+            );
+        }
+    }
+
     // History is bounded, and so are the timelines in it.
     prop_assert!(d.status.history.len() <= w.spec.history_limit());
     let timelines: usize = d
@@ -1159,9 +1252,12 @@ proptest! {
     /// pauses, every decision keeps the safety rules, is deterministic, and is idempotent:
     /// deciding again on the same observations changes nothing and acts on nothing.
     #[test]
-    fn safety_rules_hold(traffic in any::<bool>(), steps in proptest::collection::vec(step_strategy(), 1..60)) {
+    fn safety_rules_hold(traffic in any::<bool>(), hooks in any::<bool>(), steps in proptest::collection::vec(step_strategy(), 1..60)) {
         let mut w = World::new(spec(if traffic { TRAFFIC } else { WORKLOAD }));
         w.spec.history_limit = Some(3);
+        if hooks {
+            w.spec.webhooks = every_webhook();
+        }
         w.canary("rev1", true);
         w.primary("rev1", true);
         for (n, step) in steps.iter().enumerate() {
@@ -1200,4 +1296,283 @@ fn absurd_interval_is_refused_and_never_panics() {
         ..Default::default()
     };
     assert_eq!(next_check_at(&s, &status), None);
+}
+
+// ---- webhooks ----
+
+fn webhook(name: &str, type_: WebhookType) -> WebhookSpec {
+    WebhookSpec {
+        name: name.into(),
+        type_,
+        url: Some(format!("http://hooks.test/{name}")),
+        secret_ref: None,
+        headers: vec![],
+        timeout: None,
+        metadata: Default::default(),
+        format: None,
+    }
+}
+
+/// One webhook of every type, named after it.
+fn every_webhook() -> Vec<WebhookSpec> {
+    WebhookType::ALL
+        .iter()
+        .map(|t| webhook(t.as_str(), *t))
+        .collect()
+}
+
+fn with_hooks(hooks: &[(&str, WebhookType)]) -> World {
+    let mut w = World::stable_workload();
+    w.spec.webhooks = hooks.iter().map(|(n, t)| webhook(n, *t)).collect();
+    w
+}
+
+/// A confirm-rollout gate holds the rollout before anything happens (no scale-up, no
+/// traffic), is asked once per interval, and lets it start once it answers 2xx.
+#[test]
+fn confirm_rollout_holds_the_rollout_until_the_gate_answers_2xx() {
+    let mut w = with_hooks(&[("approve", WebhookType::ConfirmRollout)]);
+    w.canary("rev2", true);
+    let d = w.decide();
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert!(
+        !d.actions.contains(&Action::ScaleCanaryUp),
+        "scaled up before the gate"
+    );
+    assert!(weights(&d).is_empty());
+    assert_eq!(w.due(), vec!["approve"]);
+
+    // An answer made at the instant the rollout started is about another rollout.
+    w.answer(&[("approve", Ok(()))]);
+    assert!(!w.decide().actions.contains(&Action::ScaleCanaryUp));
+    w.advance(1);
+    w.answer(&[("approve", Err("answered 403: not yet"))]);
+    let d = w.decide();
+    assert!(weights(&d).is_empty());
+    assert!(!d.actions.contains(&Action::ScaleCanaryUp));
+    assert_eq!(reasons(&d), vec![reasons::WAITING_FOR_WEBHOOK]);
+    assert_eq!(d.requeue_after, Some(std::time::Duration::from_secs(60)));
+    let ready = find_condition(&w.status.conditions, api::READY).unwrap();
+    assert!(
+        ready.message.contains("confirm-rollout"),
+        "{}",
+        ready.message
+    );
+    assert!(ready.message.contains("not yet"), "{}", ready.message);
+    // Deciding again on the same answer changes nothing; the gate is asked again only
+    // after an interval.
+    let again = w.decide();
+    assert!(again.actions.is_empty());
+    assert!(w.due().is_empty());
+    w.advance(60);
+    assert_eq!(w.due(), vec!["approve"]);
+
+    w.answer(&[("approve", Ok(()))]);
+    let d = w.decide();
+    assert!(d.actions.contains(&Action::ScaleCanaryUp));
+    assert!(reasons(&d).contains(&reasons::WEBHOOK_CONFIRMED));
+    assert_eq!(
+        weights(&d),
+        vec![20],
+        "the canary was ready: its first step starts"
+    );
+    assert!(w.due().is_empty());
+}
+
+/// Pre-rollout hooks run once the canary is ready and before it gets traffic; each failure
+/// counts toward failureThreshold, which rolls back.
+#[test]
+fn pre_rollout_hooks_gate_the_first_step_and_their_failures_roll_back() {
+    let mut w = with_hooks(&[("smoke", WebhookType::PreRollout)]);
+    w.canary("rev2", false);
+    let d = w.decide();
+    assert!(d.actions.contains(&Action::ScaleCanaryUp));
+    assert!(w.due().is_empty(), "called before the canary is ready");
+    w.canary("rev2", true);
+    let d = w.decide();
+    assert!(
+        weights(&d).is_empty(),
+        "traffic before the pre-rollout hook"
+    );
+    assert_eq!(w.due(), vec!["smoke"]);
+
+    w.advance(1);
+    w.answer(&[("smoke", Err("answered 500: smoke test failed"))]);
+    let d = w.decide();
+    assert_eq!(reasons(&d), vec![reasons::WEBHOOK_FAILED]);
+    assert_eq!(w.status.webhooks.as_ref().unwrap().pre_rollout_failures, 1);
+    assert!(w.decide().actions.is_empty(), "an answer counts once");
+    assert_eq!(w.status.webhooks.as_ref().unwrap().pre_rollout_failures, 1);
+
+    w.advance(60);
+    assert_eq!(w.due(), vec!["smoke"]);
+    w.answer(&[("smoke", Err("answered 500: smoke test failed"))]);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![0]);
+    assert_eq!(w.status.phase, Phase::Failed);
+    let h = &w.status.history[0];
+    assert_eq!(h.result, RolloutResult::RolledBack);
+    assert!(h.reason.contains("pre-rollout"), "{}", h.reason);
+    assert!(h.reason.contains("smoke test failed"), "{}", h.reason);
+
+    // A passing pre-rollout hook lets the first step start.
+    let mut w = with_hooks(&[("smoke", WebhookType::PreRollout)]);
+    w.start("rev2");
+    w.advance(1);
+    w.answer(&[("smoke", Ok(()))]);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![20]);
+}
+
+/// A rollout hook is called with each check; its failure fails the check like a metric.
+#[test]
+fn a_failing_rollout_hook_fails_its_check() {
+    let mut w = with_hooks(&[("load", WebhookType::Rollout)]);
+    w.start("rev2");
+    w.advance(60);
+    assert_eq!(w.due(), vec!["load"]);
+    w.metrics(0.1);
+    w.answer(&[("load", Err("answered 500: 12% errors"))]);
+    let d = w.decide();
+    assert_eq!(reasons(&d), vec![reasons::CHECK_FAILED]);
+    let check = w.status.last_check.as_ref().unwrap();
+    let hook = check
+        .results
+        .iter()
+        .find(|r| r.metric == "webhook/load")
+        .unwrap();
+    assert_eq!(hook.verdict, Verdict::Fail);
+    assert!(hook.message.contains("12% errors"), "{}", hook.message);
+
+    // With a 2xx answer and passing metrics, the step advances.
+    w.advance(60);
+    w.metrics(0.1);
+    w.answer(&[("load", Ok(()))]);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![50]);
+}
+
+/// At the last analysed step a confirm-promotion gate holds the promotion the checks
+/// earned; checks go on meanwhile, and the promotion follows the first 2xx.
+#[test]
+fn confirm_promotion_holds_the_promotion_while_checks_go_on() {
+    let mut w = with_hooks(&[("approve", WebhookType::ConfirmPromotion)]);
+    w.start("rev2");
+    w.advance(60);
+    assert!(w.due().is_empty(), "asked at a step that does not promote");
+    w.metrics(0.1);
+    assert_eq!(weights(&w.decide()), vec![50]);
+
+    w.advance(60);
+    assert_eq!(w.due(), vec!["approve"]);
+    w.metrics(0.1);
+    w.answer(&[("approve", Err("answered 409: change freeze"))]);
+    let d = w.decide();
+    assert!(weights(&d).is_empty());
+    assert_eq!(w.status.phase, Phase::Progressing);
+    assert_eq!(w.status.canary_weight, 50);
+    assert_eq!(reasons(&d), vec![reasons::WAITING_FOR_WEBHOOK]);
+    let ready = find_condition(&w.status.conditions, api::READY).unwrap();
+    assert!(ready.message.contains("change freeze"), "{}", ready.message);
+
+    // A failing check while it waits still counts.
+    w.advance(60);
+    w.metrics(5.0);
+    w.answer(&[("approve", Ok(()))]);
+    let d = w.decide();
+    assert_eq!(reasons(&d), vec![reasons::CHECK_FAILED]);
+    assert_eq!(w.status.phase, Phase::Progressing);
+
+    w.advance(60);
+    w.metrics(0.1);
+    w.answer(&[("approve", Ok(()))]);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![100]);
+    assert_eq!(w.status.phase, Phase::Promoting);
+    assert!(reasons(&d).contains(&reasons::WEBHOOK_CONFIRMED));
+}
+
+/// A rollback gate that answers 2xx rolls back; any other answer changes nothing.
+#[test]
+fn a_rollback_gate_answering_2xx_rolls_back() {
+    let mut w = with_hooks(&[("kill", WebhookType::Rollback)]);
+    w.start("rev2");
+    w.advance(60);
+    assert_eq!(w.due(), vec!["kill"]);
+    w.metrics(0.1);
+    w.answer(&[("kill", Err("answered 404"))]);
+    assert_eq!(weights(&w.decide()), vec![50]);
+
+    w.advance(60);
+    w.metrics(0.1);
+    w.answer(&[("kill", Ok(()))]);
+    let d = w.decide();
+    assert_eq!(weights(&d), vec![0]);
+    assert_eq!(w.status.phase, Phase::Failed);
+    assert!(w.status.history[0].reason.contains("rollback webhook kill"));
+}
+
+/// A finished rollout owes its post-rollout hooks one delivery: retried with backoff
+/// until 2xx, and given up (with a Warning) after the last attempt; never changing the
+/// outcome.
+#[test]
+fn post_rollout_is_retried_then_given_up_and_never_changes_the_outcome() {
+    let mut w = World::new(spec(TRAFFIC));
+    w.spec.webhooks = vec![webhook("report", WebhookType::PostRollout)];
+    w.spec.analysis.checks_per_step = 1;
+    w.decide();
+    w.canary("colorgatewayv2", true);
+    w.decide();
+    assert!(w.due().is_empty());
+    w.pass_interval();
+    w.pass_interval();
+    assert_eq!(w.status.phase, Phase::Succeeded);
+    let owed = w.status.post_rollout.clone().unwrap();
+    assert_eq!(owed.result, RolloutResult::Promoted);
+    assert_eq!(owed.revision, "colorgatewayv2");
+    assert_eq!(w.due(), vec!["report"]);
+
+    w.advance(1);
+    let mut pauses = Vec::new();
+    for attempt in 1..=POST_ROLLOUT_ATTEMPTS {
+        assert_eq!(w.due(), vec!["report"], "attempt {attempt}");
+        w.answer(&[("report", Err("could not be reached: connection refused"))]);
+        let d = w.decide();
+        assert_eq!(w.status.phase, Phase::Succeeded);
+        if attempt < POST_ROLLOUT_ATTEMPTS {
+            assert!(reasons(&d).is_empty());
+            let pause = d.requeue_after.unwrap();
+            assert!(w.due().is_empty(), "asked again before the backoff");
+            pauses.push(pause.as_secs());
+            w.advance(pause.as_secs() as i64);
+        } else {
+            assert_eq!(reasons(&d), vec![reasons::WEBHOOK_FAILED]);
+        }
+    }
+    assert_eq!(pauses, vec![5, 10, 20, 40]);
+    assert!(w.status.post_rollout.is_none());
+    assert!(w.due().is_empty());
+}
+
+/// A delivered post-rollout hook is owed no more.
+#[test]
+fn a_delivered_post_rollout_is_owed_no_more() {
+    let mut w = with_hooks(&[("report", WebhookType::PostRollout)]);
+    w.start("rev2");
+    w.obs.command = Some(Command {
+        kind: CommandKind::Abort,
+        id: "a".into(),
+    });
+    w.decide();
+    assert_eq!(w.status.phase, Phase::Failed);
+    assert_eq!(
+        w.status.post_rollout.as_ref().unwrap().result,
+        RolloutResult::Aborted
+    );
+    w.advance(1);
+    w.answer(&[("report", Ok(()))]);
+    let d = w.decide();
+    assert!(d.actions.is_empty());
+    assert!(w.status.post_rollout.is_none());
+    assert!(w.due().is_empty());
 }

@@ -27,6 +27,8 @@ pub struct Observations {
     /// write (see [`Decision::evidence`]); `None` after a restart, when the looks since
     /// `status.evidence` are fetched from the provider's history instead.
     pub evidence: Option<EvidenceStatus>,
+    /// The answers of the webhooks called for this decision (see [`super::hooks_due`]).
+    pub hooks: Vec<super::HookAnswer>,
 }
 
 /// A workload's revision and readiness.
@@ -187,9 +189,15 @@ pub mod reasons {
     pub const COMMAND: &str = "Command";
     /// An operator command did not apply.
     pub const COMMAND_IGNORED: &str = "CommandIgnored";
+    /// A gate (`confirm-rollout`, `confirm-promotion`) holds the rollout.
+    pub const WAITING_FOR_WEBHOOK: &str = "WaitingForWebhook";
+    /// Every gate of a kind answered 2xx: the rollout goes on.
+    pub const WEBHOOK_CONFIRMED: &str = "WebhookConfirmed";
+    /// A pre-rollout webhook failed, or a post-rollout delivery was given up.
+    pub const WEBHOOK_FAILED: &str = "WebhookFailed";
 
     /// Every reason a rollout decision reports (what notifications can be asked for).
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 21] = [
         INVALID,
         INITIALIZED,
         ROLLOUT_STARTED,
@@ -208,5 +216,8 @@ pub mod reasons {
         RESUMED,
         COMMAND,
         COMMAND_IGNORED,
+        WAITING_FOR_WEBHOOK,
+        WEBHOOK_CONFIRMED,
+        WEBHOOK_FAILED,
     ];
 }
