@@ -57,6 +57,7 @@ async fn examples_pass_the_crd_rules() {
         "gloo-upstreamgroup.yaml",
         "gateway-api.yaml",
         "appmesh-api-cloudwatch.yaml",
+        "gateway-api-webhooks.yaml",
     ]
     .iter()
     .enumerate()

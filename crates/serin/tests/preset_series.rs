@@ -766,6 +766,11 @@ fn each_examples_arms_are_the_objects_its_routing_weighs() {
         ),
         ("gloo-upstreamgroup.yaml", up_p, up_c, up_p_ns),
         ("gateway-api.yaml", svc_p, svc_c, route_ns),
+        // Workload mode behind an HTTPRoute: the Services Serin creates for both arms.
+        {
+            let (p, c) = workload("podinfo");
+            ("gateway-api-webhooks.yaml", p, c, "test".into())
+        },
     ];
     let on_disk: BTreeSet<String> = std::fs::read_dir(repo("examples"))
         .expect("examples/")

@@ -395,6 +395,7 @@ async fn examples_pass_the_real_crd_rules() {
         "gloo-upstreamgroup.yaml",
         "gateway-api.yaml",
         "appmesh-api-cloudwatch.yaml",
+        "gateway-api-webhooks.yaml",
     ]
     .iter()
     .map(|n| (n.to_string(), example(n)))
